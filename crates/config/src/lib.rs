@@ -1,0 +1,128 @@
+//! `proxy.toml`: the typed configuration, its validation, environment
+//! overrides and a redacted rendering for `dsql-proxy check`.
+
+mod duration;
+mod model;
+mod secret;
+
+pub use duration::DurationStr;
+pub use model::*;
+pub use secret::{PasswordSource, Secret};
+
+use std::path::Path;
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    /// toml's message names the line and column of the problem.
+    #[error("invalid config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+    #[error("invalid environment override {var}: {message}")]
+    Env { var: String, message: String },
+}
+
+/// Prefix of environment variables that override single keys:
+/// `DSQL_PROXY__BACKEND__TLS=require` sets `[backend] tls`.
+pub const ENV_OVERRIDE_PREFIX: &str = "DSQL_PROXY__";
+
+impl Config {
+    /// Reads, parses and validates a file, applying `DSQL_PROXY__*` overrides
+    /// from `env`.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse_with_env(&text, &path.display().to_string(), env)
+    }
+
+    /// Parses and validates TOML text without overrides.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        Self::parse_with_env(text, "text", std::iter::empty())
+    }
+
+    fn parse_with_env(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        // First pass straight from the text so errors carry line numbers.
+        let parse_err = |e: toml::de::Error| ConfigError::Parse {
+            origin: origin.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        };
+        let mut config: Config = toml::from_str(text).map_err(parse_err)?;
+        let overrides: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_OVERRIDE_PREFIX))
+            .collect();
+        if !overrides.is_empty() {
+            let mut table: toml::Table = toml::from_str(text).map_err(parse_err)?;
+            for (var, value) in &overrides {
+                apply_override(&mut table, var, value)?;
+            }
+            config = table
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    origin: format!("{origin} with environment overrides"),
+                    message: e.to_string().trim_end().to_owned(),
+                })?;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Renders the resolved config as TOML with secrets redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+fn apply_override(table: &mut toml::Table, var: &str, value: &str) -> Result<(), ConfigError> {
+    let path = &var[ENV_OVERRIDE_PREFIX.len()..];
+    let (section, key) = path.split_once("__").ok_or_else(|| ConfigError::Env {
+        var: var.to_owned(),
+        message: "expected DSQL_PROXY__<SECTION>__<KEY>".into(),
+    })?;
+    let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+    if section == "endpoints" {
+        return Err(ConfigError::Env {
+            var: var.to_owned(),
+            message: "endpoints cannot be overridden from the environment".into(),
+        });
+    }
+    // Numbers and booleans keep their type; everything else is a string.
+    let parsed = match toml::from_str::<toml::Table>(&format!("v = {value}")) {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(value.into())),
+        Err(_) => toml::Value::String(value.to_owned()),
+    };
+    let entry = table
+        .entry(section.clone())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    match entry {
+        toml::Value::Table(t) => {
+            t.insert(key, parsed);
+            Ok(())
+        }
+        _ => Err(ConfigError::Env {
+            var: var.to_owned(),
+            message: format!("[{section}] is not a table"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,287 @@
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ConfigError, DurationStr, PasswordSource, Secret};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub listen: ListenConfig,
+    #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
+    pub backend: BackendConfig,
+    #[serde(default)]
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+/// The client-facing side.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    pub address: SocketAddr,
+    /// Directory for a Unix socket named `.s.PGSQL.<port>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unix_socket_dir: Option<PathBuf>,
+    pub max_client_connections: u32,
+    /// Certificate chain and key for TLS towards local clients.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<PathBuf>,
+    /// Time a client has to finish startup and authentication.
+    pub startup_timeout: DurationStr,
+    /// How local clients authenticate to the proxy.
+    pub auth: ClientAuthMethod,
+    /// With `auth = "trust"`, also trust clients from non-loopback addresses
+    /// (for example through a container port mapping). Off by default.
+    pub trust_remote: bool,
+    /// Local password for `auth = "scram-sha-256"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            address: SocketAddr::from(([127, 0, 0, 1], 5432)),
+            unix_socket_dir: None,
+            max_client_connections: 10_000,
+            tls_cert_file: None,
+            tls_key_file: None,
+            startup_timeout: DurationStr::from_secs(10),
+            auth: ClientAuthMethod::Trust,
+            trust_remote: false,
+            password: None,
+            password_env: None,
+            password_file: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientAuthMethod {
+    /// Accept local clients without a password, like Cloud SQL Auth Proxy.
+    Trust,
+    /// Require the local password, checked with SCRAM-SHA-256.
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub address: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            address: SocketAddr::from(([127, 0, 0, 1], 9090)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    Dsql,
+    AuroraGlobal,
+    Postgres,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendAuth {
+    DsqlIam,
+    RdsIam,
+    Password,
+    Passthrough,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    Disable,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+/// How the proxy reaches and authenticates to the database.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendConfig {
+    pub kind: BackendKind,
+    pub auth: BackendAuth,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    pub tls: TlsMode,
+    /// Extra trusted roots (PEM), added to the system roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    pub connect_timeout: DurationStr,
+    /// TCP keepalive idle time on backend connections.
+    pub keepalive: DurationStr,
+    /// Startup parameters never forwarded to the backend.
+    pub drop_parameters: Vec<String>,
+    /// `application_name` sent when the client sent none.
+    pub default_application_name: String,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        Self {
+            kind: BackendKind::Dsql,
+            auth: BackendAuth::DsqlIam,
+            password: None,
+            password_env: None,
+            password_file: None,
+            tls: TlsMode::VerifyFull,
+            ca_file: None,
+            connect_timeout: DurationStr::from_secs(5),
+            keepalive: DurationStr::from_secs(30),
+            drop_parameters: Vec::new(),
+            default_application_name: "dsql-proxy".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// DNS name: used for SNI and certificate checks, and dialled unless
+    /// `connect_address` is set.
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Where to dial instead of `host:port` (PrivateLink, tests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_address: Option<SocketAddr>,
+    /// Lower is preferred.
+    #[serde(default = "default_priority")]
+    pub priority: u32,
+}
+
+fn default_port() -> u16 {
+    5432
+}
+fn default_priority() -> u32 {
+    1
+}
+
+impl EndpointConfig {
+    /// `host:port`, for messages.
+    pub fn authority(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+impl Config {
+    /// The backend password source, when `auth = "password"`.
+    pub fn backend_password(&self) -> Result<Option<PasswordSource>, ConfigError> {
+        let b = &self.backend;
+        PasswordSource::from_keys("backend", &b.password, &b.password_env, &b.password_file)
+            .map_err(ConfigError::Invalid)
+    }
+
+    /// The local password source, when `[listen] auth = "scram-sha-256"`.
+    pub fn client_password(&self) -> Result<Option<PasswordSource>, ConfigError> {
+        let l = &self.listen;
+        PasswordSource::from_keys("listen", &l.password, &l.password_env, &l.password_file)
+            .map_err(ConfigError::Invalid)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.endpoints.is_empty() {
+            return invalid("at least one [[endpoints]] entry is required".into());
+        }
+        let mut names = HashSet::new();
+        for e in &self.endpoints {
+            if e.name.is_empty() || e.host.is_empty() {
+                return invalid("every [[endpoints]] entry needs a name and a host".into());
+            }
+            if !names.insert(e.name.as_str()) {
+                return invalid(format!("endpoint name {:?} is used twice", e.name));
+            }
+            if e.port == 0 {
+                return invalid(format!("endpoint {:?}: port must not be 0", e.name));
+            }
+        }
+        if self.listen.max_client_connections == 0 {
+            return invalid("[listen] max_client_connections must be at least 1".into());
+        }
+        if self.listen.tls_cert_file.is_some() != self.listen.tls_key_file.is_some() {
+            return invalid("[listen] tls_cert_file and tls_key_file go together".into());
+        }
+        if self.listen.startup_timeout.get().is_zero()
+            || self.backend.connect_timeout.get().is_zero()
+        {
+            return invalid("timeouts must be greater than zero".into());
+        }
+        let backend_password = self.backend_password()?;
+        match (self.backend.auth, &backend_password) {
+            (BackendAuth::Password, None) => {
+                return invalid(
+                    "[backend] auth = \"password\" needs password, password_env or password_file"
+                        .into(),
+                )
+            }
+            (BackendAuth::Password, Some(_)) => {}
+            (_, Some(_)) => {
+                return invalid(format!(
+                    "[backend] password settings only apply to auth = \"password\", not {:?}",
+                    self.backend.auth
+                ))
+            }
+            _ => {}
+        }
+        let client_password = self.client_password()?;
+        match (self.listen.auth, &client_password) {
+            (ClientAuthMethod::ScramSha256, None) => return invalid(
+                "[listen] auth = \"scram-sha-256\" needs password, password_env or password_file"
+                    .into(),
+            ),
+            (ClientAuthMethod::Trust, Some(_)) => {
+                return invalid(
+                    "[listen] password settings only apply to auth = \"scram-sha-256\"".into(),
+                )
+            }
+            _ => {}
+        }
+        if self.backend.auth == BackendAuth::Passthrough
+            && self.listen.auth == ClientAuthMethod::ScramSha256
+        {
+            return invalid(
+                "[backend] auth = \"passthrough\" asks each client for its own database password, \
+                 so [listen] auth must stay \"trust\""
+                    .into(),
+            );
+        }
+        if self.backend.kind == BackendKind::Dsql && self.backend.tls != TlsMode::VerifyFull {
+            return invalid(
+                "[backend] kind = \"dsql\" requires tls = \"verify-full\": Aurora DSQL refuses \
+                 connections without TLS and SNI"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+}

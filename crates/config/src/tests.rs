@@ -1,0 +1,154 @@
+use super::*;
+
+const MINIMAL: &str = r#"
+[backend]
+kind = "postgres"
+auth = "password"
+password = "hunter2"
+tls = "require"
+[[endpoints]]
+name = "a"
+host = "db.example"
+"#;
+
+#[test]
+fn defaults_are_filled_in() {
+    let c = Config::parse(MINIMAL).unwrap();
+    assert_eq!(c.listen.address.to_string(), "127.0.0.1:5432");
+    assert_eq!(c.admin.address.to_string(), "127.0.0.1:9090");
+    assert_eq!(c.backend.connect_timeout.get().as_secs(), 5);
+    assert_eq!(c.endpoints[0].port, 5432);
+    assert_eq!(c.endpoints[0].priority, 1);
+}
+
+#[test]
+fn the_documented_example_parses() {
+    let text = r#"
+[listen]
+address = "127.0.0.1:5432"
+max_client_connections = 10000
+[admin]
+address = "127.0.0.1:9090"
+[backend]
+kind = "dsql"
+auth = "dsql-iam"
+tls = "verify-full"
+connect_timeout = "5s"
+[[endpoints]]
+name = "us-east-1"
+region = "us-east-1"
+host = "abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws"
+port = 5432
+priority = 1
+"#;
+    Config::parse(text).unwrap();
+}
+
+#[test]
+fn unknown_keys_are_errors_with_a_line() {
+    let err = Config::parse(&MINIMAL.replace("tls = \"require\"", "tls = \"require\"\ntsl = 1"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("line 7"), "{err}");
+    assert!(err.contains("tsl"), "{err}");
+}
+
+#[test]
+fn bad_values_are_explained() {
+    let cases = [
+        (MINIMAL.replace("\"require\"", "\"sometimes\""), "sometimes"),
+        (
+            format!("{MINIMAL}\n[listen]\nstartup_timeout = \"5 parsecs\""),
+            "unit",
+        ),
+        (
+            MINIMAL.replace("password = \"hunter2\"", ""),
+            "needs password",
+        ),
+        (
+            MINIMAL.replace(
+                "password = \"hunter2\"",
+                "password = \"x\"\npassword_env = \"Y\"",
+            ),
+            "only one",
+        ),
+        (
+            format!("{MINIMAL}[[endpoints]]\nname = \"a\"\nhost = \"h\"\n"),
+            "used twice",
+        ),
+        (MINIMAL.replace("\"postgres\"", "\"dsql\""), "verify-full"),
+        (
+            format!("{MINIMAL}\n[listen]\nauth = \"scram-sha-256\"\n"),
+            "needs password",
+        ),
+    ];
+    for (text, needle) in cases {
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains(needle), "{needle:?} not in {err}");
+    }
+}
+
+#[test]
+fn secrets_are_redacted() {
+    let c = Config::parse(MINIMAL).unwrap();
+    let shown = c.to_redacted_toml();
+    assert!(!shown.contains("hunter2"), "{shown}");
+    assert!(shown.contains("<redacted>"));
+    assert!(!format!("{c:?}").contains("hunter2"));
+    // The rendering is itself a valid config (modulo the redacted secret).
+    Config::parse(&shown).unwrap();
+}
+
+#[test]
+fn environment_overrides_single_keys() {
+    let env = vec![
+        (
+            "DSQL_PROXY__BACKEND__TLS".to_string(),
+            "disable".to_string(),
+        ),
+        (
+            "DSQL_PROXY__LISTEN__MAX_CLIENT_CONNECTIONS".to_string(),
+            "7".to_string(),
+        ),
+        ("UNRELATED".to_string(), "x".to_string()),
+    ];
+    let c = Config::parse_with_env(MINIMAL, "t", env).unwrap();
+    assert_eq!(c.backend.tls, TlsMode::Disable);
+    assert_eq!(c.listen.max_client_connections, 7);
+    let bad = vec![("DSQL_PROXY__NOPE".to_string(), "1".to_string())];
+    assert!(Config::parse_with_env(MINIMAL, "t", bad).is_err());
+}
+
+#[test]
+fn durations_parse_and_print() {
+    for (s, ms) in [
+        ("250ms", 250),
+        ("5s", 5000),
+        ("15m", 900_000),
+        ("1h", 3_600_000),
+    ] {
+        let d: DurationStr = s.parse().unwrap();
+        assert_eq!(d.get().as_millis(), ms);
+        assert_eq!(d.to_string(), s);
+    }
+    for bad in ["", "5", "s", "-1s", "1.5s", "99999999999999999999d"] {
+        assert!(bad.parse::<DurationStr>().is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn password_sources_read_env_and_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("pw");
+    std::fs::write(&f, "from-file\n").unwrap();
+    assert_eq!(
+        PasswordSource::File(f).read().unwrap().expose(),
+        "from-file"
+    );
+    assert!(PasswordSource::File(dir.path().join("missing"))
+        .read()
+        .is_err());
+    assert!(PasswordSource::Env("DSQL_PROXY_TEST_SURELY_UNSET".into())
+        .read()
+        .is_err());
+}

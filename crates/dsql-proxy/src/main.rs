@@ -1,0 +1,183 @@
+//! `dsql-proxy`: a local PostgreSQL endpoint for Aurora DSQL and Aurora
+//! PostgreSQL Global Database. This file wires configuration, logging,
+//! signals and the session layer together; the work lives in the crates.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use dsql_proxy_config::Config;
+use dsql_proxy_routing::{RoutingTable, TableRouter};
+use dsql_proxy_session::{BoundProxy, ProxyContext};
+use tracing::{error, info, warn};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "dsql-proxy",
+    version,
+    about = "Local PostgreSQL endpoint for Aurora DSQL and Aurora Global Database"
+)]
+struct Cli {
+    /// Configuration file (TOML).
+    #[arg(
+        long,
+        short = 'c',
+        env = "DSQL_PROXY_CONFIG",
+        default_value = "proxy.toml",
+        global = true
+    )]
+    config: PathBuf,
+    /// Client listen address; overrides [listen] address.
+    #[arg(long, env = "DSQL_PROXY_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Admin HTTP address; overrides [admin] address.
+    #[arg(long, env = "DSQL_PROXY_ADMIN")]
+    admin: Option<SocketAddr>,
+    /// Directory for the Unix socket; overrides [listen] unix_socket_dir.
+    #[arg(long, env = "DSQL_PROXY_UNIX_SOCKET_DIR")]
+    unix_socket_dir: Option<PathBuf>,
+    /// Log format.
+    #[arg(
+        long,
+        value_enum,
+        env = "DSQL_PROXY_LOG_FORMAT",
+        default_value = "text",
+        global = true
+    )]
+    log_format: LogFormat,
+    /// Log filter, e.g. `info` or `dsql_proxy_session=debug`.
+    #[arg(long, env = "DSQL_PROXY_LOG", default_value = "info", global = true)]
+    log_level: String,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Validate the configuration and print it resolved, secrets redacted.
+    Check,
+    /// Run the proxy (the default).
+    Run,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli);
+    let result = match cli.command {
+        Some(Command::Check) => check(&cli),
+        Some(Command::Run) | None => run(&cli),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` prints the whole context chain on one line.
+            error!("{e:#}");
+            eprintln!("dsql-proxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(cli: &Cli) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// Loads the file, then applies `DSQL_PROXY__*` and command-line overrides.
+fn load_config(cli: &Cli) -> Result<Config> {
+    let mut config = Config::load(&cli.config, std::env::vars())?;
+    if let Some(addr) = cli.listen {
+        config.listen.address = addr;
+    }
+    if let Some(addr) = cli.admin {
+        config.admin.address = addr;
+    }
+    if let Some(dir) = &cli.unix_socket_dir {
+        config.listen.unix_socket_dir = Some(dir.clone());
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+fn check(cli: &Cli) -> Result<()> {
+    let config = load_config(cli)?;
+    print!("{}", config.to_redacted_toml());
+    eprintln!("configuration OK: {}", cli.config.display());
+    Ok(())
+}
+
+fn run(cli: &Cli) -> Result<()> {
+    let config = load_config(cli)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("dsql-proxy")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> Result<()> {
+    let credentials = dsql_proxy_credentials::from_config(&config)
+        .context("cannot set up backend credentials")?;
+    let router = Arc::new(TableRouter::new(RoutingTable::from_configs(
+        &config.endpoints,
+    )));
+    let ctx = ProxyContext::from_config(&config, router, credentials)?;
+    let proxy = BoundProxy::bind(ctx, &config).await?;
+    if !config.listen.address.ip().is_loopback()
+        && config.listen.auth == dsql_proxy_config::ClientAuthMethod::Trust
+        && !config.listen.trust_remote
+    {
+        warn!(
+            address = %config.listen.address,
+            "listening beyond loopback with auth = trust: only loopback clients will be accepted"
+        );
+    }
+    info!(
+        address = %proxy.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        unix_socket = %proxy.unix_socket_path().map(|p| p.display().to_string()).unwrap_or_default(),
+        endpoints = config.endpoints.len(),
+        backend_tls = ?config.backend.tls,
+        "dsql-proxy listening"
+    );
+    proxy.serve(shutdown_signal()).await;
+    info!("shut down");
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT. SIGHUP is caught so it does not kill the
+/// process; configuration reload comes with the operations work.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        warn!("cannot install signal handlers; stop the proxy with SIGKILL");
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM received"); return; }
+            _ = int.recv() => { info!("SIGINT received"); return; }
+            _ = hup.recv() => { warn!("SIGHUP received: configuration reload is not supported yet; keeping the current configuration"); }
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! The session layer of `dsql-proxy`: listeners, the client handshake, the
+//! backend connection and the relay between them.
+//!
+//! Control flow per connection (see docs/ARCHITECTURE.md): the accept loop
+//! spawns one task per client; that task runs [`frontend`] (TLS, startup,
+//! local auth), asks the [`Router`] for an endpoint and the
+//! [`CredentialSource`] for a secret, runs [`backend`] (dial, TLS, startup,
+//! auth), then hands both streams to [`relay`] until either side closes.
+
+pub mod backend;
+pub mod cancel;
+mod error;
+pub mod frontend;
+mod io;
+pub mod listener;
+pub mod relay;
+mod session;
+pub mod stream;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use error::SessionError;
+
+use dsql_proxy_config::{ClientAuthMethod, Config};
+use dsql_proxy_credentials::CredentialSource;
+use dsql_proxy_protocol::scram::{ScramVerifier, DEFAULT_ITERATIONS};
+use dsql_proxy_routing::Router;
+use tokio_rustls::TlsAcceptor;
+
+use crate::backend::BackendSettings;
+use crate::cancel::CancelRegistry;
+use crate::frontend::FrontendSettings;
+use crate::listener::Listeners;
+
+/// Everything sessions share, built once from the config.
+pub struct ProxyContext {
+    pub frontend: FrontendSettings,
+    /// The same, minus authentication: used to answer over-limit clients.
+    pub frontend_for_rejection: FrontendSettings,
+    pub backend: BackendSettings,
+    pub startup_timeout: Duration,
+    pub max_client_connections: usize,
+    pub drop_parameters: Vec<String>,
+    pub default_application_name: String,
+    pub router: Arc<dyn Router>,
+    pub credentials: Arc<dyn CredentialSource>,
+    pub cancels: Arc<CancelRegistry>,
+}
+
+impl ProxyContext {
+    pub fn from_config(
+        config: &Config,
+        router: Arc<dyn Router>,
+        credentials: Arc<dyn CredentialSource>,
+    ) -> Result<Self, SessionError> {
+        let listen = &config.listen;
+        let tls = match (&listen.tls_cert_file, &listen.tls_key_file) {
+            (Some(cert), Some(key)) => Some(TlsAcceptor::from(tls::server_config(cert, key)?)),
+            _ => None,
+        };
+        let verifier = match listen.auth {
+            ClientAuthMethod::ScramSha256 => {
+                let source = config
+                    .client_password()
+                    .map_err(|e| SessionError::Setup(e.to_string()))?
+                    .ok_or_else(|| SessionError::Setup("[listen] password is required".into()))?;
+                let password = source.read().map_err(SessionError::Setup)?;
+                // A stored PostgreSQL verifier works as well as a plaintext
+                // password, and keeps the plaintext out of the config.
+                Some(match ScramVerifier::parse(password.expose()) {
+                    Ok(v) => v,
+                    Err(_) => ScramVerifier::from_password(password.expose(), DEFAULT_ITERATIONS),
+                })
+            }
+            ClientAuthMethod::Trust => None,
+        };
+        let frontend = FrontendSettings {
+            tls: tls.clone(),
+            auth: listen.auth,
+            verifier,
+            ask_password: credentials.needs_client_password(),
+            trust_remote: listen.trust_remote,
+        };
+        let frontend_for_rejection = FrontendSettings {
+            tls,
+            auth: ClientAuthMethod::Trust,
+            verifier: None,
+            ask_password: false,
+            trust_remote: true,
+        };
+        let backend = BackendSettings {
+            tls: tls::client_config(config.backend.tls, config.backend.ca_file.as_deref())?,
+            connect_timeout: config.backend.connect_timeout.get(),
+            keepalive: config.backend.keepalive.get(),
+        };
+        Ok(Self {
+            frontend,
+            frontend_for_rejection,
+            backend,
+            startup_timeout: listen.startup_timeout.get(),
+            max_client_connections: listen.max_client_connections as usize,
+            drop_parameters: config.backend.drop_parameters.clone(),
+            default_application_name: config.backend.default_application_name.clone(),
+            router,
+            credentials,
+            cancels: Arc::new(CancelRegistry::default()),
+        })
+    }
+}
+
+/// A proxy with its sockets bound, ready to serve.
+pub struct BoundProxy {
+    ctx: Arc<ProxyContext>,
+    listeners: Listeners,
+}
+
+impl BoundProxy {
+    pub async fn bind(ctx: ProxyContext, config: &Config) -> Result<Self, SessionError> {
+        let listeners = Listeners::bind(
+            config.listen.address,
+            config.listen.unix_socket_dir.as_deref(),
+        )
+        .await?;
+        Ok(Self {
+            ctx: Arc::new(ctx),
+            listeners,
+        })
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listeners.local_addr()
+    }
+
+    pub fn unix_socket_path(&self) -> Option<&std::path::Path> {
+        self.listeners.unix.as_ref().map(|(_, p)| p.as_path())
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting. Sessions
+    /// already running keep going on their own tasks.
+    pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) {
+        listener::accept_loop(self.ctx, self.listeners, shutdown).await;
+    }
+}

@@ -1,0 +1,150 @@
+//! Accept loops for TCP and the Unix socket, with the client limit.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dsql_proxy_protocol::{sqlstate, PgError};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn};
+
+use crate::frontend::{self, Failure, Opening, Peer};
+use crate::io::Deadline;
+use crate::stream::Transport;
+use crate::{session, ProxyContext, SessionError};
+
+/// Connections over the limit still get a proper 53300 answer, but only this
+/// many at once; beyond that they are closed without reading.
+const MAX_PENDING_REJECTIONS: usize = 256;
+
+pub struct Listeners {
+    pub tcp: TcpListener,
+    pub unix: Option<(UnixListener, PathBuf)>,
+}
+
+impl Listeners {
+    pub async fn bind(address: SocketAddr, unix_dir: Option<&Path>) -> Result<Self, SessionError> {
+        let tcp = TcpListener::bind(address)
+            .await
+            .map_err(|e| SessionError::Setup(format!("cannot listen on {address}: {e}")))?;
+        let unix = match unix_dir {
+            Some(dir) => {
+                let port = tcp.local_addr().map(|a| a.port()).unwrap_or(address.port());
+                let path = dir.join(format!(".s.PGSQL.{port}"));
+                // A socket file left by a previous run would make bind fail.
+                if path.exists() {
+                    let _ = std::fs::remove_file(&path);
+                }
+                let listener = UnixListener::bind(&path).map_err(|e| {
+                    SessionError::Setup(format!("cannot listen on {}: {e}", path.display()))
+                })?;
+                // Like PostgreSQL's default unix_socket_permissions = 0777;
+                // the directory's permissions are the access control.
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o777));
+                Some((listener, path))
+            }
+            None => None,
+        };
+        Ok(Self { tcp, unix })
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.tcp.local_addr().ok()
+    }
+}
+
+impl Drop for Listeners {
+    fn drop(&mut self) {
+        if let Some((_, path)) = &self.unix {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Accepts until `shutdown` resolves.
+pub async fn accept_loop(
+    ctx: Arc<ProxyContext>,
+    listeners: Listeners,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let limit = Arc::new(Semaphore::new(ctx.max_client_connections));
+    let rejections = Arc::new(Semaphore::new(MAX_PENDING_REJECTIONS));
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut shutdown => break,
+            r = listeners.tcp.accept() => r.map(|(s, a)| {
+                let _ = s.set_nodelay(true);
+                (Transport::Tcp(s), Peer::Tcp(a))
+            }),
+            r = accept_unix(&listeners.unix) => r.map(|s| (Transport::Unix(s), Peer::Unix)),
+        };
+        let (transport, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        match Arc::clone(&limit).try_acquire_owned() {
+            Ok(permit) => {
+                let ctx = Arc::clone(&ctx);
+                tokio::spawn(async move {
+                    session::run(ctx, transport, peer).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => match Arc::clone(&rejections).try_acquire_owned() {
+                Ok(permit) => {
+                    let ctx = Arc::clone(&ctx);
+                    tokio::spawn(async move {
+                        reject_over_limit(&ctx, transport, peer).await;
+                        drop(permit);
+                    });
+                }
+                Err(_) => {
+                    debug!(client = %peer, "over the client limit and the rejection queue; closed")
+                }
+            },
+        }
+    }
+    info!("stopped accepting connections");
+}
+
+async fn accept_unix(
+    unix: &Option<(UnixListener, PathBuf)>,
+) -> std::io::Result<tokio::net::UnixStream> {
+    match unix {
+        Some((l, _)) => l.accept().await.map(|(s, _)| s),
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads the client's startup (so the client is in a state to read an
+/// ErrorResponse, as PostgreSQL does) and answers 53300. Cancel requests are
+/// still served: they are how a client gets out of an overload.
+async fn reject_over_limit(ctx: &Arc<ProxyContext>, transport: Transport, peer: Peer) {
+    let deadline = Deadline::after(ctx.startup_timeout.min(Duration::from_secs(5)));
+    let settings = &ctx.frontend_for_rejection;
+    let stream = match frontend::open(transport, &peer, settings, deadline).await {
+        Ok(Opening::Session(hello)) => Some(hello.stream),
+        Ok(Opening::Cancel(key)) => {
+            return session::cancel_request(ctx, key).await;
+        }
+        Err(failure) => failure.stream,
+    };
+    let err = SessionError::Rejected(PgError::fatal(
+        sqlstate::TOO_MANY_CONNECTIONS,
+        format!(
+            "sorry, too many clients already: dsql-proxy max_client_connections ({}) reached",
+            ctx.max_client_connections
+        ),
+    ));
+    let _ = frontend::reject(Failure { stream, error: err }).await;
+    info!(client = %peer, reason = "too_many_clients", "client rejected");
+}

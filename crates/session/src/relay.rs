@@ -1,0 +1,291 @@
+//! The data path: bytes between client and backend, in one task, with one
+//! fixed buffer per direction allocated at session start. No locks, no
+//! per-message allocation, no awaits on anything but the two streams.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use dsql_proxy_protocol::relay::BoundaryTracker;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Per-direction buffer. Large enough to move a full TLS record (16 KiB) in
+/// one read; small enough that thousands of idle sessions stay cheap.
+pub const RELAY_BUFFER: usize = 16 * 1024;
+
+/// How the relay ended.
+#[derive(Debug)]
+pub enum RelayEnd {
+    /// The client closed its side (normally after Terminate) and the backend
+    /// then closed too.
+    ClientClosed,
+    /// The backend closed the session (after a FATAL, or a server shutdown).
+    BackendClosed,
+    ClientError(io::Error),
+    BackendError(io::Error),
+}
+
+impl RelayEnd {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::ClientClosed => "client_closed",
+            Self::BackendClosed => "backend_closed",
+            Self::ClientError(_) => "client_error",
+            Self::BackendError(_) => "backend_error",
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RelayStats {
+    pub client_to_backend: u64,
+    pub backend_to_client: u64,
+}
+
+enum Fault {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+struct Half {
+    buf: Box<[u8]>,
+    pos: usize,
+    cap: usize,
+    read_eof: bool,
+    need_flush: bool,
+    done: bool,
+    total: u64,
+}
+
+impl Half {
+    fn new() -> Self {
+        Self {
+            buf: vec![0u8; RELAY_BUFFER].into_boxed_slice(),
+            pos: 0,
+            cap: 0,
+            read_eof: false,
+            need_flush: false,
+            done: false,
+            total: 0,
+        }
+    }
+
+    /// Moves bytes from `reader` to `writer` until both would block, the
+    /// reader reaches EOF (then shuts the writer down), or an error.
+    fn poll_copy<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut reader: Pin<&mut R>,
+        mut writer: Pin<&mut W>,
+        mut tracker: Option<&mut BoundaryTracker>,
+    ) -> Poll<Result<(), Fault>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        loop {
+            if self.pos == self.cap && !self.read_eof {
+                self.pos = 0;
+                self.cap = 0;
+                let mut rb = ReadBuf::new(&mut self.buf);
+                match reader.as_mut().poll_read(cx, &mut rb) {
+                    Poll::Ready(Ok(())) => {
+                        let n = rb.filled().len();
+                        if n == 0 {
+                            self.read_eof = true;
+                        } else {
+                            if let Some(t) = tracker.as_deref_mut() {
+                                t.observe(&self.buf[..n]);
+                            }
+                            self.cap = n;
+                            self.total += n as u64;
+                        }
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(Fault::Read(e))),
+                    Poll::Pending => {
+                        // Nothing more to read now: push out what was written
+                        // (TLS may hold a partial record) before sleeping.
+                        if self.need_flush {
+                            ready!(writer.as_mut().poll_flush(cx)).map_err(Fault::Write)?;
+                            self.need_flush = false;
+                        }
+                        return Poll::Pending;
+                    }
+                }
+            }
+            while self.pos < self.cap {
+                let n = ready!(writer
+                    .as_mut()
+                    .poll_write(cx, &self.buf[self.pos..self.cap]))
+                .map_err(Fault::Write)?;
+                if n == 0 {
+                    return Poll::Ready(Err(Fault::Write(io::ErrorKind::WriteZero.into())));
+                }
+                self.pos += n;
+                self.need_flush = true;
+            }
+            if self.pos == self.cap && self.read_eof {
+                ready!(writer.as_mut().poll_flush(cx)).map_err(Fault::Write)?;
+                ready!(writer.as_mut().poll_shutdown(cx)).map_err(Fault::Write)?;
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+/// Relays until one side ends the session. The tracker watches the
+/// backend-to-client stream so the caller knows whether it stopped at a
+/// message boundary.
+pub struct Relay<'a, C: ?Sized, B: ?Sized> {
+    client: &'a mut C,
+    backend: &'a mut B,
+    up: Half,
+    down: Half,
+    pub tracker: BoundaryTracker,
+}
+
+impl<'a, C, B> Relay<'a, C, B>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    pub fn new(client: &'a mut C, backend: &'a mut B, tracker: BoundaryTracker) -> Self {
+        Self {
+            client,
+            backend,
+            up: Half::new(),
+            down: Half::new(),
+            tracker,
+        }
+    }
+
+    pub fn stats(&self) -> RelayStats {
+        RelayStats {
+            client_to_backend: self.up.total,
+            backend_to_client: self.down.total,
+        }
+    }
+}
+
+impl<C, B> Future for Relay<'_, C, B>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    type Output = RelayEnd;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RelayEnd> {
+        let this = self.get_mut();
+        // Backend to client first: results are what the client waits for.
+        if !this.down.done {
+            match this.down.poll_copy(
+                cx,
+                Pin::new(&mut *this.backend),
+                Pin::new(&mut *this.client),
+                Some(&mut this.tracker),
+            ) {
+                // The server closing ends the session, whatever the client
+                // still has in flight: PostgreSQL never half-closes.
+                Poll::Ready(Ok(())) => return Poll::Ready(RelayEnd::BackendClosed),
+                Poll::Ready(Err(Fault::Read(e))) => return Poll::Ready(RelayEnd::BackendError(e)),
+                Poll::Ready(Err(Fault::Write(e))) => return Poll::Ready(RelayEnd::ClientError(e)),
+                Poll::Pending => {}
+            }
+        }
+        if !this.up.done {
+            match this.up.poll_copy(
+                cx,
+                Pin::new(&mut *this.client),
+                Pin::new(&mut *this.backend),
+                None,
+            ) {
+                // Client EOF: the backend's write side is shut; keep relaying
+                // the backend's last words until it closes too.
+                Poll::Ready(Ok(())) => {
+                    if this.down.done {
+                        return Poll::Ready(RelayEnd::ClientClosed);
+                    }
+                    // Poll `down` again so its waker is registered.
+                    cx.waker().wake_by_ref();
+                }
+                Poll::Ready(Err(Fault::Read(e))) => return Poll::Ready(RelayEnd::ClientError(e)),
+                Poll::Ready(Err(Fault::Write(e))) => return Poll::Ready(RelayEnd::BackendError(e)),
+                Poll::Pending => {}
+            }
+        }
+        if this.up.done && this.down.done {
+            return Poll::Ready(RelayEnd::ClientClosed);
+        }
+        Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{duplex, AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn relays_both_ways_and_ends_when_backend_closes() {
+        let (mut client_app, mut client_proxy) = duplex(64);
+        let (mut backend_proxy, mut backend_server) = duplex(64);
+        let relay = tokio::spawn(async move {
+            let mut relay = Relay::new(
+                &mut client_proxy,
+                &mut backend_proxy,
+                BoundaryTracker::default(),
+            );
+            let end = (&mut relay).await;
+            (end.reason(), relay.stats())
+        });
+        let big = vec![7u8; 100_000];
+        let writer = {
+            let big = big.clone();
+            tokio::spawn(async move {
+                client_app.write_all(&big).await.unwrap();
+                let mut back = vec![0u8; 5];
+                client_app.read_exact(&mut back).await.unwrap();
+                assert_eq!(&back, b"Z\0\0\0\x05");
+                let mut rest = Vec::new();
+                client_app.read_to_end(&mut rest).await.unwrap();
+                assert_eq!(rest, b"I");
+            })
+        };
+        let mut got = vec![0u8; big.len()];
+        backend_server.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, big);
+        backend_server.write_all(b"Z\0\0\0\x05I").await.unwrap();
+        drop(backend_server);
+        let (reason, stats) = relay.await.unwrap();
+        writer.await.unwrap();
+        assert_eq!(reason, "backend_closed");
+        assert_eq!(stats.client_to_backend, 100_000);
+        assert_eq!(stats.backend_to_client, 6);
+    }
+
+    #[tokio::test]
+    async fn client_eof_half_closes_the_backend() {
+        let (client_app, mut client_proxy) = duplex(64);
+        let (mut backend_proxy, mut backend_server) = duplex(64);
+        let relay = tokio::spawn(async move {
+            Relay::new(
+                &mut client_proxy,
+                &mut backend_proxy,
+                BoundaryTracker::default(),
+            )
+            .await
+            .reason()
+        });
+        drop(client_app);
+        let mut rest = Vec::new();
+        backend_server.read_to_end(&mut rest).await.unwrap();
+        drop(backend_server);
+        let reason = relay.await.unwrap();
+        assert!(
+            reason == "client_closed" || reason == "client_error",
+            "{reason}"
+        );
+    }
+}

@@ -1,0 +1,213 @@
+//! One client session from accept to close: handshake, route, backend
+//! startup, relay, and the close log line.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use dsql_proxy_credentials::{CredentialError, CredentialRequest};
+use dsql_proxy_protocol::relay::BoundaryTracker;
+use dsql_proxy_protocol::{messages, sqlstate, PgError, StartupMessage};
+use tokio::io::AsyncWriteExt;
+use tracing::{debug, info, warn};
+
+use crate::backend::{self, BackendSession};
+use crate::cancel::CancelTarget;
+use crate::frontend::{self, ClientHello, Opening, Peer};
+use crate::io::{send, Deadline};
+use crate::relay::Relay;
+use crate::stream::Transport;
+use crate::{ProxyContext, SessionError};
+
+/// Runs one accepted connection to the end. Never panics on peer input and
+/// always logs one line when a session (not a cancel) ends.
+pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
+    let started = Instant::now();
+    let deadline = Deadline::after(ctx.startup_timeout);
+    let hello = match frontend::open(transport, &peer, &ctx.frontend, deadline).await {
+        Ok(Opening::Session(hello)) => hello,
+        Ok(Opening::Cancel(key)) => return cancel_request(&ctx, key).await,
+        Err(failure) => {
+            let err = frontend::reject(failure).await;
+            match err {
+                // A client that connects and leaves (health checks, port
+                // scanners) is not worth more than a debug line.
+                SessionError::ClientIo(_) => {
+                    debug!(client = %peer, error = %err, "client left during startup")
+                }
+                _ => {
+                    info!(client = %peer, reason = err.reason(), error = %err, "client rejected during startup")
+                }
+            }
+            return;
+        }
+    };
+    let ClientHello {
+        mut stream,
+        startup,
+        version,
+        password,
+    } = *hello;
+    let user = startup.param("user").unwrap_or_default().to_owned();
+    let database = startup.param("database").unwrap_or(&user).to_owned();
+
+    let endpoint = match ctx.router.route() {
+        Ok(e) => e,
+        Err(e) => {
+            let err = SessionError::Rejected(PgError::fatal(
+                sqlstate::CANNOT_CONNECT_NOW,
+                format!("dsql-proxy has no endpoint to route to: {e}"),
+            ));
+            let _ = frontend::reject(frontend::Failure {
+                stream: Some(stream),
+                error: err,
+            })
+            .await;
+            warn!(client = %peer, %user, %database, error = %e, "no route for session");
+            return;
+        }
+    };
+
+    let established = async {
+        let request = CredentialRequest {
+            endpoint_host: &endpoint.host,
+            endpoint_port: endpoint.port,
+            region: endpoint.region.as_deref(),
+            user: &user,
+            client_password: password.as_ref(),
+        };
+        let secret = match ctx.credentials.password(request).await {
+            Ok(s) => Some(s),
+            Err(e) => return Err(credential_error(e)),
+        };
+        let params = backend_parameters(&startup, &ctx);
+        backend::connect(&endpoint, &ctx.backend, &params, &user, secret.as_ref()).await
+    };
+    let backend: BackendSession = match established.await {
+        Ok(b) => b,
+        Err(err) => {
+            warn!(
+                client = %peer, %user, %database, endpoint = %endpoint.name,
+                reason = err.reason(), error = %err, "backend connection failed"
+            );
+            let _ = frontend::reject(frontend::Failure {
+                stream: Some(stream),
+                error: err,
+            })
+            .await;
+            return;
+        }
+    };
+    let BackendSession {
+        stream: mut backend_stream,
+        parameters,
+        notices,
+        key,
+        ready_status,
+    } = backend;
+
+    // The client sees the backend's startup results with the proxy's own
+    // cancel key, all in one write.
+    let (client_key, _registration) = match key {
+        Some(backend_key) => {
+            let target = CancelTarget {
+                backend_key,
+                endpoint: Arc::clone(&endpoint),
+            };
+            let (k, r) = ctx.cancels.register(version.cancel_secret_len(), target);
+            (Some(k), Some(r))
+        }
+        None => (None, None),
+    };
+    let mut buf = BytesMut::with_capacity(512);
+    messages::auth_ok(&mut buf);
+    for (name, value) in &parameters {
+        messages::parameter_status(&mut buf, name, value);
+    }
+    for notice in &notices {
+        let msg = pgwire::messages::response::NoticeResponse::new(notice.fields.clone());
+        let mark = buf.len();
+        if pgwire::messages::Message::encode(&msg, &mut buf).is_err() {
+            buf.truncate(mark);
+        }
+    }
+    if let Some(k) = &client_key {
+        messages::backend_key_data(&mut buf, &k.0);
+    }
+    buf.extend_from_slice(&[b'Z', 0, 0, 0, 5, ready_status]);
+    if let Err(e) = send(&mut stream, &buf).await {
+        debug!(client = %peer, error = %e, "client left before the session started");
+        let mut terminate = BytesMut::new();
+        messages::terminate(&mut terminate);
+        let _ = send(&mut backend_stream, &terminate).await;
+        return;
+    }
+    drop(buf);
+
+    let mut relay = Relay::new(&mut stream, &mut backend_stream, BoundaryTracker::default());
+    let end = (&mut relay).await;
+    let stats = relay.stats();
+    let _ = stream.shutdown().await;
+    info!(
+        client = %peer,
+        %user,
+        %database,
+        endpoint = %endpoint.name,
+        duration_ms = started.elapsed().as_millis() as u64,
+        bytes_from_client = stats.client_to_backend,
+        bytes_to_client = stats.backend_to_client,
+        reason = end.reason(),
+        "session closed"
+    );
+}
+
+fn credential_error(e: CredentialError) -> SessionError {
+    let code = match e {
+        CredentialError::MissingClientPassword => sqlstate::INVALID_PASSWORD,
+        CredentialError::Unavailable(_) | CredentialError::Unsupported(_) => {
+            sqlstate::INVALID_AUTHORIZATION
+        }
+    };
+    SessionError::Rejected(PgError::fatal(code, format!("dsql-proxy: {e}")))
+}
+
+/// The startup parameters forwarded to the backend: the client's, minus the
+/// drop list, plus a default application_name.
+fn backend_parameters(startup: &StartupMessage, ctx: &ProxyContext) -> Vec<(String, String)> {
+    let mut params: Vec<(String, String)> = startup
+        .params
+        .iter()
+        .filter(|(k, _)| {
+            !ctx.drop_parameters
+                .iter()
+                .any(|d| d.eq_ignore_ascii_case(k))
+        })
+        .cloned()
+        .collect();
+    let has_app_name = params
+        .iter()
+        .any(|(k, v)| k == "application_name" && !v.is_empty());
+    if !has_app_name && !ctx.default_application_name.is_empty() {
+        params.retain(|(k, _)| k != "application_name");
+        params.push((
+            "application_name".into(),
+            ctx.default_application_name.clone(),
+        ));
+    }
+    params
+}
+
+pub(crate) async fn cancel_request(ctx: &ProxyContext, key: dsql_proxy_protocol::CancelKey) {
+    // Unknown keys are dropped without an answer, as PostgreSQL does, so a
+    // scanner learns nothing.
+    let Some(target) = ctx.cancels.lookup(&key) else {
+        debug!(pid = key.pid, "cancel request with unknown key ignored");
+        return;
+    };
+    match backend::forward_cancel(&target, &ctx.backend).await {
+        Ok(()) => debug!(endpoint = %target.endpoint.name, "cancel request forwarded"),
+        Err(e) => {
+            warn!(endpoint = %target.endpoint.name, error = %e, "cancel request could not be forwarded")
+        }
+    }
+}

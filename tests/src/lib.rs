@@ -1,0 +1,25 @@
+//! Integration-test harness for `dsql-proxy`.
+//!
+//! Everything here drives real components: throwaway PostgreSQL servers
+//! started from the installed server binaries, a real CA generated with
+//! rcgen, real TLS (rustls, ring provider) and the real `dsql-proxy` binary.
+//!
+//! The harness is written for Linux CI containers, which commonly run as
+//! root; PostgreSQL refuses to run as root, so server processes are started
+//! as the `postgres` OS user in that case.
+
+pub mod fixture;
+pub mod net;
+pub mod pg;
+pub mod pki;
+pub mod process;
+pub mod proxy;
+
+pub use fixture::{proxy_toml, ProxyOptions, Stack};
+pub use net::{free_addr, free_port, wait_for_port};
+pub use pg::{
+    connect_with, AuthMethod, PgOptions, PgServer, ADMIN_PASSWORD, ADMIN_USER, APP_DB,
+    APP_PASSWORD, APP_USER, MD5_PASSWORD, MD5_USER, SUPERUSER, TLS_DNS_NAMES,
+};
+pub use pki::{ServerCert, TestPki};
+pub use proxy::{proxy_binary, run_proxy_cmd, ProxyProcess};
