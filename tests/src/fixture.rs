@@ -107,14 +107,7 @@ impl Stack {
 
     /// Client settings for the proxy's plain TCP listener.
     pub fn client_config(&self, user: &str, dbname: &str) -> Config {
-        let mut cfg = Config::new();
-        cfg.host("127.0.0.1")
-            .port(self.listen.port())
-            .user(user)
-            .dbname(dbname)
-            .ssl_mode(SslMode::Disable)
-            .connect_timeout(Duration::from_secs(10));
-        cfg
+        client_config(self.listen, user, dbname)
     }
 
     /// Connects through the proxy; panics with both logs on failure.
@@ -141,4 +134,16 @@ impl Stack {
             .args(["-v", "ON_ERROR_STOP=1"]);
         cmd
     }
+}
+
+/// Plain-TCP client settings for a proxy listening on `listen`.
+pub fn client_config(listen: SocketAddr, user: &str, dbname: &str) -> Config {
+    let mut cfg = Config::new();
+    cfg.host("127.0.0.1")
+        .port(listen.port())
+        .user(user)
+        .dbname(dbname)
+        .ssl_mode(SslMode::Disable)
+        .connect_timeout(Duration::from_secs(10));
+    cfg
 }

@@ -14,6 +14,7 @@ pub mod pg;
 pub mod pki;
 pub mod process;
 pub mod proxy;
+pub mod wire;
 
 pub use fixture::{proxy_toml, ProxyOptions, Stack};
 pub use net::{free_addr, free_port, wait_for_port};

@@ -62,3 +62,184 @@ async fn simple_and_extended_queries_and_prepared_statements() {
 
     let _ = tokio::time::timeout(Duration::from_secs(5), async { drop(client) }).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_in_and_out() {
+    use bytes::Bytes;
+    use futures_util::{SinkExt, StreamExt};
+
+    let stack = Stack::start();
+    let client = stack.connect(APP_USER, APP_DB).await;
+    client
+        .batch_execute("create table copy_t (id int, payload text)")
+        .await
+        .unwrap();
+    let sink = client
+        .copy_in("copy copy_t from stdin (format csv)")
+        .await
+        .unwrap();
+    futures_util::pin_mut!(sink);
+    for chunk in 0..20 {
+        let mut data = String::new();
+        for i in 0..1000 {
+            data.push_str(&format!(
+                "{},row-{}\n",
+                chunk * 1000 + i,
+                "x".repeat(i % 50)
+            ));
+        }
+        sink.send(Bytes::from(data)).await.unwrap();
+    }
+    let copied = sink.finish().await.unwrap();
+    assert_eq!(copied, 20_000);
+
+    let stream = client
+        .copy_out("copy (select id from copy_t order by id) to stdout")
+        .await
+        .unwrap();
+    futures_util::pin_mut!(stream);
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        out.extend_from_slice(&chunk.unwrap());
+    }
+    let text = String::from_utf8(out).unwrap();
+    assert_eq!(text.lines().count(), 20_000);
+    assert_eq!(text.lines().last(), Some("19999"));
+
+    // A COPY the server rejects midway leaves the session usable.
+    let sink = client
+        .copy_in("copy copy_t from stdin (format csv)")
+        .await
+        .unwrap();
+    futures_util::pin_mut!(sink);
+    sink.send(Bytes::from_static(b"not-a-number,x\n"))
+        .await
+        .unwrap();
+    assert!(sink.finish().await.is_err());
+    let n: i64 = client
+        .query_one("select count(*) from copy_t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 20_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_notify_across_sessions() {
+    use futures_util::StreamExt;
+    use tokio_postgres::AsyncMessage;
+
+    let stack = Stack::start();
+    let (listener, mut connection) = stack
+        .client_config(APP_USER, APP_DB)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let stream = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+    tokio::spawn(async move {
+        futures_util::pin_mut!(stream);
+        while let Some(Ok(msg)) = stream.next().await {
+            if let AsyncMessage::Notification(n) = msg {
+                let _ = tx.send((n.channel().to_string(), n.payload().to_string()));
+            }
+        }
+    });
+    listener.batch_execute("listen proxy_events").await.unwrap();
+
+    let notifier = stack.connect(APP_USER, APP_DB).await;
+    for i in 0..3 {
+        notifier
+            .execute(
+                "select pg_notify('proxy_events', $1)",
+                &[&format!("event-{i}")],
+            )
+            .await
+            .unwrap();
+    }
+    for i in 0..3 {
+        let (channel, payload) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("notification within 10s")
+            .expect("listener alive");
+        assert_eq!(channel, "proxy_events");
+        assert_eq!(payload, format!("event-{i}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_token_cancels_a_running_query() {
+    let stack = Stack::start();
+    let client = stack.connect(APP_USER, APP_DB).await;
+    let token = client.cancel_token();
+    let started = std::time::Instant::now();
+    let sleeper = tokio::spawn(async move {
+        let r = client.simple_query("select pg_sleep(30)").await;
+        (r.map(|_| ()), client)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let (result, client) = tokio::time::timeout(Duration::from_secs(10), sleeper)
+        .await
+        .expect("cancel took effect")
+        .unwrap();
+    let err = result.expect_err("query must be cancelled");
+    assert_eq!(err.code().map(|c| c.code()), Some("57014"), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // The session survives its cancelled query.
+    let row = client.query_one("select 7", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 7);
+
+    // A cancel key of a finished session is ignored.
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = token.cancel_query(tokio_postgres::NoTls).await;
+    let other = stack.connect(APP_USER, APP_DB).await;
+    assert_eq!(
+        other
+            .query_one("select 1", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_rows_and_binary_data_round_trip() {
+    let stack = Stack::start();
+    let client = stack.connect(APP_USER, APP_DB).await;
+    client
+        .batch_execute("create table blobs (id int primary key, data bytea, t text)")
+        .await
+        .unwrap();
+    // Every byte value, several MB, in both directions.
+    let blob: Vec<u8> = (0..5 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let text = "é€𝄞".repeat(400_000); // 3.6 MB of multi-byte UTF-8
+    client
+        .execute("insert into blobs values (1, $1, $2)", &[&blob, &text])
+        .await
+        .unwrap();
+    let row = client
+        .query_one("select data, t, length(data) from blobs where id = 1", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, Vec<u8>>(0), blob);
+    assert_eq!(row.get::<_, String>(1), text);
+    assert_eq!(row.get::<_, i32>(2), blob.len() as i32);
+
+    // Many rows over 1 MB each in one result.
+    let rows = client
+        .query(
+            "select repeat(md5(g::text), 40000) from generate_series(1, 8) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 8);
+    for r in &rows {
+        assert_eq!(r.get::<_, String>(0).len(), 32 * 40_000);
+    }
+}

@@ -14,6 +14,7 @@ pub struct BoundaryTracker {
     /// Set while the body of a ReadyForQuery is still to come.
     in_ready_for_query: bool,
     last_status: u8,
+    last_tag: u8,
     broken: bool,
 }
 
@@ -25,6 +26,7 @@ impl Default for BoundaryTracker {
             body_remaining: 0,
             in_ready_for_query: false,
             last_status: b'I',
+            last_tag: 0,
             broken: false,
         }
     }
@@ -60,6 +62,7 @@ impl BoundaryTracker {
                 match usize::try_from(len) {
                     Ok(len) if len >= 4 => {
                         self.body_remaining = len - 4;
+                        self.last_tag = self.header[0];
                         self.in_ready_for_query = self.header[0] == b'Z' && len == 5;
                     }
                     // The peer's framing is broken; the peer will notice too.
@@ -78,6 +81,11 @@ impl BoundaryTracker {
     /// Transaction status from the last ReadyForQuery: `I`, `T` or `E`.
     pub fn transaction_status(&self) -> u8 {
         self.last_status
+    }
+
+    /// Type byte of the last message whose header has passed (0 if none).
+    pub fn last_tag(&self) -> u8 {
+        self.last_tag
     }
 
     /// True when the stream could not be framed.
@@ -102,6 +110,7 @@ mod tests {
             t.observe(&stream[split..]);
             assert!(t.at_boundary());
             assert_eq!(t.transaction_status(), b'T');
+            assert_eq!(t.last_tag(), b'Z');
         }
     }
 

@@ -146,5 +146,5 @@ async fn reject_over_limit(ctx: &Arc<ProxyContext>, transport: Transport, peer: 
         ),
     ));
     let _ = frontend::reject(Failure { stream, error: err }).await;
-    info!(client = %peer, reason = "too_many_clients", "client rejected");
+    info!(client = %peer, reason = %"too_many_clients", "client rejected");
 }

@@ -135,15 +135,17 @@ impl Half {
     }
 }
 
-/// Relays until one side ends the session. The tracker watches the
-/// backend-to-client stream so the caller knows whether it stopped at a
-/// message boundary.
+/// Relays until one side ends the session. Trackers watch message headers
+/// in both directions: downstream, so the caller knows whether the client
+/// stream stopped at a message boundary; upstream, to tell a client's
+/// Terminate from a backend hanging up.
 pub struct Relay<'a, C: ?Sized, B: ?Sized> {
     client: &'a mut C,
     backend: &'a mut B,
     up: Half,
     down: Half,
-    pub tracker: BoundaryTracker,
+    pub downstream: BoundaryTracker,
+    pub upstream: BoundaryTracker,
 }
 
 impl<'a, C, B> Relay<'a, C, B>
@@ -151,13 +153,14 @@ where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    pub fn new(client: &'a mut C, backend: &'a mut B, tracker: BoundaryTracker) -> Self {
+    pub fn new(client: &'a mut C, backend: &'a mut B) -> Self {
         Self {
             client,
             backend,
             up: Half::new(),
             down: Half::new(),
-            tracker,
+            downstream: BoundaryTracker::default(),
+            upstream: BoundaryTracker::default(),
         }
     }
 
@@ -184,10 +187,14 @@ where
                 cx,
                 Pin::new(&mut *this.backend),
                 Pin::new(&mut *this.client),
-                Some(&mut this.tracker),
+                Some(&mut this.downstream),
             ) {
                 // The server closing ends the session, whatever the client
-                // still has in flight: PostgreSQL never half-closes.
+                // still has in flight: PostgreSQL never half-closes. After a
+                // Terminate that is the normal end of a client's session.
+                Poll::Ready(Ok(())) if this.upstream.last_tag() == b'X' => {
+                    return Poll::Ready(RelayEnd::ClientClosed)
+                }
                 Poll::Ready(Ok(())) => return Poll::Ready(RelayEnd::BackendClosed),
                 Poll::Ready(Err(Fault::Read(e))) => return Poll::Ready(RelayEnd::BackendError(e)),
                 Poll::Ready(Err(Fault::Write(e))) => return Poll::Ready(RelayEnd::ClientError(e)),
@@ -199,7 +206,7 @@ where
                 cx,
                 Pin::new(&mut *this.client),
                 Pin::new(&mut *this.backend),
-                None,
+                Some(&mut this.upstream),
             ) {
                 // Client EOF: the backend's write side is shut; keep relaying
                 // the backend's last words until it closes too.

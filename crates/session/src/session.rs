@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use dsql_proxy_credentials::{CredentialError, CredentialRequest};
-use dsql_proxy_protocol::relay::BoundaryTracker;
 use dsql_proxy_protocol::{messages, sqlstate, PgError, StartupMessage};
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, warn};
@@ -36,7 +35,7 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
                     debug!(client = %peer, error = %err, "client left during startup")
                 }
                 _ => {
-                    info!(client = %peer, reason = err.reason(), error = %err, "client rejected during startup")
+                    info!(client = %peer, reason = %err.reason(), error = %err, "client rejected during startup")
                 }
             }
             return;
@@ -88,7 +87,7 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
         Err(err) => {
             warn!(
                 client = %peer, %user, %database, endpoint = %endpoint.name,
-                reason = err.reason(), error = %err, "backend connection failed"
+                reason = %err.reason(), error = %err, "backend connection failed"
             );
             let _ = frontend::reject(frontend::Failure {
                 stream: Some(stream),
@@ -144,7 +143,7 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
     }
     drop(buf);
 
-    let mut relay = Relay::new(&mut stream, &mut backend_stream, BoundaryTracker::default());
+    let mut relay = Relay::new(&mut stream, &mut backend_stream);
     let end = (&mut relay).await;
     let stats = relay.stats();
     let _ = stream.shutdown().await;
@@ -156,7 +155,7 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
         duration_ms = started.elapsed().as_millis() as u64,
         bytes_from_client = stats.client_to_backend,
         bytes_to_client = stats.backend_to_client,
-        reason = end.reason(),
+        reason = %end.reason(),
         "session closed"
     );
 }

@@ -1,0 +1,171 @@
+//! Authentication on both legs: what the proxy answers to the backend
+//! (cleartext, MD5, SCRAM; configured or passed-through password) and what
+//! it asks of local clients (trust, SCRAM-SHA-256).
+
+use dsql_proxy_tests::{
+    AuthMethod, PgOptions, ProxyOptions, Stack, APP_DB, APP_PASSWORD, APP_USER, MD5_PASSWORD,
+    MD5_USER,
+};
+
+fn pg(auth: AuthMethod) -> PgOptions {
+    PgOptions {
+        tls: true,
+        auth,
+        ..PgOptions::default()
+    }
+}
+
+async fn current_user(stack: &Stack, user: &str) -> String {
+    let client = stack.connect(user, APP_DB).await;
+    client
+        .query_one("select current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_scram_md5_and_cleartext_challenges() {
+    let scram = Stack::start_with(pg(AuthMethod::ScramSha256), ProxyOptions::default());
+    assert_eq!(current_user(&scram, APP_USER).await, APP_USER);
+
+    let md5 = Stack::start_with(
+        pg(AuthMethod::Md5),
+        ProxyOptions {
+            password: Some(MD5_PASSWORD.into()),
+            ..ProxyOptions::default()
+        },
+    );
+    assert_eq!(current_user(&md5, MD5_USER).await, MD5_USER);
+
+    let cleartext = Stack::start_with(pg(AuthMethod::Password), ProxyOptions::default());
+    assert_eq!(current_user(&cleartext, APP_USER).await, APP_USER);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_auth_failure_passes_the_server_error_through() {
+    let stack = Stack::start_with(
+        pg(AuthMethod::ScramSha256),
+        ProxyOptions {
+            password: Some("wrong-password".into()),
+            ..ProxyOptions::default()
+        },
+    );
+    let err = dsql_proxy_tests::connect_with(&stack.client_config(APP_USER, APP_DB), None)
+        .await
+        .expect_err("wrong backend password must fail");
+    let db = err
+        .as_db_error()
+        .expect("an ErrorResponse, not a bare close");
+    assert_eq!(db.code().code(), "28P01");
+    assert!(
+        db.message().contains("password authentication failed"),
+        "{db:?}"
+    );
+    assert_eq!(db.severity(), "FATAL");
+    let logs = stack.proxy.logs();
+    assert!(
+        !logs.contains("wrong-password"),
+        "password leaked into the log:\n{logs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_forwards_the_client_password() {
+    let stack = Stack::start_with(
+        pg(AuthMethod::ScramSha256),
+        ProxyOptions {
+            auth: "passthrough",
+            password: None,
+            ..ProxyOptions::default()
+        },
+    );
+    let mut cfg = stack.client_config(APP_USER, APP_DB);
+    cfg.password(APP_PASSWORD);
+    let client = dsql_proxy_tests::connect_with(&cfg, None).await.unwrap();
+    let user: String = client
+        .query_one("select current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(user, APP_USER);
+
+    cfg.password("not-the-password");
+    let err = dsql_proxy_tests::connect_with(&cfg, None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.as_db_error().map(|e| e.code().code()),
+        Some("28P01"),
+        "{err:?}"
+    );
+
+    // No password at all: libpq-style clients are asked and must answer.
+    let no_pw = stack.client_config(APP_USER, APP_DB);
+    let err = dsql_proxy_tests::connect_with(&no_pw, None)
+        .await
+        .unwrap_err();
+    assert!(format!("{err:?}").contains("password"), "{err:?}");
+    let out = stack
+        .psql(APP_USER, APP_DB)
+        .args(["-c", "select 1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no password supplied"),
+        "{out:?}"
+    );
+    let logs = stack.proxy.logs();
+    assert!(
+        !logs.contains(APP_PASSWORD) && !logs.contains("not-the-password"),
+        "{logs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_scram_protects_the_listener() {
+    let stack = Stack::start_with(
+        pg(AuthMethod::ScramSha256),
+        ProxyOptions {
+            listen_extra: vec![
+                "auth = \"scram-sha-256\"".into(),
+                "password = \"local-secret\"".into(),
+            ],
+            ..ProxyOptions::default()
+        },
+    );
+    let mut cfg = stack.client_config(APP_USER, APP_DB);
+    cfg.password("local-secret");
+    let client = dsql_proxy_tests::connect_with(&cfg, None).await.unwrap();
+    assert_eq!(
+        client
+            .query_one("select 1", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        1
+    );
+
+    cfg.password("guess");
+    let err = dsql_proxy_tests::connect_with(&cfg, None)
+        .await
+        .unwrap_err();
+    let db = err.as_db_error().expect("ErrorResponse");
+    assert_eq!(db.code().code(), "28P01");
+
+    // psql, too, with the password from the environment.
+    let out = stack
+        .psql(APP_USER, APP_DB)
+        .env("PGPASSWORD", "local-secret")
+        .args(["-qAt", "-c", "select 'psql-ok'"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "psql-ok",
+        "{out:?}"
+    );
+    let logs = stack.proxy.logs();
+    assert!(!logs.contains("local-secret"), "{logs}");
+}

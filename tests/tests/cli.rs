@@ -1,0 +1,169 @@
+//! The binary: `check`, configuration errors, missing credentials, logs and
+//! signals.
+
+use std::time::Duration;
+
+use dsql_proxy_tests::process::{SIGHUP, SIGTERM};
+use dsql_proxy_tests::{free_addr, run_proxy_cmd, ProxyProcess, Stack, APP_DB, APP_USER};
+
+fn write_config(text: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path.display().to_string())
+}
+
+const VALID: &str = r#"
+[listen]
+address = "127.0.0.1:6543"
+[backend]
+kind = "postgres"
+auth = "password"
+password = "very-secret-value"
+tls = "require"
+[[endpoints]]
+name = "a"
+host = "db.example"
+"#;
+
+#[test]
+fn check_prints_the_resolved_config_with_secrets_redacted() {
+    let (_dir, path) = write_config(VALID);
+    let out = run_proxy_cmd(&["check", "--config", &path]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("address = \"127.0.0.1:6543\""), "{stdout}");
+    assert!(
+        stdout.contains("connect_timeout = \"5s\""),
+        "defaults shown: {stdout}"
+    );
+    assert!(stdout.contains("<redacted>"), "{stdout}");
+    assert!(!stdout.contains("very-secret-value"), "{stdout}");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("very-secret-value"));
+}
+
+#[test]
+fn the_shipped_proxy_toml_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../proxy.toml");
+    let out = run_proxy_cmd(&["check", "--config", path]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+#[test]
+fn config_errors_are_clear_and_name_the_line() {
+    let (_dir, path) = write_config(&VALID.replace(
+        "tls = \"require\"",
+        "tls = \"require\"\nconect_timeout = \"1s\"",
+    ));
+    let out = run_proxy_cmd(&["check", "--config", &path]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("line 9") && stderr.contains("conect_timeout"),
+        "{stderr}"
+    );
+
+    let (_dir, path) = write_config(
+        &VALID
+            .replace("\"5s\"", "\"x\"")
+            .replace("tls = \"require\"", "tls = \"sometimes\""),
+    );
+    let out = run_proxy_cmd(&["check", "--config", &path]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sometimes"));
+
+    let out = run_proxy_cmd(&["check", "--config", "/nonexistent/proxy.toml"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/proxy.toml"));
+
+    // Environment overrides go through the same validation.
+    let (_dir, path) = write_config(VALID);
+    let out = std::process::Command::new(dsql_proxy_tests::proxy_binary())
+        .args(["check", "--config", &path])
+        .env("DSQL_PROXY__BACKEND__TLS", "disable")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("tls = \"disable\""));
+}
+
+#[test]
+fn missing_credentials_stop_startup_with_a_clear_message() {
+    let text = VALID.replace(
+        "password = \"very-secret-value\"",
+        "password_env = \"DSQL_PROXY_TEST_UNSET_PASSWORD\"",
+    );
+    let mut proxy = ProxyProcess::spawn(&text);
+    let status = proxy.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert!(!status.success());
+    let logs = proxy.logs();
+    assert!(
+        logs.contains("DSQL_PROXY_TEST_UNSET_PASSWORD is not set"),
+        "{logs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_logged_once_at_close_and_sigterm_exits_zero() {
+    let mut stack = Stack::start();
+    let client = stack.connect(APP_USER, APP_DB).await;
+    client.simple_query("select 1").await.unwrap();
+    drop(client);
+    assert!(
+        stack
+            .proxy
+            .wait_for_log("session closed", Duration::from_secs(10)),
+        "{}",
+        stack.proxy.logs()
+    );
+    let logs = stack.proxy.logs();
+    let line = logs.lines().find(|l| l.contains("session closed")).unwrap();
+    for field in [
+        "client=127.0.0.1:",
+        "user=app",
+        "database=appdb",
+        "endpoint=local-1",
+        "duration_ms=",
+        "bytes_from_client=",
+        "bytes_to_client=",
+        "reason=client_closed",
+    ] {
+        assert!(line.contains(field), "{field} missing from {line}");
+    }
+    assert!(!logs.contains("app-secret"), "password in logs");
+
+    // SIGHUP does not kill the process.
+    stack.proxy.send_signal(SIGHUP);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stack.connect(APP_USER, APP_DB).await;
+
+    stack.proxy.send_signal(SIGTERM);
+    let status = stack
+        .proxy
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits on SIGTERM");
+    assert!(status.success(), "{status:?}");
+}
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let listen = free_addr();
+    let text = VALID.replace("127.0.0.1:6543", &listen.to_string());
+    let mut proxy = ProxyProcess::spawn_with_args(&text, &["--log-format", "json"]);
+    proxy.wait_ready(listen, Duration::from_secs(20));
+    proxy.send_signal(SIGTERM);
+    proxy.wait_exit(Duration::from_secs(10)).expect("exits");
+    let logs = proxy.logs();
+    let lines: Vec<&str> = logs.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty());
+    for line in lines {
+        assert!(
+            line.starts_with('{') && line.ends_with('}'),
+            "not JSON: {line}"
+        );
+    }
+    assert!(
+        logs.contains("\"message\":\"dsql-proxy listening\""),
+        "{logs}"
+    );
+}
