@@ -63,7 +63,7 @@ fn nonce() -> String {
     B64.encode(raw)
 }
 
-fn attr<'a>(part: Option<&'a str>, name: char) -> Result<&'a str, ProtocolError> {
+fn attr(part: Option<&str>, name: char) -> Result<&str, ProtocolError> {
     part.and_then(|p| p.strip_prefix(name))
         .and_then(|p| p.strip_prefix('='))
         .ok_or(ProtocolError::Scram("unexpected SCRAM message format"))

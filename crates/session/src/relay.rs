@@ -239,11 +239,7 @@ mod tests {
         let (mut client_app, mut client_proxy) = duplex(64);
         let (mut backend_proxy, mut backend_server) = duplex(64);
         let relay = tokio::spawn(async move {
-            let mut relay = Relay::new(
-                &mut client_proxy,
-                &mut backend_proxy,
-                BoundaryTracker::default(),
-            );
+            let mut relay = Relay::new(&mut client_proxy, &mut backend_proxy);
             let end = (&mut relay).await;
             (end.reason(), relay.stats())
         });
@@ -277,13 +273,9 @@ mod tests {
         let (client_app, mut client_proxy) = duplex(64);
         let (mut backend_proxy, mut backend_server) = duplex(64);
         let relay = tokio::spawn(async move {
-            Relay::new(
-                &mut client_proxy,
-                &mut backend_proxy,
-                BoundaryTracker::default(),
-            )
-            .await
-            .reason()
+            Relay::new(&mut client_proxy, &mut backend_proxy)
+                .await
+                .reason()
         });
         drop(client_app);
         let mut rest = Vec::new();

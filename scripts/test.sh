@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The project's one test command (README "Quick start"; CI runs exactly this).
+# Installs what the tests need when it is missing, then runs formatting and
+# lint checks and every unit and integration test. Integration tests start
+# their own throwaway PostgreSQL servers, so a PostgreSQL server install
+# (initdb, pg_ctl, postgres) plus psql and pgbench must be present.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+have_server() {
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null
+}
+
+if ! have_server || ! command -v psql >/dev/null || ! command -v pgbench >/dev/null || ! command -v openssl >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "==> installing PostgreSQL server and clients (apt-get)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # policy-rc.d keeps the package from starting its own cluster on 5432.
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    apt-get install -y -qq --no-install-recommends postgresql postgresql-contrib openssl >/dev/null
+    rm -f /usr/sbin/policy-rc.d
+  else
+    echo "PostgreSQL server binaries (initdb, pg_ctl, postgres), psql and pgbench are required:" >&2
+    echo "  Debian/Ubuntu: sudo apt-get install -y postgresql postgresql-contrib" >&2
+    exit 1
+  fi
+fi
+# initdb refuses to run as root; the tests run servers as this user.
+if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
+  useradd --system --user-group --home-dir /var/lib/postgresql --shell /bin/sh postgres
+fi
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "==> cargo test"
+# Servers and proxies are real processes; two test threads suit 2-core CI.
+cargo test --workspace --locked -- --test-threads "${TEST_THREADS:-2}"
