@@ -191,8 +191,9 @@ where
             ) {
                 // The server closing ends the session, whatever the client
                 // still has in flight: PostgreSQL never half-closes. After a
-                // Terminate that is the normal end of a client's session.
-                Poll::Ready(Ok(())) if this.upstream.last_tag() == b'X' => {
+                // Terminate, or the client's own EOF, that is the normal end
+                // of a client's session.
+                Poll::Ready(Ok(())) if this.up.done || this.upstream.last_tag() == b'X' => {
                     return Poll::Ready(RelayEnd::ClientClosed)
                 }
                 Poll::Ready(Ok(())) => return Poll::Ready(RelayEnd::BackendClosed),
