@@ -2,7 +2,7 @@
 //! message types where they fit.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use pgwire::messages::response::{ErrorResponse, ReadyForQuery, TransactionStatus};
+use pgwire::messages::response::{ErrorResponse, NoticeResponse, ReadyForQuery, TransactionStatus};
 use pgwire::messages::startup::{
     Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, Password,
     SASLInitialResponse, SASLResponse, SecretKey,
@@ -119,8 +119,18 @@ pub fn backend_key_data(buf: &mut BytesMut, key: &CancelKey) {
     let secret = SecretKey::Bytes(key.secret.clone());
     encode_pgwire(&BackendKeyData::new(key.pid, secret), buf);
 }
-pub fn ready_for_query_idle(buf: &mut BytesMut) {
-    encode_pgwire(&ReadyForQuery::new(TransactionStatus::Idle), buf);
+/// ReadyForQuery with the backend's transaction status (`I`, `T`, `E`).
+pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
+    let status = match status {
+        b'T' => TransactionStatus::Transaction,
+        b'E' => TransactionStatus::Error,
+        _ => TransactionStatus::Idle,
+    };
+    encode_pgwire(&ReadyForQuery::new(status), buf);
+}
+/// A NoticeResponse with the given fields (replaying a backend's notice).
+pub fn notice(buf: &mut BytesMut, fields: &[(u8, String)]) {
+    encode_pgwire(&NoticeResponse::new(fields.to_vec()), buf);
 }
 /// Tells a client which version it gets and which `_pq_.` options it does not.
 pub fn negotiate_protocol_version(

@@ -124,16 +124,12 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
         messages::parameter_status(&mut buf, name, value);
     }
     for notice in &notices {
-        let msg = pgwire::messages::response::NoticeResponse::new(notice.fields.clone());
-        let mark = buf.len();
-        if pgwire::messages::Message::encode(&msg, &mut buf).is_err() {
-            buf.truncate(mark);
-        }
+        messages::notice(&mut buf, &notice.fields);
     }
     if let Some(k) = &client_key {
         messages::backend_key_data(&mut buf, &k.0);
     }
-    buf.extend_from_slice(&[b'Z', 0, 0, 0, 5, ready_status]);
+    messages::ready_for_query(&mut buf, ready_status);
     if let Err(e) = send(&mut stream, &buf).await {
         debug!(client = %peer, error = %e, "client left before the session started");
         let mut terminate = BytesMut::new();
