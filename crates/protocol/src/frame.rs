@@ -56,8 +56,8 @@ pub fn split_message(
     Ok(Some(RawMessage { tag, body }))
 }
 
-/// Reads a NUL-terminated string from the front of `buf`.
-pub fn take_cstr<'a>(buf: &mut &'a [u8], what: &'static str) -> Result<&'a str, ProtocolError> {
+/// Reads NUL-terminated bytes from the front of `buf`.
+pub fn take_cbytes<'a>(buf: &mut &'a [u8], what: &'static str) -> Result<&'a [u8], ProtocolError> {
     let nul = buf
         .iter()
         .position(|b| *b == 0)
@@ -65,8 +65,17 @@ pub fn take_cstr<'a>(buf: &mut &'a [u8], what: &'static str) -> Result<&'a str, 
             what,
             why: "string is not NUL-terminated",
         })?;
-    let s = std::str::from_utf8(&buf[..nul]).map_err(|_| ProtocolError::InvalidUtf8(what))?;
+    let s = &buf[..nul];
     *buf = &buf[nul + 1..];
+    Ok(s)
+}
+
+/// Reads a NUL-terminated UTF-8 string from the front of `buf`.
+pub fn take_cstr<'a>(buf: &mut &'a [u8], what: &'static str) -> Result<&'a str, ProtocolError> {
+    let mut probe = *buf;
+    let bytes = take_cbytes(&mut probe, what)?;
+    let s = std::str::from_utf8(bytes).map_err(|_| ProtocolError::InvalidUtf8(what))?;
+    *buf = probe;
     Ok(s)
 }
 

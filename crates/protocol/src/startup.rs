@@ -4,7 +4,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use subtle::ConstantTimeEq;
 
-use crate::frame::take_cstr;
+use crate::frame::{take_cbytes, take_cstr};
 use crate::ProtocolError;
 
 /// PostgreSQL's MAX_STARTUP_PACKET_LENGTH.
@@ -100,23 +100,43 @@ impl std::fmt::Debug for CancelKey {
     }
 }
 
+/// One startup parameter. Values are bytes: PostgreSQL accepts any
+/// encoding there (old clients send Latin-1), and the proxy forwards them
+/// untouched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartupParam {
+    pub name: String,
+    pub value: Vec<u8>,
+}
+
+impl StartupParam {
+    pub fn new(name: impl Into<String>, value: impl Into<Vec<u8>>) -> Self {
+        Self {
+            name: name.into(),
+            value: value.into(),
+        }
+    }
+}
+
 /// A parsed StartupMessage.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StartupMessage {
     /// The version the client asked for.
     pub requested: ProtocolVersion,
     /// Parameters in the order the client sent them, `_pq_.` options removed.
-    pub params: Vec<(String, String)>,
+    pub params: Vec<StartupParam>,
     /// `_pq_.` protocol options the client asked for; the proxy supports none.
     pub protocol_options: Vec<String>,
 }
 
 impl StartupMessage {
-    pub fn param(&self, name: &str) -> Option<&str> {
+    /// A parameter's value as text (invalid UTF-8 replaced), for logs and
+    /// decisions; forwarding uses the raw bytes.
+    pub fn param(&self, name: &str) -> Option<std::borrow::Cow<'_, str>> {
         self.params
             .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+            .find(|p| p.name == name)
+            .map(|p| String::from_utf8_lossy(&p.value))
     }
 
     /// Whether the client must be told about a version or option it asked
@@ -204,11 +224,11 @@ fn parse_startup(
                 "parameter name without a value",
             ));
         }
-        let value = take_cstr(&mut rest, "startup packet")?;
+        let value = take_cbytes(&mut rest, "startup packet")?;
         if name.starts_with("_pq_.") {
             protocol_options.push(name.to_owned());
         } else {
-            params.push((name.to_owned(), value.to_owned()));
+            params.push(StartupParam::new(name, value));
         }
     }
     if !rest.is_empty() {
@@ -230,14 +250,14 @@ pub fn encode_ssl_request(buf: &mut BytesMut) {
 }
 
 /// Encodes a 3.0 StartupMessage with the given parameters, in order.
-pub fn encode_startup(buf: &mut BytesMut, params: &[(String, String)]) {
+pub fn encode_startup(buf: &mut BytesMut, params: &[StartupParam]) {
     let start = buf.len();
     buf.put_u32(0);
     buf.put_u32(ProtocolVersion::V3_0.0);
-    for (k, v) in params {
-        buf.put_slice(k.as_bytes());
+    for p in params {
+        buf.put_slice(p.name.as_bytes());
         buf.put_u8(0);
-        buf.put_slice(v.as_bytes());
+        buf.put_slice(&p.value);
         buf.put_u8(0);
     }
     buf.put_u8(0);
@@ -286,8 +306,8 @@ mod tests {
         let InitialPacket::Startup(m) = parse_initial_packet(&body).unwrap() else {
             panic!()
         };
-        assert_eq!(m.param("user"), Some("alice"));
-        assert_eq!(m.param("database"), Some("db"));
+        assert_eq!(m.param("user").as_deref(), Some("alice"));
+        assert_eq!(m.param("database").as_deref(), Some("db"));
         assert_eq!(m.protocol_options, vec!["_pq_.foo".to_string()]);
         assert_eq!(m.requested.negotiated(), ProtocolVersion::V3_2);
         assert!(m.needs_negotiation());
@@ -314,8 +334,24 @@ mod tests {
     }
 
     #[test]
+    fn non_utf8_values_are_kept_as_bytes() {
+        let body = packet(
+            ProtocolVersion::V3_0.0,
+            b"user\0u\0application_name\0h\xe9llo\0\0",
+        );
+        let InitialPacket::Startup(m) = parse_initial_packet(&body).unwrap() else {
+            panic!()
+        };
+        assert_eq!(m.params[1].value, b"h\xe9llo");
+        assert_eq!(m.param("application_name").as_deref(), Some("h\u{fffd}llo"));
+    }
+
+    #[test]
     fn startup_round_trips() {
-        let params = vec![("user".to_string(), "u".to_string())];
+        let params = vec![
+            StartupParam::new("user", "u"),
+            StartupParam::new("x", &b"\xff"[..]),
+        ];
         let mut buf = BytesMut::new();
         encode_startup(&mut buf, &params);
         let len = packet_body_len([buf[0], buf[1], buf[2], buf[3]]).unwrap();

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use dsql_proxy_credentials::{CredentialError, CredentialRequest};
+use dsql_proxy_protocol::startup::StartupParam;
 use dsql_proxy_protocol::{messages, sqlstate, PgError, StartupMessage};
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, warn};
@@ -47,8 +48,11 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
         version,
         password,
     } = *hello;
-    let user = startup.param("user").unwrap_or_default().to_owned();
-    let database = startup.param("database").unwrap_or(&user).to_owned();
+    let user = startup.param("user").unwrap_or_default().into_owned();
+    let database = startup
+        .param("database")
+        .map(|d| d.into_owned())
+        .unwrap_or_else(|| user.clone());
 
     let endpoint = match ctx.router.route() {
         Ok(e) => e,
@@ -168,25 +172,25 @@ fn credential_error(e: CredentialError) -> SessionError {
 
 /// The startup parameters forwarded to the backend: the client's, minus the
 /// drop list, plus a default application_name.
-fn backend_parameters(startup: &StartupMessage, ctx: &ProxyContext) -> Vec<(String, String)> {
-    let mut params: Vec<(String, String)> = startup
+fn backend_parameters(startup: &StartupMessage, ctx: &ProxyContext) -> Vec<StartupParam> {
+    let mut params: Vec<StartupParam> = startup
         .params
         .iter()
-        .filter(|(k, _)| {
+        .filter(|p| {
             !ctx.drop_parameters
                 .iter()
-                .any(|d| d.eq_ignore_ascii_case(k))
+                .any(|d| d.eq_ignore_ascii_case(&p.name))
         })
         .cloned()
         .collect();
     let has_app_name = params
         .iter()
-        .any(|(k, v)| k == "application_name" && !v.is_empty());
+        .any(|p| p.name == "application_name" && !p.value.is_empty());
     if !has_app_name && !ctx.default_application_name.is_empty() {
-        params.retain(|(k, _)| k != "application_name");
-        params.push((
-            "application_name".into(),
-            ctx.default_application_name.clone(),
+        params.retain(|p| p.name != "application_name");
+        params.push(StartupParam::new(
+            "application_name",
+            ctx.default_application_name.as_bytes(),
         ));
     }
     params

@@ -2,6 +2,7 @@ use bytes::{Bytes, BytesMut};
 use dsql_proxy_config::Secret;
 use dsql_proxy_protocol::backend::{self, AuthRequest, BackendMessage, MAX_STARTUP_PHASE_BODY};
 use dsql_proxy_protocol::scram::{self, ScramClient};
+use dsql_proxy_protocol::startup::StartupParam;
 use dsql_proxy_protocol::{md5, messages, startup, ProtocolError};
 use dsql_proxy_routing::Endpoint;
 
@@ -70,7 +71,7 @@ async fn write(
 pub(super) async fn start_session(
     endpoint: &Endpoint,
     mut stream: BackendStream,
-    params: &[(String, String)],
+    params: &[StartupParam],
     user: &str,
     password: Option<&Secret>,
 ) -> Result<BackendSession, SessionError> {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use dsql_proxy_config::Secret;
 use dsql_proxy_protocol::backend::ErrorFields;
-use dsql_proxy_protocol::startup;
+use dsql_proxy_protocol::startup::{self, StartupParam};
 use dsql_proxy_routing::Endpoint;
 use rustls::ClientConfig;
 use socket2::{SockRef, TcpKeepalive};
@@ -122,7 +122,7 @@ pub async fn dial(
 pub async fn connect(
     endpoint: &Endpoint,
     settings: &BackendSettings,
-    params: &[(String, String)],
+    params: &[StartupParam],
     user: &str,
     password: Option<&Secret>,
 ) -> Result<BackendSession, SessionError> {

@@ -120,6 +120,9 @@ pub async fn open(
     } else {
         (ClientStream::Plain(transport), Some(first[0]))
     };
+    // PostgreSQL answers each encryption request once; a repeat is no
+    // longer a negotiation but a bogus protocol version.
+    let mut ssl_answered = false;
     let mut gss_answered = false;
     loop {
         let packet = match deadline
@@ -131,7 +134,8 @@ pub async fn open(
             Err(e) => return Err(fail(Some(stream), e)),
         };
         match packet {
-            InitialPacket::SslRequest if !stream.is_tls() => {
+            InitialPacket::SslRequest if !stream.is_tls() && !ssl_answered => {
+                ssl_answered = true;
                 let Some(acceptor) = &settings.tls else {
                     // No local TLS: the client may continue in plaintext.
                     if let Err(e) = deadline.run(send(&mut stream, b"N")).await {
@@ -161,7 +165,7 @@ pub async fn open(
             InitialPacket::SslRequest | InitialPacket::GssEncRequest => {
                 let err = PgError::fatal(
                     sqlstate::PROTOCOL_VIOLATION,
-                    "unexpected encryption request: encryption was already negotiated",
+                    "unexpected encryption request: encryption was already negotiated or refused",
                 );
                 return Err(fail(Some(stream), SessionError::Rejected(err)));
             }
@@ -222,7 +226,7 @@ async fn finish_startup(
         );
         return Err(fail(Some(stream), SessionError::Rejected(err)));
     };
-    let user = user.to_owned();
+    let user = user.into_owned();
     let version = startup.requested.negotiated();
     if startup.needs_negotiation() {
         let mut buf = BytesMut::new();
