@@ -8,6 +8,7 @@
 //! root; PostgreSQL refuses to run as root, so server processes are started
 //! as the `postgres` OS user in that case.
 
+pub mod emulator;
 pub mod fixture;
 pub mod net;
 pub mod pg;
@@ -16,6 +17,7 @@ pub mod process;
 pub mod proxy;
 pub mod wire;
 
+pub use emulator::{emulator_binary, EmulatorOptions, EmulatorProcess};
 pub use fixture::{proxy_toml, ProxyOptions, Stack};
 pub use net::{free_addr, free_port, wait_for_port};
 pub use pg::{

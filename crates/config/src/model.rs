@@ -134,9 +134,12 @@ pub struct BackendConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
     pub connect_timeout: DurationStr,
+    /// Lifetime of IAM tokens (`dsql-iam`: up to 7 days; `rds-iam`: up to 15m).
+    pub token_expires_in: DurationStr,
     /// TCP keepalive idle time on backend connections.
     pub keepalive: DurationStr,
-    /// Startup parameters never forwarded to the backend.
+    /// Startup parameters never forwarded to the backend (added to
+    /// [`DSQL_REFUSED_PARAMETERS`] for `kind = "dsql"`).
     pub drop_parameters: Vec<String>,
     /// `application_name` sent when the client sent none.
     pub default_application_name: String,
@@ -153,6 +156,7 @@ impl Default for BackendConfig {
             tls: TlsMode::VerifyFull,
             ca_file: None,
             connect_timeout: DurationStr::from_secs(5),
+            token_expires_in: DurationStr::from_secs(15 * 60),
             keepalive: DurationStr::from_secs(30),
             drop_parameters: Vec::new(),
             default_application_name: "dsql-proxy".to_owned(),
@@ -177,6 +181,25 @@ pub struct EndpointConfig {
     /// Lower is preferred.
     #[serde(default = "default_priority")]
     pub priority: u32,
+}
+
+/// Startup parameters Aurora DSQL refuses; never forwarded to a DSQL
+/// endpoint so clients that set them (some drivers do) still connect.
+pub const DSQL_REFUSED_PARAMETERS: &[&str] = &["default_transaction_read_only"];
+
+impl BackendConfig {
+    /// The configured drop list plus the kind's own.
+    pub fn effective_drop_parameters(&self) -> Vec<String> {
+        let mut list = self.drop_parameters.clone();
+        if self.kind == BackendKind::Dsql {
+            for p in DSQL_REFUSED_PARAMETERS {
+                if !list.iter().any(|d| d.eq_ignore_ascii_case(p)) {
+                    list.push((*p).to_owned());
+                }
+            }
+        }
+        list
+    }
 }
 
 fn default_port() -> u16 {
@@ -274,6 +297,18 @@ impl Config {
                  so [listen] auth must stay \"trust\""
                     .into(),
             );
+        }
+        let token_life = self.backend.token_expires_in.get();
+        let max_life = match self.backend.auth {
+            BackendAuth::RdsIam => std::time::Duration::from_secs(15 * 60),
+            _ => std::time::Duration::from_secs(7 * 24 * 3600),
+        };
+        if token_life < std::time::Duration::from_secs(1) || token_life > max_life {
+            return invalid(format!(
+                "[backend] token_expires_in must be between 1s and {} for auth = {:?}",
+                crate::DurationStr(max_life),
+                self.backend.auth
+            ));
         }
         if self.backend.kind == BackendKind::Dsql && self.backend.tls != TlsMode::VerifyFull {
             return invalid(

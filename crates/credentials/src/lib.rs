@@ -9,6 +9,10 @@ use std::sync::Arc;
 use dsql_proxy_config::{BackendAuth, Config, PasswordSource, Secret};
 use thiserror::Error;
 
+pub mod iam;
+
+pub use iam::{IamTokens, TokenFlavor};
+
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum CredentialError {
     /// The configured secret cannot be read (unset variable, missing file).
@@ -17,8 +21,14 @@ pub enum CredentialError {
     /// Passthrough needs the client's password and the client sent none.
     #[error("the client did not supply a password to pass through")]
     MissingClientPassword,
-    #[error("backend auth = {0:?} is not available in this build")]
-    Unsupported(BackendAuth),
+    /// No usable AWS credentials: none found, expired, or misconfigured.
+    #[error("{0}")]
+    NoAwsCredentials(String),
+    /// The credentials provider (STS, SSO, metadata service) failed.
+    #[error("{0}")]
+    AwsProvider(String),
+    #[error("cannot sign an IAM token: {0}")]
+    Signing(String),
 }
 
 /// Who the proxy is about to authenticate as, and where.
@@ -91,8 +101,10 @@ impl CredentialSource for Passthrough {
 
 /// Builds the source `[backend] auth` names. A password source is checked
 /// once here so a missing variable or file fails at startup, not on the
-/// first client.
-pub fn from_config(config: &Config) -> Result<Arc<dyn CredentialSource>, CredentialError> {
+/// first client. IAM sources load the AWS SDK's default configuration
+/// (region, credentials chain); credentials themselves are fetched lazily,
+/// so a proxy can start before its credentials are available.
+pub async fn from_config(config: &Config) -> Result<Arc<dyn CredentialSource>, CredentialError> {
     match config.backend.auth {
         BackendAuth::Password => {
             let source = config
@@ -103,8 +115,18 @@ pub fn from_config(config: &Config) -> Result<Arc<dyn CredentialSource>, Credent
             Ok(Arc::new(StaticPassword::new(source)))
         }
         BackendAuth::Passthrough => Ok(Arc::new(Passthrough)),
-        other @ (BackendAuth::DsqlIam | BackendAuth::RdsIam) => {
-            Err(CredentialError::Unsupported(other))
+        auth @ (BackendAuth::DsqlIam | BackendAuth::RdsIam) => {
+            let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+            let flavor = if auth == BackendAuth::DsqlIam {
+                TokenFlavor::Dsql
+            } else {
+                TokenFlavor::Rds
+            };
+            Ok(Arc::new(IamTokens::new(
+                flavor,
+                sdk,
+                config.backend.token_expires_in.get(),
+            )))
         }
     }
 }

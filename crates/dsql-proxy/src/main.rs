@@ -135,6 +135,7 @@ fn run(cli: &Cli) -> Result<()> {
 
 async fn serve(config: Config) -> Result<()> {
     let credentials = dsql_proxy_credentials::from_config(&config)
+        .await
         .context("cannot set up backend credentials")?;
     let router = Arc::new(TableRouter::new(RoutingTable::from_configs(
         &config.endpoints,

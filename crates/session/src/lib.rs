@@ -102,7 +102,7 @@ impl ProxyContext {
             backend,
             startup_timeout: listen.startup_timeout.get(),
             max_client_connections: listen.max_client_connections as usize,
-            drop_parameters: config.backend.drop_parameters.clone(),
+            drop_parameters: config.backend.effective_drop_parameters(),
             default_application_name: config.backend.default_application_name.clone(),
             router,
             credentials,

@@ -79,9 +79,22 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
             user: &user,
             client_password: password.as_ref(),
         };
-        let secret = match ctx.credentials.password(request).await {
-            Ok(s) => Some(s),
-            Err(e) => return Err(credential_error(e)),
+        // Credential providers (STS, metadata) may be slow or down: the
+        // client hears about it within connect_timeout either way.
+        let secret = match tokio::time::timeout(
+            ctx.backend.connect_timeout,
+            ctx.credentials.password(request),
+        )
+        .await
+        {
+            Ok(Ok(s)) => Some(s),
+            Ok(Err(e)) => return Err(credential_error(e)),
+            Err(_) => {
+                return Err(credential_error(CredentialError::AwsProvider(format!(
+                    "no credentials within connect_timeout ({:?})",
+                    ctx.backend.connect_timeout
+                ))))
+            }
         };
         let params = backend_parameters(&startup, &ctx);
         backend::connect(&endpoint, &ctx.backend, &params, &user, secret.as_ref()).await
@@ -89,6 +102,7 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
     let backend: BackendSession = match established.await {
         Ok(b) => b,
         Err(err) => {
+            let err = explain_limits(err);
             warn!(
                 client = %peer, %user, %database, endpoint = %endpoint.name,
                 reason = %err.reason(), error = %err, "backend connection failed"
@@ -163,11 +177,43 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
 fn credential_error(e: CredentialError) -> SessionError {
     let code = match e {
         CredentialError::MissingClientPassword => sqlstate::INVALID_PASSWORD,
-        CredentialError::Unavailable(_) | CredentialError::Unsupported(_) => {
-            sqlstate::INVALID_AUTHORIZATION
-        }
+        CredentialError::Unavailable(_)
+        | CredentialError::NoAwsCredentials(_)
+        | CredentialError::Signing(_) => sqlstate::INVALID_AUTHORIZATION,
+        // A provider outage (STS, metadata service) is a connection
+        // problem, not a wrong identity.
+        CredentialError::AwsProvider(_) => sqlstate::UNABLE_TO_CONNECT,
     };
     SessionError::Rejected(PgError::fatal(code, format!("dsql-proxy: {e}")))
+}
+
+/// Aurora DSQL answers 53300/53400 when a cluster's connection limits are
+/// hit; say so, since the bare server message does not tell an application
+/// developer what to change.
+fn explain_limits(err: SessionError) -> SessionError {
+    match err {
+        SessionError::BackendRefused {
+            endpoint,
+            mut fields,
+        } if matches!(
+            fields.code(),
+            sqlstate::TOO_MANY_CONNECTIONS | sqlstate::CONFIGURATION_LIMIT_EXCEEDED
+        ) =>
+        {
+            if fields.get(b'H').is_none() {
+                fields.fields.push((
+                    b'H',
+                    format!(
+                        "endpoint {endpoint} is over its connection limits (Aurora DSQL allows 100 new \
+                         connections per second per cluster, burst 1,000, and a maximum number of \
+                         connections); retry with backoff or use fewer connections"
+                    ),
+                ));
+            }
+            SessionError::BackendRefused { endpoint, fields }
+        }
+        other => other,
+    }
 }
 
 /// The startup parameters forwarded to the backend: the client's, minus the

@@ -1,0 +1,41 @@
+//! `dsql-emulator`: test support for `dsql-proxy`. An Aurora DSQL endpoint
+//! emulator that speaks the PostgreSQL wire protocol the way DSQL does and
+//! relays accepted sessions to a real PostgreSQL server.
+//!
+//! What it enforces, like DSQL:
+//!
+//! * TLS only: plaintext StartupMessages get FATAL `08P01`; ClientHellos
+//!   without SNI fail the handshake; PostgreSQL 17 direct TLS (ALPN
+//!   `postgresql`) works.
+//! * The password is an IAM auth token (a SigV4 presigned `DbConnect` /
+//!   `DbConnectAdmin` URL), verified with the emulator's own SigV4 code
+//!   ([`sigv4`]) against its own copy of the test credentials. Failures are
+//!   FATAL `28P01` `password authentication failed for user "ROLE"` with the
+//!   reason as DETAIL.
+//! * Refused startup parameters, a connection rate limit (`53400`), a
+//!   connection limit (`53300`) and a maximum session duration (FATAL
+//!   `57P01`, then close).
+//!
+//! Accepted sessions log in to the upstream PostgreSQL as the same role
+//! (password from [`UpstreamConfig::role_passwords`]) using
+//! `dsql-proxy-session`'s backend code, then bytes are relayed unchanged.
+//!
+//! This is a test tool: secrets are test credentials, and the token signer
+//! [`sign_token`] exists so tests can forge tokens.
+
+pub mod config;
+mod error;
+pub mod limits;
+mod server;
+pub mod sigv4;
+pub mod tls;
+
+pub use config::{
+    parse_duration, parse_pair, EmulatorConfig, RateLimit, UpstreamConfig, UpstreamTls,
+};
+pub use dsql_proxy_config::Secret;
+pub use error::{EmulatorError, TokenRejection};
+pub use server::Emulator;
+pub use sigv4::{
+    action_for_role, sign_token, TokenVerifier, VerifiedToken, ACTION_CONNECT, ACTION_CONNECT_ADMIN,
+};

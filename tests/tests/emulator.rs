@@ -1,0 +1,565 @@
+//! End-to-end tests of `dsql-emulator` on its own: a real PostgreSQL behind
+//! it, raw-socket and rustls clients in front, tokens from the emulator's
+//! own independent SigV4 signer.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use dsql_proxy_tests::emulator::{sign_token, ACCESS_KEY_ID, ACTION_CONNECT, SECRET_ACCESS_KEY};
+use dsql_proxy_tests::wire::{self, BackendMessage, ErrorFields, StartupResponse};
+use dsql_proxy_tests::{
+    connect_with, EmulatorOptions, EmulatorProcess, PgOptions, PgServer, TestPki, ADMIN_USER,
+    APP_USER,
+};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+/// Generous bound for any single exchange.
+const T: Duration = Duration::from_secs(15);
+
+fn upstream() -> PgServer {
+    PgServer::start(PgOptions {
+        tls: true,
+        ..PgOptions::default()
+    })
+}
+
+fn password_message(token: &str) -> Vec<u8> {
+    let mut body = token.as_bytes().to_vec();
+    body.push(0);
+    wire::typed(b'p', &body)
+}
+
+/// Sends a StartupMessage for `role`, answers the cleartext password
+/// request with `token`, and returns the startup response (up to
+/// ReadyForQuery) or the ErrorResponse.
+async fn login<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    role: &str,
+    token: &str,
+) -> Result<StartupResponse, ErrorFields> {
+    wire::send(stream, &wire::startup_v3(role, "postgres"))
+        .await
+        .expect("send startup");
+    let first = wire::read_message(stream, T)
+        .await
+        .expect("answer to startup");
+    if let Some(e) = first.error_fields() {
+        return Err(e);
+    }
+    assert_eq!(
+        first.auth_code(),
+        Some(3),
+        "expected AuthenticationCleartextPassword, got {first:?}"
+    );
+    wire::send(stream, &password_message(token))
+        .await
+        .expect("send password");
+    let mut messages = Vec::new();
+    loop {
+        let msg = wire::read_message(stream, T)
+            .await
+            .unwrap_or_else(|e| panic!("during startup: {e}; so far {messages:?}"));
+        if let Some(e) = msg.error_fields().filter(|_| msg.tag == b'E') {
+            return Err(e);
+        }
+        let done = msg.tag == b'Z';
+        messages.push(msg);
+        if done {
+            return Ok(StartupResponse { messages });
+        }
+    }
+}
+
+/// Like [`login`] but for an expected refusal: the FATAL's fields, and the
+/// stream must end after it.
+async fn login_refused<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    role: &str,
+    token: &str,
+) -> ErrorFields {
+    wire::send(stream, &wire::startup_v3(role, "postgres"))
+        .await
+        .expect("send startup");
+    let first = wire::read_message(stream, T)
+        .await
+        .expect("answer to startup");
+    let msgs = if first.tag == b'E' {
+        vec![first]
+    } else {
+        assert_eq!(first.auth_code(), Some(3), "{first:?}");
+        wire::send(stream, &password_message(token))
+            .await
+            .expect("send password");
+        let (msgs, _) = wire::read_to_close(stream, T).await;
+        msgs
+    };
+    fatal_then_close(stream, msgs).await
+}
+
+/// The one FATAL ErrorResponse in `msgs`, after checking the peer closed.
+async fn fatal_then_close<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    mut msgs: Vec<BackendMessage>,
+) -> ErrorFields {
+    let (rest, _) = wire::read_to_close(stream, T).await;
+    msgs.extend(rest);
+    let err = msgs
+        .iter()
+        .find_map(BackendMessage::error_fields)
+        .unwrap_or_else(|| panic!("no ErrorResponse in {msgs:?}"));
+    assert_eq!(err.severity_v(), Some("FATAL"), "{err:?}");
+    assert!(
+        msgs.iter()
+            .all(|m| m.tag != b'R' || m.auth_code() == Some(3)),
+        "authentication must not succeed: {msgs:?}"
+    );
+    err
+}
+
+async fn tls_stream(
+    emu: &EmulatorProcess,
+    pki: &TestPki,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    emu.tls_connect(pki.rustls_client_config(), emu.cluster_host())
+        .await
+        .unwrap_or_else(|e| panic!("TLS connect: {e}\n--- emulator log ---\n{}", emu.logs()))
+}
+
+async fn current_user<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) -> String {
+    let msgs = wire::simple_query(stream, "select current_user", T)
+        .await
+        .expect("simple query");
+    let rows = wire::rows(&msgs);
+    assert_eq!(rows.len(), 1, "{msgs:?}");
+    rows[0][0].clone().expect("current_user is not null")
+}
+
+fn assert_auth_failed(err: &ErrorFields, role: &str, detail_has: &str) {
+    assert_eq!(err.code(), Some("28P01"), "{err:?}");
+    let msg = err.message().unwrap_or_default();
+    assert!(
+        msg.starts_with(&format!(
+            "password authentication failed for user \"{role}\""
+        )),
+        "{err:?}"
+    );
+    let detail = err.get(b'D').unwrap_or_default();
+    assert!(
+        detail.contains(detail_has),
+        "detail {detail:?} lacks {detail_has:?}"
+    );
+}
+
+#[tokio::test]
+async fn admin_token_opens_a_relayed_session() {
+    let pg = upstream();
+    let pki = TestPki::new();
+    let emu = EmulatorProcess::start(EmulatorOptions::new(&pg, &pki));
+
+    let token = emu.token(ADMIN_USER);
+    let mut s = tls_stream(&emu, &pki).await;
+    let startup = login(&mut s, ADMIN_USER, &token)
+        .await
+        .unwrap_or_else(|e| panic!("admin login refused: {e:?}\n{}", emu.logs()));
+    assert_eq!(startup.messages[0].auth_code(), Some(0), "{startup:?}");
+    assert!(startup.parameters().contains_key("server_version"));
+    assert!(startup.backend_key().is_some(), "{startup:?}");
+    assert_eq!(startup.ready_status(), Some(b'I'));
+    assert_eq!(current_user(&mut s).await, ADMIN_USER);
+
+    // The upstream session is the real thing, over TLS to PostgreSQL.
+    let msgs = wire::simple_query(
+        &mut s,
+        "select ssl::text from pg_stat_ssl where pid = pg_backend_pid()",
+        T,
+    )
+    .await
+    .expect("query pg_stat_ssl");
+    assert_eq!(wire::rows(&msgs), vec![vec![Some("true".to_owned())]]);
+
+    wire::send(&mut s, &wire::terminate())
+        .await
+        .expect("send Terminate");
+    let (rest, _) = wire::read_to_close(&mut s, T).await;
+    assert!(rest.is_empty(), "{rest:?}");
+
+    // The token itself is never logged.
+    assert!(emu.wait_for_log("session closed", T), "{}", emu.logs());
+    let signature = token.rsplit_once("X-Amz-Signature=").expect("signature").1;
+    let logs = emu.logs();
+    assert!(
+        !logs.contains(signature),
+        "token leaked into the log:\n{logs}"
+    );
+    assert!(logs.contains("session started"), "{logs}");
+}
+
+#[tokio::test]
+async fn real_driver_connects_with_a_dbconnect_token() {
+    let pg = upstream();
+    let pki = TestPki::new();
+    let emu = EmulatorProcess::start(EmulatorOptions::new(&pg, &pki));
+
+    // tokio-postgres verifies the certificate for the cluster host and sends
+    // it as SNI.
+    let cfg = emu.client_config(APP_USER, &emu.token(APP_USER), "postgres");
+    let client = connect_with(&cfg, Some(&pki))
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e:?}\n{}", emu.logs()));
+    let row = client
+        .query_one("select current_user::text, $1::int + 1", &[&41i32])
+        .await
+        .expect("extended-protocol query");
+    assert_eq!(row.get::<_, String>(0), APP_USER);
+    assert_eq!(row.get::<_, i32>(1), 42);
+
+    // A DbConnect token is not good for admin, with the same driver.
+    let cfg = emu.client_config(ADMIN_USER, &emu.token(APP_USER), "postgres");
+    let err = connect_with(&cfg, Some(&pki))
+        .await
+        .expect_err("DbConnect token for admin");
+    let db = err.as_db_error().expect("a server error");
+    assert_eq!(db.code().code(), "28P01");
+}
+
+#[tokio::test]
+async fn wrong_action_and_expired_tokens_are_refused() {
+    let pg = upstream();
+    let pki = TestPki::new();
+    let emu = EmulatorProcess::start(EmulatorOptions::new(&pg, &pki));
+
+    // DbConnect is not enough for admin.
+    let mut s = tls_stream(&emu, &pki).await;
+    let err = login_refused(&mut s, ADMIN_USER, &emu.token(APP_USER)).await;
+    assert_auth_failed(&err, ADMIN_USER, "wrong action for role");
+
+    // Expired: signed 20 minutes ago for 15.
+    let expired = emu.token_with(
+        ACTION_CONNECT,
+        SystemTime::now() - Duration::from_secs(1200),
+        900,
+    );
+    let mut s = tls_stream(&emu, &pki).await;
+    let err = login_refused(&mut s, APP_USER, &expired).await;
+    assert_auth_failed(&err, APP_USER, "expired");
+
+    // Dated beyond the allowed clock skew.
+    let future = emu.token_with(
+        ACTION_CONNECT,
+        SystemTime::now() + Duration::from_secs(3600),
+        900,
+    );
+    let mut s = tls_stream(&emu, &pki).await;
+    let err = login_refused(&mut s, APP_USER, &future).await;
+    assert_auth_failed(&err, APP_USER, "clock skew");
+
+    // Signed with a key the emulator does not know.
+    let unknown = sign_token(
+        emu.cluster_host(),
+        emu.region(),
+        ACTION_CONNECT,
+        "AKIDUNKNOWN",
+        SECRET_ACCESS_KEY,
+        None,
+        SystemTime::now(),
+        900,
+    );
+    let mut s = tls_stream(&emu, &pki).await;
+    let err = login_refused(&mut s, APP_USER, &unknown).await;
+    assert_auth_failed(&err, APP_USER, "unknown access key");
+
+    // Tampered signature.
+    let good = emu.token(APP_USER);
+    let mut tampered = good.clone();
+    let last = tampered.pop().expect("non-empty");
+    tampered.push(if last == 'a' { 'b' } else { 'a' });
+    let mut s = tls_stream(&emu, &pki).await;
+    let err = login_refused(&mut s, APP_USER, &tampered).await;
+    assert_auth_failed(&err, APP_USER, "signature mismatch");
+
+    // Signed for another cluster.
+    let other_host = sign_token(
+        "zyxwvutsrqponmlkjihgfedcba.dsql.us-east-1.on.aws",
+        emu.region(),
+        ACTION_CONNECT,
+        ACCESS_KEY_ID,
+        SECRET_ACCESS_KEY,
+        None,
+        SystemTime::now(),
+        900,
+    );
+    let mut s = tls_stream(&emu, &pki).await;
+    let err = login_refused(&mut s, APP_USER, &other_host).await;
+    assert_auth_failed(&err, APP_USER, "wrong host");
+
+    // A plain password is a malformed token.
+    let mut s = tls_stream(&emu, &pki).await;
+    let err = login_refused(&mut s, APP_USER, "app-secret").await;
+    assert_auth_failed(&err, APP_USER, "malformed");
+
+    // With session credentials and parameters shuffled, still fine.
+    let with_session = sign_token(
+        emu.cluster_host(),
+        emu.region(),
+        ACTION_CONNECT,
+        ACCESS_KEY_ID,
+        SECRET_ACCESS_KEY,
+        Some("FwoGZXIvYXdzEXAMPLE//session+token="),
+        SystemTime::now(),
+        900,
+    );
+    let (host, query) = with_session.split_once("/?").expect("token shape");
+    let mut parts: Vec<&str> = query.split('&').collect();
+    parts.rotate_left(3);
+    let shuffled = format!("{host}/?{}", parts.join("&"));
+    let mut s = tls_stream(&emu, &pki).await;
+    login(&mut s, APP_USER, &shuffled)
+        .await
+        .unwrap_or_else(|e| panic!("session-token login refused: {e:?}"));
+    assert_eq!(current_user(&mut s).await, APP_USER);
+
+    let logs = emu.logs();
+    assert!(
+        logs.contains("reason=\"wrong_action\"") || logs.contains("reason=wrong_action"),
+        "{logs}"
+    );
+    assert!(
+        !logs.contains(good.rsplit_once('=').expect("sig").1),
+        "{logs}"
+    );
+}
+
+#[tokio::test]
+async fn tls_is_required_and_needs_sni() {
+    let pg = upstream();
+    let pki = TestPki::new();
+    let emu = EmulatorProcess::start(EmulatorOptions::new(&pg, &pki));
+
+    // Plaintext StartupMessage: FATAL 08P01, then close.
+    let mut tcp = TcpStream::connect(emu.addr()).await.expect("connect");
+    wire::send(&mut tcp, &wire::startup_v3(APP_USER, "postgres"))
+        .await
+        .expect("send startup");
+    let err = fatal_then_close(&mut tcp, Vec::new()).await;
+    assert_eq!(err.code(), Some("08P01"), "{err:?}");
+    assert!(
+        err.message()
+            .unwrap_or_default()
+            .contains("SSL/TLS is required"),
+        "{err:?}"
+    );
+
+    // A ClientHello without SNI fails the handshake.
+    let mut no_sni = (*pki.rustls_client_config()).clone();
+    no_sni.enable_sni = false;
+    let res = emu.tls_connect(Arc::new(no_sni), emu.cluster_host()).await;
+    assert!(res.is_err(), "handshake without SNI must fail");
+    assert!(emu.wait_for_log("no SNI", T), "{}", emu.logs());
+
+    // GSSENCRequest is declined, then SSLRequest works as usual.
+    let mut tcp = TcpStream::connect(emu.addr()).await.expect("connect");
+    wire::send(&mut tcp, &wire::gssenc_request())
+        .await
+        .expect("send");
+    assert_eq!(
+        wire::read_byte(&mut tcp, T).await.expect("answer"),
+        Some(b'N')
+    );
+    wire::send(&mut tcp, &wire::ssl_request())
+        .await
+        .expect("send");
+    assert_eq!(
+        wire::read_byte(&mut tcp, T).await.expect("answer"),
+        Some(b'S')
+    );
+    let name = ServerName::try_from(emu.cluster_host().to_owned()).expect("name");
+    let mut s = TlsConnector::from(pki.rustls_client_config())
+        .connect(name, tcp)
+        .await
+        .expect("TLS after GSSENC refusal");
+    login(&mut s, APP_USER, &emu.token(APP_USER))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+
+    // PostgreSQL 17 direct TLS with ALPN "postgresql".
+    let mut direct = (*pki.rustls_client_config()).clone();
+    direct.alpn_protocols = vec![b"postgresql".to_vec()];
+    let tcp = TcpStream::connect(emu.addr()).await.expect("connect");
+    let name = ServerName::try_from(emu.cluster_host().to_owned()).expect("name");
+    let mut s = TlsConnector::from(Arc::new(direct))
+        .connect(name, tcp)
+        .await
+        .expect("direct TLS");
+    login(&mut s, ADMIN_USER, &emu.token(ADMIN_USER))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(current_user(&mut s).await, ADMIN_USER);
+
+    // Direct TLS without ALPN is refused after the handshake.
+    let tcp = TcpStream::connect(emu.addr()).await.expect("connect");
+    let name = ServerName::try_from(emu.cluster_host().to_owned()).expect("name");
+    let mut s = TlsConnector::from(pki.rustls_client_config())
+        .connect(name, tcp)
+        .await
+        .expect("direct TLS handshake");
+    let err = fatal_then_close(&mut s, Vec::new()).await;
+    assert_eq!(err.code(), Some("08P01"), "{err:?}");
+    assert!(
+        err.message().unwrap_or_default().contains("ALPN"),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn refused_startup_parameter_is_an_error() {
+    let pg = upstream();
+    let pki = TestPki::new();
+    let emu = EmulatorProcess::start(EmulatorOptions::new(&pg, &pki));
+
+    let mut s = tls_stream(&emu, &pki).await;
+    let startup = wire::startup_message(
+        wire::PROTOCOL_3_0,
+        &[
+            ("user", APP_USER),
+            ("database", "postgres"),
+            ("default_transaction_read_only", "on"),
+        ],
+    );
+    wire::send(&mut s, &startup).await.expect("send startup");
+    let err = fatal_then_close(&mut s, Vec::new()).await;
+    assert_eq!(err.code(), Some("08P01"), "{err:?}");
+    assert_eq!(
+        err.message(),
+        Some("unsupported startup parameter: default_transaction_read_only")
+    );
+
+    // Other parameters are forwarded to the upstream.
+    let mut s = tls_stream(&emu, &pki).await;
+    let startup = wire::startup_message(
+        wire::PROTOCOL_3_0,
+        &[
+            ("user", APP_USER),
+            ("database", "postgres"),
+            ("application_name", "emulator-test"),
+        ],
+    );
+    wire::send(&mut s, &startup).await.expect("send startup");
+    let r = wire::read_message(&mut s, T).await.expect("auth request");
+    assert_eq!(r.auth_code(), Some(3), "{r:?}");
+    wire::send(&mut s, &password_message(&emu.token(APP_USER)))
+        .await
+        .expect("send token");
+    let startup = wire::read_startup_response(&mut s, T)
+        .await
+        .expect("startup");
+    assert_eq!(
+        startup
+            .parameters()
+            .get("application_name")
+            .map(String::as_str),
+        Some("emulator-test")
+    );
+}
+
+#[tokio::test]
+async fn connection_rate_limit_refuses_with_53400() {
+    let pg = upstream();
+    let pki = TestPki::new();
+    let emu = EmulatorProcess::start(EmulatorOptions {
+        rate_limit: Some((1.0, 2)),
+        ..EmulatorOptions::new(&pg, &pki)
+    });
+
+    // Three connections back to back: admission is decided at accept time,
+    // so the third finds the bucket empty.
+    let mut conns = Vec::new();
+    for _ in 0..3 {
+        conns.push(tls_stream(&emu, &pki).await);
+    }
+    let mut third = conns.pop().expect("three connections");
+    wire::send(&mut third, &wire::startup_v3(APP_USER, "postgres"))
+        .await
+        .expect("send startup");
+    let err = fatal_then_close(&mut third, Vec::new()).await;
+    assert_eq!(err.code(), Some("53400"), "{err:?}");
+
+    for mut c in conns {
+        login(&mut c, APP_USER, &emu.token(APP_USER))
+            .await
+            .unwrap_or_else(|e| panic!("admitted connection refused: {e:?}"));
+    }
+
+    // The bucket refills at one per second.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let mut again = tls_stream(&emu, &pki).await;
+    login(&mut again, APP_USER, &emu.token(APP_USER))
+        .await
+        .unwrap_or_else(|e| panic!("after refill: {e:?}"));
+}
+
+#[tokio::test]
+async fn connection_limit_refuses_with_53300() {
+    let pg = upstream();
+    let pki = TestPki::new();
+    let emu = EmulatorProcess::start(EmulatorOptions {
+        max_connections: Some(1),
+        ..EmulatorOptions::new(&pg, &pki)
+    });
+    let mut first = tls_stream(&emu, &pki).await;
+    login(&mut first, APP_USER, &emu.token(APP_USER))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let mut second = tls_stream(&emu, &pki).await;
+    wire::send(&mut second, &wire::startup_v3(APP_USER, "postgres"))
+        .await
+        .expect("send startup");
+    let err = fatal_then_close(&mut second, Vec::new()).await;
+    assert_eq!(err.code(), Some("53300"), "{err:?}");
+}
+
+#[tokio::test]
+async fn session_is_closed_at_the_maximum_duration() {
+    let pg = upstream();
+    let pki = TestPki::new();
+    let emu = EmulatorProcess::start(EmulatorOptions {
+        max_session_duration: Some(Duration::from_secs(2)),
+        ..EmulatorOptions::new(&pg, &pki)
+    });
+    let started = Instant::now();
+    let mut s = tls_stream(&emu, &pki).await;
+    login(&mut s, APP_USER, &emu.token(APP_USER))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(current_user(&mut s).await, APP_USER);
+
+    // Idle until the emulator ends the session.
+    let (msgs, _) = wire::read_to_close(&mut s, T).await;
+    let elapsed = started.elapsed();
+    let err = msgs
+        .iter()
+        .find_map(BackendMessage::error_fields)
+        .unwrap_or_else(|| panic!("no FATAL before close: {msgs:?}\n{}", emu.logs()));
+    assert_eq!(err.severity_v(), Some("FATAL"), "{err:?}");
+    assert!(
+        matches!(err.code(), Some("57P01") | Some("08006")),
+        "{err:?}"
+    );
+    assert!(
+        err.message()
+            .unwrap_or_default()
+            .contains("maximum session duration"),
+        "{err:?}"
+    );
+    assert!(
+        elapsed >= Duration::from_millis(1900) && elapsed < Duration::from_secs(10),
+        "closed after {elapsed:?}"
+    );
+    assert!(
+        emu.wait_for_log("max_session_duration", T),
+        "{}",
+        emu.logs()
+    );
+}
