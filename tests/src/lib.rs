@@ -8,6 +8,8 @@
 //! root; PostgreSQL refuses to run as root, so server processes are started
 //! as the `postgres` OS user in that case.
 
+pub mod aws_endpoints;
+pub mod dsql_stack;
 pub mod emulator;
 pub mod fixture;
 pub mod net;

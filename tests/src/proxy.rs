@@ -100,6 +100,17 @@ impl ProxyProcess {
 
     /// Like [`Self::spawn`] with extra arguments after `--config <file>`.
     pub fn spawn_with_args(config_toml: &str, extra_args: &[&str]) -> ProxyProcess {
+        Self::spawn_with_env(config_toml, extra_args, &[])
+    }
+
+    /// Like [`Self::spawn_with_args`] with an AWS environment of its own:
+    /// every inherited `AWS_*` variable is removed, then `env` is applied, so
+    /// a test controls exactly which credentials the SDK's chain can find.
+    pub fn spawn_with_env(
+        config_toml: &str,
+        extra_args: &[&str],
+        env: &[(String, String)],
+    ) -> ProxyProcess {
         let bin = proxy_binary();
         let dir = tempfile::Builder::new()
             .prefix("dsql-proxy-")
@@ -113,7 +124,14 @@ impl ProxyProcess {
             .unwrap_or_else(|e| panic!("create {}: {e}", log_path.display()));
         let log_err = log.try_clone().expect("clone proxy log handle");
 
-        let mut child = Command::new(bin)
+        let mut command = Command::new(bin);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("AWS_") {
+                command.env_remove(&key);
+            }
+        }
+        command.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let mut child = command
             .arg("--config")
             .arg(&config_path)
             .args(extra_args)

@@ -196,6 +196,13 @@ impl CredentialSource for IamTokens {
     fn password<'a>(&'a self, request: CredentialRequest<'a>) -> CredentialFuture<'a> {
         Box::pin(self.token(request))
     }
+    fn rejected(&self, request: CredentialRequest<'_>) {
+        if let Ok(key) = self.key(&request) {
+            let slot = self.slot(&key);
+            *slot.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            info!(host = %key.host, principal = %key.principal, "the server refused an IAM token; it will be re-signed");
+        }
+    }
     fn kind(&self) -> &'static str {
         match self.signer.flavor {
             TokenFlavor::Dsql => "dsql-iam",

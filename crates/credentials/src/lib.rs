@@ -49,6 +49,11 @@ pub trait CredentialSource: Send + Sync + 'static {
     /// The password to answer the backend's challenge with.
     fn password<'a>(&'a self, request: CredentialRequest<'a>) -> CredentialFuture<'a>;
 
+    /// The backend refused the secret this source gave for `request`
+    /// (an invalid authorization): forget it so the next connect fetches a
+    /// fresh one, for example after credentials were rotated.
+    fn rejected(&self, _request: CredentialRequest<'_>) {}
+
     /// True when the proxy must ask each client for its own password.
     fn needs_client_password(&self) -> bool {
         false

@@ -26,6 +26,14 @@ pub enum EmulatorError {
     Token(TokenRejection),
 }
 
+/// A session-crate TLS setup error without its own "setup:" prefix.
+pub(crate) fn tls_error(e: dsql_proxy_session::SessionError) -> EmulatorError {
+    match e {
+        dsql_proxy_session::SessionError::Setup(m) => EmulatorError::Tls(m),
+        other => EmulatorError::Tls(other.to_string()),
+    }
+}
+
 impl From<TokenRejection> for EmulatorError {
     fn from(r: TokenRejection) -> Self {
         Self::Token(r)

@@ -32,6 +32,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::config::{EmulatorConfig, UpstreamTls};
+use crate::error::tls_error;
 use crate::limits::{ConnectionLimit, ConnectionSlot, TokenBucket};
 use crate::sigv4::{TokenVerifier, VerifiedToken};
 use crate::EmulatorError;
@@ -113,8 +114,7 @@ impl Emulator {
             UpstreamTls::Require => TlsMode::Require,
         };
         let backend = BackendSettings {
-            tls: dsql_proxy_session::tls::client_config(mode, None)
-                .map_err(|e| EmulatorError::Tls(e.to_string()))?,
+            tls: dsql_proxy_session::tls::client_config(mode, None).map_err(tls_error)?,
             connect_timeout: config.upstream.connect_timeout,
             keepalive: Duration::from_secs(30),
         };

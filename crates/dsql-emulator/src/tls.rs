@@ -9,14 +9,14 @@ use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use tracing::warn;
 
+use crate::error::tls_error;
 use crate::EmulatorError;
 
 /// The session crate's server config (ring provider, ALPN `postgresql` for
 /// direct TLS) with a certificate resolver that refuses ClientHellos
 /// without SNI, which fails the handshake.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, EmulatorError> {
-    let base = dsql_proxy_session::tls::server_config(cert, key)
-        .map_err(|e| EmulatorError::Tls(e.to_string()))?;
+    let base = dsql_proxy_session::tls::server_config(cert, key).map_err(tls_error)?;
     let mut config = ServerConfig::clone(&base);
     config.cert_resolver = Arc::new(RequireSni {
         inner: Arc::clone(&config.cert_resolver),

@@ -102,6 +102,19 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
     let backend: BackendSession = match established.await {
         Ok(b) => b,
         Err(err) => {
+            if let SessionError::BackendRefused { fields, .. } = &err {
+                // An invalid-authorization answer means the secret itself
+                // was refused: never hand it out again.
+                if fields.code().starts_with("28") {
+                    ctx.credentials.rejected(CredentialRequest {
+                        endpoint_host: &endpoint.host,
+                        endpoint_port: endpoint.port,
+                        region: endpoint.region.as_deref(),
+                        user: &user,
+                        client_password: password.as_ref(),
+                    });
+                }
+            }
             let err = explain_limits(err);
             warn!(
                 client = %peer, %user, %database, endpoint = %endpoint.name,
