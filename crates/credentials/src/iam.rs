@@ -97,9 +97,23 @@ pub struct TokenStats {
     pub cache_hits: AtomicU64,
 }
 
+/// Where signing credentials come from.
+pub enum CredentialChain {
+    /// Rebuild the AWS SDK's default chain for every signing. aws-config
+    /// reads shared config/credentials files once per chain, so a chain
+    /// kept for the process would never see a rotated or late-written
+    /// profile file. Signing is rare (once per key per ~80% of a token's
+    /// life, or after a refusal), so the rebuild costs nothing that matters.
+    DefaultChain,
+    /// Use this configuration's provider as is (tests, benchmarks, embedders).
+    Fixed,
+}
+
 struct Signer {
     flavor: TokenFlavor,
+    /// Region fallback, clock and (for `Fixed`) credentials.
     sdk: SdkConfig,
+    chain: CredentialChain,
     expires_in: Duration,
     stats: TokenStats,
 }
@@ -113,10 +127,21 @@ pub struct IamTokens {
 impl IamTokens {
     /// `sdk` supplies credentials, the default region and the clock.
     pub fn new(flavor: TokenFlavor, sdk: SdkConfig, expires_in: Duration) -> Self {
+        Self::with_chain(flavor, sdk, CredentialChain::Fixed, expires_in)
+    }
+
+    /// Like [`Self::new`], choosing how credentials are found at signing.
+    pub fn with_chain(
+        flavor: TokenFlavor,
+        sdk: SdkConfig,
+        chain: CredentialChain,
+        expires_in: Duration,
+    ) -> Self {
         Self {
             signer: Arc::new(Signer {
                 flavor,
                 sdk,
+                chain,
                 expires_in,
                 stats: TokenStats::default(),
             }),
@@ -243,7 +268,15 @@ impl Signer {
     }
 
     async fn sign_inner(&self, key: &TokenKey) -> Result<Token, CredentialError> {
-        let provider = self.sdk.credentials_provider().ok_or_else(|| {
+        let provider = match self.chain {
+            CredentialChain::Fixed => self.sdk.credentials_provider(),
+            CredentialChain::DefaultChain => {
+                aws_config::load_defaults(aws_config::BehaviorVersion::latest())
+                    .await
+                    .credentials_provider()
+            }
+        }
+        .ok_or_else(|| {
             CredentialError::NoAwsCredentials("no AWS credentials provider is configured".into())
         })?;
         let credentials = provider.provide_credentials().await.map_err(describe)?;

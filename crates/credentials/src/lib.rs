@@ -11,7 +11,7 @@ use thiserror::Error;
 
 pub mod iam;
 
-pub use iam::{IamTokens, TokenFlavor};
+pub use iam::{CredentialChain, IamTokens, TokenFlavor};
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum CredentialError {
@@ -127,9 +127,10 @@ pub async fn from_config(config: &Config) -> Result<Arc<dyn CredentialSource>, C
             } else {
                 TokenFlavor::Rds
             };
-            Ok(Arc::new(IamTokens::new(
+            Ok(Arc::new(IamTokens::with_chain(
                 flavor,
                 sdk,
+                iam::CredentialChain::DefaultChain,
                 config.backend.token_expires_in.get(),
             )))
         }

@@ -92,8 +92,16 @@ fn main() -> ExitCode {
 }
 
 fn init_logging(cli: &Cli) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log_level)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // aws-sigv4 logs canonical requests, which hold session tokens, at
+    // TRACE: cap it whatever the user asks for, so secrets never reach logs.
+    let secret_safe = |f: tracing_subscriber::EnvFilter| match "aws_sigv4=debug".parse() {
+        Ok(directive) => f.add_directive(directive),
+        Err(_) => f,
+    };
+    let filter = secret_safe(
+        tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+    );
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
