@@ -12,15 +12,15 @@ use std::time::{Duration, SystemTime};
 
 use bytes::BytesMut;
 use dsql_proxy_config::{Secret, TlsMode};
-use dsql_proxy_protocol::frame::{body_len, RawMessage, HEADER_LEN};
-use dsql_proxy_protocol::startup::{self, StartupParam, TLS_HANDSHAKE_RECORD};
+use dsql_proxy_protocol::startup::{StartupParam, TLS_HANDSHAKE_RECORD};
 use dsql_proxy_protocol::{
-    frontend, messages, sqlstate, CancelKey, InitialPacket, PgError, ProtocolError,
-    ProtocolVersion, StartupMessage,
+    frontend, messages, sqlstate, CancelKey, InitialPacket, PgError, ProtocolVersion,
+    StartupMessage,
 };
 use dsql_proxy_routing::{Endpoint, EndpointId};
 use dsql_proxy_session::backend::{self, BackendSession, BackendSettings};
 use dsql_proxy_session::cancel::{BackendKey, CancelTarget};
+use dsql_proxy_session::io::{read_initial, read_message, send};
 use dsql_proxy_session::relay::Relay;
 use dsql_proxy_session::stream::{ClientStream, Rewind, Transport};
 use dsql_proxy_session::tls::POSTGRES_ALPN;
@@ -238,62 +238,6 @@ async fn reject<S: AsyncWrite + Unpin>(mut stream: S, err: &PgError) {
         stream.shutdown().await
     };
     let _ = tokio::time::timeout(REJECT_WRITE_TIMEOUT, attempt).await;
-}
-
-async fn send<S: AsyncWrite + Unpin>(stream: &mut S, buf: &[u8]) -> io::Result<()> {
-    stream.write_all(buf).await?;
-    stream.flush().await
-}
-
-/// Reads an untyped packet; `first` is a byte already consumed.
-async fn read_initial<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    first: Option<u8>,
-) -> io::Result<Result<InitialPacket, ProtocolError>> {
-    let mut len = [0u8; 4];
-    match first {
-        Some(b) => {
-            len[0] = b;
-            stream.read_exact(&mut len[1..]).await?;
-        }
-        None => {
-            stream.read_exact(&mut len).await?;
-        }
-    }
-    let n = match startup::packet_body_len(len) {
-        Ok(n) => n,
-        Err(e) => return Ok(Err(e)),
-    };
-    let mut body = vec![0u8; n];
-    stream.read_exact(&mut body).await?;
-    Ok(startup::parse_initial_packet(&body))
-}
-
-/// Reads one typed message of at most `max_body` bytes.
-async fn read_message<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    max_body: usize,
-) -> io::Result<Result<RawMessage, ProtocolError>> {
-    let mut header = [0u8; HEADER_LEN];
-    stream.read_exact(&mut header).await?;
-    let tag = header[0];
-    let len = match body_len(tag, [header[1], header[2], header[3], header[4]]) {
-        Ok(len) => len,
-        Err(e) => return Ok(Err(e)),
-    };
-    if len > max_body {
-        return Ok(Err(ProtocolError::MessageTooLarge {
-            tag,
-            len,
-            limit: max_body,
-        }));
-    }
-    let mut body = BytesMut::zeroed(len);
-    stream.read_exact(&mut body).await?;
-    Ok(Ok(RawMessage {
-        tag,
-        body: body.freeze(),
-    }))
 }
 
 async fn accept_tls(

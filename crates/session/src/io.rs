@@ -1,9 +1,35 @@
-//! Small framed reads and writes for the startup phase (never the relay).
+//! Small framed reads and writes for the startup phase (never the relay);
+//! public so the DSQL emulator reads packets the same way.
 
 use bytes::BytesMut;
 use dsql_proxy_protocol::frame::{body_len, RawMessage, HEADER_LEN};
-use dsql_proxy_protocol::ProtocolError;
+use dsql_proxy_protocol::{startup, InitialPacket, ProtocolError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Reads an untyped packet (startup, SSLRequest, cancel, ...); `first` is
+/// a byte already consumed by the caller.
+pub async fn read_initial<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    first: Option<u8>,
+) -> std::io::Result<Result<InitialPacket, ProtocolError>> {
+    let mut len = [0u8; 4];
+    match first {
+        Some(b) => {
+            len[0] = b;
+            stream.read_exact(&mut len[1..]).await?;
+        }
+        None => {
+            stream.read_exact(&mut len).await?;
+        }
+    }
+    let body_len = match startup::packet_body_len(len) {
+        Ok(n) => n,
+        Err(e) => return Ok(Err(e)),
+    };
+    let mut body = vec![0u8; body_len];
+    stream.read_exact(&mut body).await?;
+    Ok(startup::parse_initial_packet(&body))
+}
 
 /// Reads one typed message whose body may be at most `max_body` bytes.
 pub async fn read_message<S: AsyncRead + Unpin>(

@@ -11,7 +11,7 @@ pub mod backend;
 pub mod cancel;
 mod error;
 pub mod frontend;
-mod io;
+pub mod io;
 pub mod listener;
 pub mod relay;
 mod session;

@@ -7,7 +7,7 @@ use bytes::BytesMut;
 use dsql_proxy_config::ClientAuthMethod;
 use dsql_proxy_config::Secret;
 use dsql_proxy_protocol::scram::ScramVerifier;
-use dsql_proxy_protocol::startup::{self, TLS_HANDSHAKE_RECORD};
+use dsql_proxy_protocol::startup::TLS_HANDSHAKE_RECORD;
 use dsql_proxy_protocol::{
     messages, sqlstate, CancelKey, InitialPacket, PgError, ProtocolVersion, StartupMessage,
 };
@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::TlsAcceptor;
 
-use crate::io::{send, Deadline};
+use crate::io::{read_initial, send, Deadline};
 use crate::stream::{ClientStream, Rewind, Transport};
 use crate::SessionError;
 
@@ -186,30 +186,6 @@ async fn accept_tls(
         .run(acceptor.accept(transport))
         .await
         .map_err(|e| fail(None, e))
-}
-
-/// Reads an untyped packet; `first` is a byte already consumed.
-async fn read_initial(
-    stream: &mut ClientStream,
-    first: Option<u8>,
-) -> std::io::Result<Result<InitialPacket, dsql_proxy_protocol::ProtocolError>> {
-    let mut len = [0u8; 4];
-    match first {
-        Some(b) => {
-            len[0] = b;
-            stream.read_exact(&mut len[1..]).await?;
-        }
-        None => {
-            stream.read_exact(&mut len).await?;
-        }
-    }
-    let body_len = match startup::packet_body_len(len) {
-        Ok(n) => n,
-        Err(e) => return Ok(Err(e)),
-    };
-    let mut body = vec![0u8; body_len];
-    stream.read_exact(&mut body).await?;
-    Ok(startup::parse_initial_packet(&body))
 }
 
 async fn finish_startup(
