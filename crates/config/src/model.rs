@@ -16,6 +16,8 @@ pub struct Config {
     #[serde(default)]
     pub backend: BackendConfig,
     #[serde(default)]
+    pub routing: RoutingConfig,
+    #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
 }
 
@@ -178,9 +180,90 @@ pub struct EndpointConfig {
     /// Where to dial instead of `host:port` (PrivateLink, tests).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_address: Option<SocketAddr>,
-    /// Lower is preferred.
+    /// Breaks ties between endpoints of equal latency; lower is preferred.
     #[serde(default = "default_priority")]
     pub priority: u32,
+    /// A Route 53 health check that also decides this endpoint's health.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route53_health_check_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Route53Policy {
+    /// An endpoint Route 53 calls unhealthy is not chosen, even if local
+    /// probes pass.
+    Veto,
+    /// Route 53's view is reported, never acted on.
+    Advisory,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnEndpointDown {
+    /// Sessions on an endpoint that goes down get a FATAL 57P01 and are
+    /// closed, so pools reconnect to a healthy endpoint at once.
+    Close,
+    /// Sessions are left to fail (or survive) on their own.
+    Keep,
+}
+
+/// How endpoints are watched and chosen.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Time between health/latency probes of each endpoint.
+    pub probe_interval: DurationStr,
+    /// An endpoint that has not answered a probe for this long counts a
+    /// failed probe every interval until it answers.
+    pub probe_timeout: DurationStr,
+    /// The database user and database probes log in as (with the
+    /// backend's credential source).
+    pub probe_user: String,
+    pub probe_database: String,
+    /// Consecutive failed probes before an endpoint is marked down.
+    pub down_after: u32,
+    /// Consecutive successful probes before a down endpoint is marked up.
+    pub up_after: u32,
+    /// Endpoints whose smoothed latency is within this of the best count as
+    /// equally fast; `priority` decides among them.
+    pub latency_tolerance: DurationStr,
+    /// Consecutive probe rounds a new best endpoint must win before new
+    /// sessions move to it (a down endpoint is left at once).
+    pub switch_after: u32,
+    /// Pin this Region while it has a healthy endpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefer_region: Option<String>,
+    pub route53: Route53Policy,
+    pub route53_poll_interval: DurationStr,
+    /// A Route 53 status older than this (because the API keeps failing) no
+    /// longer influences routing.
+    pub route53_max_staleness: DurationStr,
+    pub on_endpoint_down: OnEndpointDown,
+    /// Longest one connect attempt may take before the next endpoint is
+    /// tried; the last candidate gets whatever remains of connect_timeout.
+    pub attempt_timeout: DurationStr,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            probe_interval: DurationStr::from_secs(1),
+            probe_timeout: DurationStr::from_secs(1),
+            probe_user: "admin".to_owned(),
+            probe_database: "postgres".to_owned(),
+            down_after: 3,
+            up_after: 3,
+            latency_tolerance: DurationStr::from_millis(5),
+            switch_after: 3,
+            prefer_region: None,
+            route53: Route53Policy::Veto,
+            route53_poll_interval: DurationStr::from_secs(30),
+            route53_max_staleness: DurationStr::from_secs(120),
+            on_endpoint_down: OnEndpointDown::Close,
+            attempt_timeout: DurationStr::from_secs(2),
+        }
+    }
 }
 
 /// Startup parameters Aurora DSQL refuses; never forwarded to a DSQL
@@ -297,6 +380,39 @@ impl Config {
                  so [listen] auth must stay \"trust\""
                     .into(),
             );
+        }
+        let r = &self.routing;
+        if r.probe_interval.get() < std::time::Duration::from_millis(10)
+            || r.probe_timeout.get() < std::time::Duration::from_millis(10)
+            || r.attempt_timeout.get() < std::time::Duration::from_millis(10)
+        {
+            return invalid(
+                "[routing] probe_interval, probe_timeout and attempt_timeout must be at least 10ms"
+                    .into(),
+            );
+        }
+        if r.route53_poll_interval.get() < std::time::Duration::from_secs(1) {
+            return invalid(
+                "[routing] route53_poll_interval must be at least 1s (the API is not meant for \
+                 high-rate polling)"
+                    .into(),
+            );
+        }
+        if r.down_after == 0 || r.up_after == 0 || r.switch_after == 0 {
+            return invalid(
+                "[routing] down_after, up_after and switch_after must be at least 1".into(),
+            );
+        }
+        if let Some(region) = &r.prefer_region {
+            if !self
+                .endpoints
+                .iter()
+                .any(|e| e.region.as_deref() == Some(region.as_str()))
+            {
+                return invalid(format!(
+                    "[routing] prefer_region = {region:?} matches no endpoint's region"
+                ));
+            }
         }
         let token_life = self.backend.token_expires_in.get();
         let max_life = match self.backend.auth {

@@ -152,3 +152,55 @@ fn password_sources_read_env_and_files() {
         .read()
         .is_err());
 }
+
+#[test]
+fn routing_defaults_and_overrides() {
+    let c = Config::parse(MINIMAL).unwrap();
+    let r = &c.routing;
+    assert_eq!(r.probe_interval.get().as_millis(), 1000);
+    assert_eq!(r.probe_timeout.get().as_millis(), 1000);
+    assert_eq!(r.latency_tolerance.get().as_millis(), 5);
+    assert_eq!((r.down_after, r.up_after, r.switch_after), (3, 3, 3));
+    assert_eq!(r.route53, Route53Policy::Veto);
+    assert_eq!(r.route53_poll_interval.get().as_secs(), 30);
+    assert_eq!(r.on_endpoint_down, OnEndpointDown::Close);
+    assert_eq!(r.attempt_timeout.get().as_secs(), 2);
+
+    let text = format!(
+        "{MINIMAL}region = \"us-east-1\"\nroute53_health_check_id = \"57a713b9-1111\"\n\
+         [routing]\nprobe_interval = \"250ms\"\nroute53 = \"advisory\"\n\
+         on_endpoint_down = \"keep\"\nprefer_region = \"us-east-1\"\n"
+    );
+    // [routing] after [[endpoints]] is a new table, as TOML reads it.
+    let c = Config::parse(&text).unwrap();
+    assert_eq!(c.routing.probe_interval.get().as_millis(), 250);
+    assert_eq!(c.routing.route53, Route53Policy::Advisory);
+    assert_eq!(c.routing.on_endpoint_down, OnEndpointDown::Keep);
+    assert_eq!(
+        c.endpoints[0].route53_health_check_id.as_deref(),
+        Some("57a713b9-1111")
+    );
+    let env = [(
+        "DSQL_PROXY__ROUTING__LATENCY_TOLERANCE".to_owned(),
+        "20ms".to_owned(),
+    )];
+    let c = Config::parse_with_env(MINIMAL, "text", env).unwrap();
+    assert_eq!(c.routing.latency_tolerance.get().as_millis(), 20);
+}
+
+#[test]
+fn bad_routing_settings_are_explained() {
+    for (routing, needle) in [
+        ("route53 = \"maybe\"", "unknown variant"),
+        ("probe_interval = \"0ms\"", "at least 10ms"),
+        ("down_after = 0", "at least 1"),
+        ("route53_poll_interval = \"100ms\"", "at least 1s"),
+        ("prefer_region = \"mars-1\"", "matches no endpoint"),
+        ("on_endpoint_down = \"explode\"", "unknown variant"),
+        ("probe_intervall = \"1s\"", "unknown field"),
+    ] {
+        let text = format!("{MINIMAL}[routing]\n{routing}\n");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains(needle), "{routing}: {err}");
+    }
+}

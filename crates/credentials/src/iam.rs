@@ -234,6 +234,15 @@ impl CredentialSource for IamTokens {
             TokenFlavor::Rds => "rds-iam",
         }
     }
+
+    fn token_counts(&self) -> Option<crate::TokenCounts> {
+        let s = self.stats();
+        Some(crate::TokenCounts {
+            generations: s.generations.load(Ordering::Relaxed),
+            failures: s.failures.load(Ordering::Relaxed),
+            cache_hits: s.cache_hits.load(Ordering::Relaxed),
+        })
+    }
 }
 
 /// DSQL's role to action rule: only the `admin` role uses DbConnectAdmin.

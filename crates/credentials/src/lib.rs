@@ -61,6 +61,20 @@ pub trait CredentialSource: Send + Sync + 'static {
 
     /// A short name for logs and status.
     fn kind(&self) -> &'static str;
+
+    /// IAM token counters (signed, failed signings, cache hits), for
+    /// sources that sign tokens.
+    fn token_counts(&self) -> Option<TokenCounts> {
+        None
+    }
+}
+
+/// A snapshot of an IAM token source's counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TokenCounts {
+    pub generations: u64,
+    pub failures: u64,
+    pub cache_hits: u64,
 }
 
 /// A fixed password from the config, an environment variable or a file.

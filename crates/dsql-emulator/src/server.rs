@@ -85,6 +85,7 @@ fn upstream_endpoint(address: &str) -> Result<Endpoint, EmulatorError> {
         port,
         connect_address,
         priority: 0,
+        route53_health_check_id: None,
     };
     if let Ok(addr) = address.parse::<SocketAddr>() {
         return Ok(endpoint(addr.ip().to_string(), addr.port(), Some(addr)));
@@ -574,6 +575,7 @@ async fn run_session(shared: &Shared, auth: Authenticated, peer: SocketAddr, sta
         &params,
         &role,
         password,
+        shared.backend.connect_timeout,
     )
     .await
     {

@@ -9,9 +9,16 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use dsql_proxy_admin::{AdminServer, AdminState, MetricsRefresh};
 use dsql_proxy_config::Config;
+use dsql_proxy_credentials::CredentialSource;
+use dsql_proxy_health::route53::{HealthCheckSource, SdkHealthChecks};
+use dsql_proxy_health::{MonitorSettings, PgProbe};
+use dsql_proxy_metrics::Metrics;
 use dsql_proxy_routing::{RoutingTable, TableRouter};
 use dsql_proxy_session::{BoundProxy, ProxyContext};
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
 #[derive(Parser, Debug)]
@@ -160,11 +167,71 @@ async fn serve(config: Config) -> Result<()> {
     let credentials = dsql_proxy_credentials::from_config(&config)
         .await
         .context("cannot set up backend credentials")?;
-    let router = Arc::new(TableRouter::new(RoutingTable::from_configs(
-        &config.endpoints,
-    )));
-    let ctx = ProxyContext::from_config(&config, router, credentials)?;
+    let (reports_tx, reports_rx) = tokio::sync::mpsc::channel(1024);
+    let router = Arc::new(
+        TableRouter::new(RoutingTable::from_configs(&config.endpoints)).with_reports(reports_tx),
+    );
+    let metrics =
+        Arc::new(Metrics::new(env!("CARGO_PKG_VERSION")).context("cannot set up metrics")?);
+    let ctx = ProxyContext::from_config(
+        &config,
+        router.clone(),
+        Arc::clone(&credentials),
+        Arc::clone(&metrics),
+    )?;
+    let probes: Vec<Arc<PgProbe>> = router
+        .snapshot()
+        .endpoints()
+        .iter()
+        .map(|endpoint| {
+            Arc::new(PgProbe::new(
+                Arc::clone(endpoint),
+                ctx.backend.clone(),
+                Arc::clone(&credentials),
+                &config.routing.probe_user,
+                &config.routing.probe_database,
+            ))
+        })
+        .collect();
     let proxy = BoundProxy::bind(ctx, &config).await?;
+    let admin = AdminServer::bind(config.admin.address).await?;
+    let admin_state = Arc::new(AdminState {
+        metrics: Arc::clone(&metrics),
+        router: Arc::clone(&router),
+        started: AtomicBool::new(false),
+        draining: AtomicBool::new(false),
+        quit: Notify::new(),
+        policy: policy_json(&config),
+        before_render: Some(token_counter_sync(Arc::clone(&credentials))),
+    });
+    info!(address = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin server listening");
+    tokio::spawn(admin.serve(Arc::clone(&admin_state)));
+    // Listeners are bound and the config is loaded: that is /startup.
+    admin_state.started.store(true, Ordering::Release);
+    let route53: Option<Arc<dyn HealthCheckSource>> = if config
+        .endpoints
+        .iter()
+        .any(|e| e.route53_health_check_id.is_some())
+    {
+        let timeout = config
+            .routing
+            .route53_poll_interval
+            .get()
+            .min(std::time::Duration::from_secs(10));
+        Some(Arc::new(SdkHealthChecks::from_env(timeout).await))
+    } else {
+        None
+    };
+    // Clients queue in the listen backlog while the first probe round runs.
+    let _monitor = dsql_proxy_health::start(
+        router,
+        reports_rx,
+        probes,
+        route53,
+        MonitorSettings::from_config(&config.routing),
+        Arc::clone(&metrics),
+    )
+    .await;
     if !config.listen.address.ip().is_loopback()
         && config.listen.auth == dsql_proxy_config::ClientAuthMethod::Trust
         && !config.listen.trust_remote
@@ -181,7 +248,16 @@ async fn serve(config: Config) -> Result<()> {
         backend_tls = ?config.backend.tls,
         "dsql-proxy listening"
     );
-    proxy.serve(shutdown_signal()).await;
+    let quit = Arc::clone(&admin_state);
+    proxy
+        .serve(async move {
+            tokio::select! {
+                _ = shutdown_signal() => {}
+                _ = quit.quit.notified() => {}
+            }
+            quit.draining.store(true, Ordering::Release);
+        })
+        .await;
     info!("shut down");
     Ok(())
 }
@@ -205,4 +281,38 @@ async fn shutdown_signal() {
             _ = hup.recv() => { warn!("SIGHUP received: configuration reload is not supported yet; keeping the current configuration"); }
         }
     }
+}
+
+/// The routing policy as `/status` shows it.
+fn policy_json(config: &Config) -> serde_json::Value {
+    let r = &config.routing;
+    serde_json::json!({
+        "rule": "healthy endpoints only; lowest median probe latency; within latency_tolerance the lowest priority, then the current selection; a new best must win switch_after rounds",
+        "probe_interval": r.probe_interval.to_string(),
+        "probe_timeout": r.probe_timeout.to_string(),
+        "down_after": r.down_after,
+        "up_after": r.up_after,
+        "latency_tolerance": r.latency_tolerance.to_string(),
+        "switch_after": r.switch_after,
+        "prefer_region": r.prefer_region,
+        "route53": format!("{:?}", r.route53).to_lowercase(),
+        "on_endpoint_down": format!("{:?}", r.on_endpoint_down).to_lowercase(),
+        "attempt_timeout": r.attempt_timeout.to_string(),
+    })
+}
+
+/// Copies the IAM token cache's counters into their metric families.
+fn token_counter_sync(credentials: Arc<dyn CredentialSource>) -> MetricsRefresh {
+    Box::new(move |m: &Metrics| {
+        let Some(c) = credentials.token_counts() else {
+            return;
+        };
+        for (counter, value) in [
+            (&m.token_generations_total, c.generations),
+            (&m.token_generation_failures_total, c.failures),
+            (&m.token_cache_hits_total, c.cache_hits),
+        ] {
+            counter.inc_by(value.saturating_sub(counter.get()));
+        }
+    })
 }

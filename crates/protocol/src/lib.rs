@@ -12,6 +12,7 @@ pub mod frame;
 pub mod frontend;
 pub mod md5;
 pub mod messages;
+pub mod query;
 pub mod relay;
 pub mod scram;
 pub mod sqlstate;

@@ -1,126 +1,85 @@
-//! The routing table: the set of endpoints and which one new sessions use.
+//! Routing: which endpoint a new session goes to.
 //!
-//! A table is immutable once built and published through `arc-swap`, so the
-//! connect path reads it with one atomic load and no lock or await. Health
-//! probing (a later component) publishes new tables; this crate only knows
-//! how to hold and read them.
+//! Pure parts: the per-endpoint health state machine ([`health`]), Route
+//! 53's last word ([`route53`]), the selection rule ([`policy`]) and the
+//! immutable [`RoutingTable`]. The table is published through `arc-swap`, so
+//! the connect path reads it with one atomic load, no lock and no await.
+//! The background tasks that feed it live in the health crate.
 
-use std::net::SocketAddr;
+mod endpoint;
+pub mod health;
+pub mod policy;
+pub mod route53;
+mod table;
+
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use dsql_proxy_config::EndpointConfig;
 use thiserror::Error;
+use tokio::sync::{mpsc, watch};
+
+pub use endpoint::{Endpoint, EndpointId};
+pub use health::{FailureKind, Liveness, PassiveSignal, ProbeOutcome};
+pub use policy::{SelectionPolicy, SelectionReason};
+pub use table::{endpoints_from_configs, EndpointStatus, Route53Status, RoutingTable};
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum RouteError {
     #[error("no endpoint is configured")]
     NoEndpoints,
-    #[error("no endpoint is routable: {0}")]
-    NoneRoutable(String),
 }
 
-/// Index of an endpoint in configuration order; stable for a config's life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct EndpointId(pub u32);
+/// Tells sessions an endpoint went down. The value counts down events;
+/// a receiver sees a change only for events after it subscribed.
+pub type DownWatch = watch::Receiver<u64>;
 
-/// One database endpoint, as sessions need it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Endpoint {
-    pub id: EndpointId,
-    pub name: String,
-    pub region: Option<String>,
-    /// Name for SNI and certificate verification.
-    pub host: String,
-    pub port: u16,
-    /// Dialled instead of `host:port` when set.
-    pub connect_address: Option<SocketAddr>,
-    pub priority: u32,
-}
-
-impl Endpoint {
-    pub fn from_config(id: EndpointId, c: &EndpointConfig) -> Self {
-        Self {
-            id,
-            name: c.name.clone(),
-            region: c.region.clone(),
-            host: c.host.clone(),
-            port: c.port,
-            connect_address: c.connect_address,
-            priority: c.priority,
-        }
-    }
-
-    /// What to dial, for messages: `host:port` or `host:port via ip:port`.
-    pub fn describe(&self) -> String {
-        match self.connect_address {
-            Some(a) => format!("{} ({}:{} via {a})", self.name, self.host, self.port),
-            None => format!("{} ({}:{})", self.name, self.host, self.port),
-        }
-    }
-}
-
-/// An immutable snapshot: endpoints plus the order new sessions try them in.
-#[derive(Debug, Clone)]
-pub struct RoutingTable {
-    endpoints: Vec<Arc<Endpoint>>,
-    /// Indices into `endpoints`, best first; empty when nothing is routable.
-    preference: Vec<usize>,
-}
-
-impl RoutingTable {
-    /// A table that prefers lower `priority`, then configuration order.
-    pub fn by_priority(endpoints: Vec<Arc<Endpoint>>) -> Self {
-        let mut preference: Vec<usize> = (0..endpoints.len()).collect();
-        preference.sort_by_key(|&i| (endpoints[i].priority, i));
-        Self {
-            endpoints,
-            preference,
-        }
-    }
-
-    pub fn from_configs(configs: &[EndpointConfig]) -> Self {
-        let endpoints = configs
-            .iter()
-            .enumerate()
-            .map(|(i, c)| Arc::new(Endpoint::from_config(EndpointId(i as u32), c)))
-            .collect();
-        Self::by_priority(endpoints)
-    }
-
-    pub fn endpoints(&self) -> &[Arc<Endpoint>] {
-        &self.endpoints
-    }
-
-    /// The endpoint a new session should use.
-    pub fn selected(&self) -> Result<&Arc<Endpoint>, RouteError> {
-        match self.preference.first() {
-            Some(&i) => Ok(&self.endpoints[i]),
-            None if self.endpoints.is_empty() => Err(RouteError::NoEndpoints),
-            None => Err(RouteError::NoneRoutable(
-                "every endpoint is marked down".into(),
-            )),
-        }
-    }
-}
-
-/// Chooses the endpoint for a new backend connection.
+/// Chooses endpoints for new backend connections and hears back about
+/// failures the data path sees.
 pub trait Router: Send + Sync + 'static {
-    fn route(&self) -> Result<Arc<Endpoint>, RouteError>;
+    /// The current table: its candidates, best first.
+    fn route(&self) -> Result<Arc<RoutingTable>, RouteError>;
+
     /// The endpoint with this id, for cancel requests, whatever its health.
     fn endpoint(&self, id: EndpointId) -> Option<Arc<Endpoint>>;
+
+    /// A failure seen on the data path; demotes the endpoint at once.
+    fn report(&self, _id: EndpointId, _signal: PassiveSignal) {}
+
+    /// Resolves when `id` goes down after this call.
+    fn watch_down(&self, _id: EndpointId) -> Option<DownWatch> {
+        None
+    }
 }
+
+/// A passive signal on its way to the health monitor.
+pub type Report = (EndpointId, PassiveSignal);
 
 /// A router over a published [`RoutingTable`].
 pub struct TableRouter {
     table: ArcSwap<RoutingTable>,
+    /// One per endpoint, indexed by id.
+    down: Vec<watch::Sender<u64>>,
+    reports: Option<mpsc::Sender<Report>>,
 }
 
 impl TableRouter {
     pub fn new(table: RoutingTable) -> Self {
+        let down = table
+            .endpoints()
+            .iter()
+            .map(|_| watch::Sender::new(0))
+            .collect();
         Self {
             table: ArcSwap::from_pointee(table),
+            down,
+            reports: None,
         }
+    }
+
+    /// Sends passive signals to a health monitor.
+    pub fn with_reports(mut self, reports: mpsc::Sender<Report>) -> Self {
+        self.reports = Some(reports);
+        self
     }
 
     /// Replaces the table; sessions already routed are unaffected.
@@ -131,26 +90,45 @@ impl TableRouter {
     pub fn snapshot(&self) -> Arc<RoutingTable> {
         self.table.load_full()
     }
+
+    /// Wakes everything watching `id` for a down event.
+    pub fn signal_down(&self, id: EndpointId) {
+        if let Some(tx) = self.down.get(id.index()) {
+            tx.send_modify(|n| *n += 1);
+        }
+    }
 }
 
 impl Router for TableRouter {
-    fn route(&self) -> Result<Arc<Endpoint>, RouteError> {
-        self.table.load().selected().cloned()
+    fn route(&self) -> Result<Arc<RoutingTable>, RouteError> {
+        let table = self.table.load_full();
+        if table.is_empty() {
+            return Err(RouteError::NoEndpoints);
+        }
+        Ok(table)
     }
 
     fn endpoint(&self, id: EndpointId) -> Option<Arc<Endpoint>> {
-        self.table
-            .load()
-            .endpoints()
-            .iter()
-            .find(|e| e.id == id)
-            .cloned()
+        self.table.load().endpoints().get(id.index()).cloned()
+    }
+
+    fn report(&self, id: EndpointId, signal: PassiveSignal) {
+        if let Some(tx) = &self.reports {
+            // A full queue already holds reports that demote; dropping
+            // one more loses nothing.
+            let _ = tx.try_send((id, signal));
+        }
+    }
+
+    fn watch_down(&self, id: EndpointId) -> Option<DownWatch> {
+        self.down.get(id.index()).map(|tx| tx.subscribe())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dsql_proxy_config::EndpointConfig;
 
     fn config(name: &str, priority: u32) -> EndpointConfig {
         EndpointConfig {
@@ -160,6 +138,7 @@ mod tests {
             port: 5432,
             connect_address: None,
             priority,
+            route53_health_check_id: None,
         }
     }
 
@@ -167,10 +146,12 @@ mod tests {
     fn lowest_priority_then_config_order_wins() {
         let table = RoutingTable::from_configs(&[config("a", 2), config("b", 1), config("c", 1)]);
         assert_eq!(table.selected().unwrap().name, "b");
+        let names: Vec<&str> = table.candidates().map(|(e, _)| e.name.as_str()).collect();
+        assert_eq!(names, ["b", "c", "a"]);
         let router = TableRouter::new(table);
-        assert_eq!(router.route().unwrap().name, "b");
+        assert_eq!(router.route().unwrap().selected().unwrap().name, "b");
         router.publish(RoutingTable::from_configs(&[config("c", 0)]));
-        assert_eq!(router.route().unwrap().name, "c");
+        assert_eq!(router.route().unwrap().selected().unwrap().name, "c");
         assert!(router.endpoint(EndpointId(0)).is_some());
         assert!(router.endpoint(EndpointId(9)).is_none());
     }
@@ -178,6 +159,16 @@ mod tests {
     #[test]
     fn empty_table_is_an_error() {
         let router = TableRouter::new(RoutingTable::from_configs(&[]));
-        assert_eq!(router.route(), Err(RouteError::NoEndpoints));
+        assert_eq!(router.route().err(), Some(RouteError::NoEndpoints));
+    }
+
+    #[tokio::test]
+    async fn down_watch_fires_only_for_later_events() {
+        let router = TableRouter::new(RoutingTable::from_configs(&[config("a", 1)]));
+        router.signal_down(EndpointId(0));
+        let mut w = router.watch_down(EndpointId(0)).unwrap();
+        assert!(!w.has_changed().unwrap());
+        router.signal_down(EndpointId(0));
+        w.changed().await.unwrap();
     }
 }

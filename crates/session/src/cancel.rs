@@ -131,6 +131,7 @@ mod tests {
                 port: 1,
                 connect_address: None,
                 priority: 1,
+                route53_health_check_id: None,
             }),
         }
     }

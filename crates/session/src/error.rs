@@ -3,6 +3,7 @@ use std::io;
 use bytes::BytesMut;
 use dsql_proxy_protocol::backend::ErrorFields;
 use dsql_proxy_protocol::{sqlstate, PgError, ProtocolError};
+use dsql_proxy_routing::FailureKind;
 use thiserror::Error;
 
 /// Why a session ended early, and what the client is told.
@@ -24,7 +25,19 @@ pub enum SessionError {
         fields: ErrorFields,
     },
     #[error("cannot connect to backend {endpoint}: {cause}")]
-    BackendUnreachable { endpoint: String, cause: String },
+    BackendUnreachable {
+        endpoint: String,
+        kind: FailureKind,
+        cause: String,
+    },
+    /// Every candidate endpoint failed; each with its failure.
+    #[error("no endpoint could be reached: {}", describe_attempts(.attempts))]
+    NoEndpointReachable {
+        attempts: Vec<(String, String)>,
+        /// The servers' common SQLSTATE when they all refused alike for
+        /// load (53300, 53400, 57P03), so clients back off.
+        code: Option<&'static str>,
+    },
     #[error("backend {endpoint}: {cause}")]
     BackendProtocol { endpoint: String, cause: String },
     #[error("setup: {0}")]
@@ -51,7 +64,16 @@ impl SessionError {
                 }
                 return true;
             }
-            Self::BackendUnreachable { endpoint, cause } => PgError::fatal(
+            Self::NoEndpointReachable { attempts, code } => PgError::fatal(
+                code.unwrap_or(sqlstate::UNABLE_TO_CONNECT),
+                format!(
+                    "dsql-proxy could not connect to any endpoint: {}",
+                    describe_attempts(attempts)
+                ),
+            ),
+            Self::BackendUnreachable {
+                endpoint, cause, ..
+            } => PgError::fatal(
                 sqlstate::UNABLE_TO_CONNECT,
                 format!("dsql-proxy cannot connect to endpoint {endpoint}: {cause}"),
             ),
@@ -73,8 +95,41 @@ impl SessionError {
             Self::Rejected(_) => "rejected",
             Self::BackendRefused { .. } => "backend_refused",
             Self::BackendUnreachable { .. } => "backend_unreachable",
+            Self::NoEndpointReachable { .. } => "no_endpoint_reachable",
             Self::BackendProtocol { .. } => "backend_protocol_error",
             Self::Setup(_) => "setup_error",
+        }
+    }
+}
+
+fn describe_attempts(attempts: &[(String, String)]) -> String {
+    attempts
+        .iter()
+        .map(|(endpoint, failure)| format!("{endpoint}: {failure}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl SessionError {
+    /// The failure class when this connect error says the endpoint cannot
+    /// take sessions right now, so the next endpoint should be tried; `None`
+    /// for answers that would be the same anywhere (authentication
+    /// refusals, a missing database) and are passed to the client.
+    pub fn failover_kind(&self) -> Option<FailureKind> {
+        match self {
+            Self::BackendUnreachable { kind, .. } => Some(*kind),
+            Self::BackendProtocol { .. } => Some(FailureKind::Protocol),
+            Self::BackendRefused { fields, .. } => match fields.code() {
+                sqlstate::TOO_MANY_CONNECTIONS | sqlstate::CONFIGURATION_LIMIT_EXCEEDED => {
+                    Some(FailureKind::Busy)
+                }
+                sqlstate::CANNOT_CONNECT_NOW | sqlstate::ADMIN_SHUTDOWN => {
+                    Some(FailureKind::Unavailable)
+                }
+                code if code.starts_with("08") => Some(FailureKind::Unavailable),
+                _ => None,
+            },
+            _ => None,
         }
     }
 }

@@ -59,7 +59,10 @@ pub async fn read_message<S: AsyncRead + Unpin>(
 }
 
 /// Writes and flushes (flushing matters for TLS streams).
-pub async fn send<S: AsyncWrite + Unpin>(stream: &mut S, buf: &[u8]) -> std::io::Result<()> {
+pub async fn send<S: AsyncWrite + Unpin + ?Sized>(
+    stream: &mut S,
+    buf: &[u8],
+) -> std::io::Result<()> {
     stream.write_all(buf).await?;
     stream.flush().await
 }

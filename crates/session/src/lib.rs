@@ -24,8 +24,9 @@ use std::time::Duration;
 
 pub use error::SessionError;
 
-use dsql_proxy_config::{ClientAuthMethod, Config};
+use dsql_proxy_config::{ClientAuthMethod, Config, OnEndpointDown};
 use dsql_proxy_credentials::CredentialSource;
+use dsql_proxy_metrics::Metrics;
 use dsql_proxy_protocol::scram::{ScramVerifier, DEFAULT_ITERATIONS};
 use dsql_proxy_routing::Router;
 use tokio_rustls::TlsAcceptor;
@@ -45,9 +46,14 @@ pub struct ProxyContext {
     pub max_client_connections: usize,
     pub drop_parameters: Vec<String>,
     pub default_application_name: String,
+    /// Longest a connect attempt to one endpoint may take while others
+    /// remain to be tried.
+    pub attempt_timeout: Duration,
+    pub on_endpoint_down: OnEndpointDown,
     pub router: Arc<dyn Router>,
     pub credentials: Arc<dyn CredentialSource>,
     pub cancels: Arc<CancelRegistry>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl ProxyContext {
@@ -55,6 +61,7 @@ impl ProxyContext {
         config: &Config,
         router: Arc<dyn Router>,
         credentials: Arc<dyn CredentialSource>,
+        metrics: Arc<Metrics>,
     ) -> Result<Self, SessionError> {
         let listen = &config.listen;
         let tls = match (&listen.tls_cert_file, &listen.tls_key_file) {
@@ -104,9 +111,12 @@ impl ProxyContext {
             max_client_connections: listen.max_client_connections as usize,
             drop_parameters: config.backend.effective_drop_parameters(),
             default_application_name: config.backend.default_application_name.clone(),
+            attempt_timeout: config.routing.attempt_timeout.get(),
+            on_endpoint_down: config.routing.on_endpoint_down,
             router,
             credentials,
             cancels: Arc::new(CancelRegistry::default()),
+            metrics,
         })
     }
 }

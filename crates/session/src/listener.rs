@@ -91,11 +91,14 @@ pub async fn accept_loop(
                 continue;
             }
         };
+        ctx.metrics.client_connections_total.inc();
         match Arc::clone(&limit).try_acquire_owned() {
             Ok(permit) => {
                 let ctx = Arc::clone(&ctx);
                 tokio::spawn(async move {
-                    session::run(ctx, transport, peer).await;
+                    ctx.metrics.client_connections_active.inc();
+                    session::run(Arc::clone(&ctx), transport, peer).await;
+                    ctx.metrics.client_connections_active.dec();
                     drop(permit);
                 });
             }
@@ -108,6 +111,10 @@ pub async fn accept_loop(
                     });
                 }
                 Err(_) => {
+                    ctx.metrics
+                        .client_connections_rejected_total
+                        .with_label_values(&["too_many_clients"])
+                        .inc();
                     debug!(client = %peer, "over the client limit and the rejection queue; closed")
                 }
             },
@@ -146,5 +153,9 @@ async fn reject_over_limit(ctx: &Arc<ProxyContext>, transport: Transport, peer: 
         ),
     ));
     let _ = frontend::reject(Failure { stream, error: err }).await;
+    ctx.metrics
+        .client_connections_rejected_total
+        .with_label_values(&["too_many_clients"])
+        .inc();
     info!(client = %peer, reason = %"too_many_clients", "client rejected");
 }

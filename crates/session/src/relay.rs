@@ -165,6 +165,31 @@ where
         }
     }
 
+    /// Writes what was already read from the backend to the client, so a
+    /// message the proxy injects next lands after it. Used when the session
+    /// is being ended by the proxy; reads nothing more from either side.
+    pub async fn flush_downstream(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| {
+            let down = &mut self.down;
+            let mut client = Pin::new(&mut *self.client);
+            while down.pos < down.cap {
+                let n = ready!(client
+                    .as_mut()
+                    .poll_write(cx, &down.buf[down.pos..down.cap]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                down.pos += n;
+            }
+            client.as_mut().poll_flush(cx)
+        })
+        .await
+    }
+
+    pub fn client(&mut self) -> &mut C {
+        self.client
+    }
+
     pub fn stats(&self) -> RelayStats {
         RelayStats {
             client_to_backend: self.up.total,

@@ -2,12 +2,16 @@
 //! startup, relay, and the close log line.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::BytesMut;
+use dsql_proxy_config::{OnEndpointDown, Secret};
 use dsql_proxy_credentials::{CredentialError, CredentialRequest};
 use dsql_proxy_protocol::startup::StartupParam;
 use dsql_proxy_protocol::{messages, sqlstate, PgError, StartupMessage};
+use dsql_proxy_routing::{DownWatch, Endpoint, FailureKind, PassiveSignal, RoutingTable};
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, warn};
 
@@ -15,7 +19,7 @@ use crate::backend::{self, BackendSession};
 use crate::cancel::CancelTarget;
 use crate::frontend::{self, ClientHello, Opening, Peer};
 use crate::io::{send, Deadline};
-use crate::relay::Relay;
+use crate::relay::{Relay, RelayEnd};
 use crate::stream::Transport;
 use crate::{ProxyContext, SessionError};
 
@@ -36,6 +40,10 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
                     debug!(client = %peer, error = %err, "client left during startup")
                 }
                 _ => {
+                    ctx.metrics
+                        .client_connections_rejected_total
+                        .with_label_values(&[err.reason()])
+                        .inc();
                     info!(client = %peer, reason = %err.reason(), error = %err, "client rejected during startup")
                 }
             }
@@ -54,8 +62,8 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
         .map(|d| d.into_owned())
         .unwrap_or_else(|| user.clone());
 
-    let endpoint = match ctx.router.route() {
-        Ok(e) => e,
+    let table = match ctx.router.route() {
+        Ok(t) => t,
         Err(e) => {
             let err = SessionError::Rejected(PgError::fatal(
                 sqlstate::CANNOT_CONNECT_NOW,
@@ -70,54 +78,22 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
             return;
         }
     };
-
-    let established = async {
-        let request = CredentialRequest {
-            endpoint_host: &endpoint.host,
-            endpoint_port: endpoint.port,
-            region: endpoint.region.as_deref(),
-            user: &user,
-            client_password: password.as_ref(),
-        };
-        // Credential providers (STS, metadata) may be slow or down: the
-        // client hears about it within connect_timeout either way.
-        let secret = match tokio::time::timeout(
-            ctx.backend.connect_timeout,
-            ctx.credentials.password(request),
-        )
-        .await
-        {
-            Ok(Ok(s)) => Some(s),
-            Ok(Err(e)) => return Err(credential_error(e)),
-            Err(_) => {
-                return Err(credential_error(CredentialError::AwsProvider(format!(
-                    "no credentials within connect_timeout ({:?})",
-                    ctx.backend.connect_timeout
-                ))))
-            }
-        };
-        let params = backend_parameters(&startup, &ctx);
-        backend::connect(&endpoint, &ctx.backend, &params, &user, secret.as_ref()).await
+    let params = backend_parameters(&startup, &ctx);
+    let login = Login {
+        user: &user,
+        password: password.as_ref(),
+        params: &params,
     };
-    let backend: BackendSession = match established.await {
-        Ok(b) => b,
+    let (endpoint, backend) = match connect_any(&ctx, &table, &login).await {
+        Ok(connected) => connected,
         Err(err) => {
-            if let SessionError::BackendRefused { fields, .. } = &err {
-                // An invalid-authorization answer means the secret itself
-                // was refused: never hand it out again.
-                if fields.code().starts_with("28") {
-                    ctx.credentials.rejected(CredentialRequest {
-                        endpoint_host: &endpoint.host,
-                        endpoint_port: endpoint.port,
-                        region: endpoint.region.as_deref(),
-                        user: &user,
-                        client_password: password.as_ref(),
-                    });
-                }
-            }
             let err = explain_limits(err);
+            ctx.metrics
+                .client_connections_rejected_total
+                .with_label_values(&[err.reason()])
+                .inc();
             warn!(
-                client = %peer, %user, %database, endpoint = %endpoint.name,
+                client = %peer, %user, %database,
                 reason = %err.reason(), error = %err, "backend connection failed"
             );
             let _ = frontend::reject(frontend::Failure {
@@ -128,6 +104,7 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
             return;
         }
     };
+    drop(table);
     let BackendSession {
         stream: mut backend_stream,
         parameters,
@@ -170,10 +147,56 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
     }
     drop(buf);
 
+    let endpoint_labels = [endpoint.name.as_str(), endpoint.region_label()];
+    let active = ctx
+        .metrics
+        .sessions_active
+        .with_label_values(&endpoint_labels);
+    active.inc();
+    let mut down = match ctx.on_endpoint_down {
+        OnEndpointDown::Close => ctx.router.watch_down(endpoint.id),
+        OnEndpointDown::Keep => None,
+    };
     let mut relay = Relay::new(&mut stream, &mut backend_stream);
-    let end = (&mut relay).await;
+    let end = relay_until_evicted(&mut relay, down.as_mut()).await;
+    if let Some(end) = &end {
+        if let Some(detail) = backend_broke(end, &relay) {
+            ctx.router
+                .report(endpoint.id, PassiveSignal::SessionBroken { detail });
+        }
+    } else {
+        // The endpoint went down: end the session the way PostgreSQL ends
+        // one on shutdown, so pools reconnect (to a healthy endpoint) at
+        // once instead of waiting on a dead socket.
+        let message = PgError::fatal(
+            sqlstate::ADMIN_SHUTDOWN,
+            format!(
+                "dsql-proxy: endpoint {} is unavailable; reconnect",
+                endpoint.name
+            ),
+        );
+        let flushed = tokio::time::timeout(EVICTION_FLUSH, relay.flush_downstream()).await;
+        if matches!(flushed, Ok(Ok(()))) && relay.downstream.at_boundary() {
+            let mut buf = BytesMut::new();
+            message.encode(&mut buf);
+            let _ = tokio::time::timeout(EVICTION_FLUSH, send(relay.client(), &buf)).await;
+        }
+    }
     let stats = relay.stats();
-    let _ = stream.shutdown().await;
+    let reason = end.as_ref().map_or("endpoint_down", |e| e.reason());
+    drop(relay);
+    active.dec();
+    let m = &ctx.metrics;
+    m.sessions_closed_total.with_label_values(&[reason]).inc();
+    m.session_duration_seconds
+        .observe(started.elapsed().as_secs_f64());
+    m.bytes_total
+        .with_label_values(&["client_to_backend"])
+        .inc_by(stats.client_to_backend);
+    m.bytes_total
+        .with_label_values(&["backend_to_client"])
+        .inc_by(stats.backend_to_client);
+    let _ = tokio::time::timeout(EVICTION_FLUSH, stream.shutdown()).await;
     info!(
         client = %peer,
         %user,
@@ -182,9 +205,247 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
         duration_ms = started.elapsed().as_millis() as u64,
         bytes_from_client = stats.client_to_backend,
         bytes_to_client = stats.backend_to_client,
-        reason = %end.reason(),
+        reason = %reason,
         "session closed"
     );
+}
+
+/// How long the proxy spends telling a client its session is over.
+const EVICTION_FLUSH: Duration = Duration::from_secs(1);
+
+/// Relays until the session ends (`Some`) or `down` fires (`None`).
+async fn relay_until_evicted<C, B>(
+    relay: &mut Relay<'_, C, B>,
+    down: Option<&mut DownWatch>,
+) -> Option<RelayEnd>
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+{
+    let Some(down) = down else {
+        return Some(relay.await);
+    };
+    tokio::select! {
+        biased;
+        end = &mut *relay => Some(end),
+        changed = down.changed() => match changed {
+            Ok(()) => None,
+            // The router is gone (shutdown): relay on without it.
+            Err(_) => Some(relay.await),
+        },
+    }
+}
+
+/// A backend connection that broke without the server saying why: a reset,
+/// or an EOF not preceded by an ErrorResponse. That is a passive health
+/// signal; a FATAL (admin shutdown, idle timeout) is not.
+fn backend_broke<C: ?Sized, B: ?Sized>(end: &RelayEnd, relay: &Relay<'_, C, B>) -> Option<String> {
+    match end {
+        RelayEnd::BackendError(e) => Some(format!("backend connection broke: {e}")),
+        RelayEnd::BackendClosed if relay.downstream.last_tag() != b'E' => {
+            Some("backend closed the connection without an error".into())
+        }
+        _ => None,
+    }
+}
+
+/// What a session authenticates to the backend with.
+struct Login<'a> {
+    user: &'a str,
+    password: Option<&'a Secret>,
+    params: &'a [StartupParam],
+}
+
+/// Tries the table's candidates in order within `connect_timeout`: a
+/// transport-level failure moves on to the next endpoint (and demotes the
+/// failed one at once); an answer that would be the same anywhere, such as
+/// an authentication refusal, goes straight to the client.
+async fn connect_any(
+    ctx: &ProxyContext,
+    table: &RoutingTable,
+    login: &Login<'_>,
+) -> Result<(Arc<Endpoint>, BackendSession), SessionError> {
+    let budget = Instant::now() + ctx.backend.connect_timeout;
+    let total = table.endpoints().len();
+    let mut failures: Vec<(Arc<Endpoint>, SessionError)> = Vec::new();
+    for (tried, (endpoint, _eligible)) in table.candidates().enumerate() {
+        let remaining = budget.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            break;
+        }
+        let last = tried + 1 == total;
+        // A hung endpoint must leave time for the next one.
+        let limit = if last {
+            remaining
+        } else {
+            remaining.min(ctx.attempt_timeout)
+        };
+        let down = if last {
+            None
+        } else {
+            ctx.router.watch_down(endpoint.id)
+        };
+        let attempt_started = Instant::now();
+        let labels = [endpoint.name.as_str(), endpoint.region_label()];
+        match connect_one(ctx, endpoint, login, limit, remaining, down).await {
+            Ok(backend) => {
+                ctx.metrics
+                    .backend_connect_seconds
+                    .with_label_values(&labels)
+                    .observe(attempt_started.elapsed().as_secs_f64());
+                if !failures.is_empty() {
+                    info!(
+                        endpoint = %endpoint.name, failed = failures.len(),
+                        "connected after failing over"
+                    );
+                }
+                return Ok((Arc::clone(endpoint), backend));
+            }
+            Err(err) => {
+                let reason = err
+                    .failover_kind()
+                    .map_or(err.reason(), FailureKind::as_str);
+                ctx.metrics
+                    .backend_connect_failures_total
+                    .with_label_values(&[labels[0], labels[1], reason])
+                    .inc();
+                let Some(kind) = err.failover_kind() else {
+                    if let SessionError::BackendRefused { fields, .. } = &err {
+                        // An invalid-authorization answer means the secret
+                        // itself was refused: never hand it out again.
+                        if fields.code().starts_with("28") {
+                            ctx.credentials.rejected(request(endpoint, login));
+                        }
+                    }
+                    return Err(err);
+                };
+                debug!(endpoint = %endpoint.name, error = %err, "connect attempt failed; trying the next endpoint");
+                // A server over its connection limits is busy, not down:
+                // try elsewhere without demoting it.
+                if kind != FailureKind::Busy {
+                    ctx.router.report(
+                        endpoint.id,
+                        PassiveSignal::ConnectFailed {
+                            kind,
+                            detail: err.to_string(),
+                        },
+                    );
+                }
+                failures.push((Arc::clone(endpoint), err));
+            }
+        }
+    }
+    Err(all_failed(failures))
+}
+
+fn request<'a>(endpoint: &'a Endpoint, login: &'a Login<'a>) -> CredentialRequest<'a> {
+    CredentialRequest {
+        endpoint_host: &endpoint.host,
+        endpoint_port: endpoint.port,
+        region: endpoint.region.as_deref(),
+        user: login.user,
+        client_password: login.password,
+    }
+}
+
+/// One attempt: the secret, then dial, TLS and authentication within
+/// `limit`; abandoned early if health checks mark the endpoint down.
+async fn connect_one(
+    ctx: &ProxyContext,
+    endpoint: &Endpoint,
+    login: &Login<'_>,
+    limit: Duration,
+    remaining: Duration,
+    down: Option<DownWatch>,
+) -> Result<BackendSession, SessionError> {
+    // Credential providers (STS, metadata) may be slow or down: the client
+    // hears about it within connect_timeout either way.
+    let secret = match tokio::time::timeout(
+        remaining,
+        ctx.credentials.password(request(endpoint, login)),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(credential_error(e)),
+        Err(_) => {
+            return Err(credential_error(CredentialError::AwsProvider(format!(
+                "no credentials within connect_timeout ({:?})",
+                ctx.backend.connect_timeout
+            ))))
+        }
+    };
+    let attempt = backend::connect(
+        endpoint,
+        &ctx.backend,
+        login.params,
+        login.user,
+        Some(&secret),
+        limit,
+    );
+    let Some(mut down) = down else {
+        return attempt.await;
+    };
+    tokio::select! {
+        biased;
+        result = attempt => result,
+        Ok(()) = down.changed() => Err(SessionError::BackendUnreachable {
+            endpoint: endpoint.describe(),
+            kind: FailureKind::Timeout,
+            cause: "abandoned: health checks marked the endpoint down during the attempt".into(),
+        }),
+    }
+}
+
+/// The client's error when no endpoint took the session. With one endpoint
+/// it is that endpoint's own error; with several, each is listed.
+fn all_failed(mut failures: Vec<(Arc<Endpoint>, SessionError)>) -> SessionError {
+    if failures.len() == 1 {
+        if let Some((_, err)) = failures.pop() {
+            return err;
+        }
+    }
+    if failures.is_empty() {
+        return SessionError::NoEndpointReachable {
+            attempts: Vec::new(),
+            code: None,
+        };
+    }
+    let codes: Vec<Option<&str>> = failures
+        .iter()
+        .map(|(_, e)| match e {
+            SessionError::BackendRefused { fields, .. } => Some(fields.code()),
+            _ => None,
+        })
+        .collect();
+    let code = match codes.first() {
+        Some(Some(first)) if codes.iter().all(|c| *c == Some(*first)) => [
+            sqlstate::TOO_MANY_CONNECTIONS,
+            sqlstate::CONFIGURATION_LIMIT_EXCEEDED,
+            sqlstate::CANNOT_CONNECT_NOW,
+        ]
+        .into_iter()
+        .find(|known| known == first),
+        _ => None,
+    };
+    let mut attempts: Vec<(String, String)> = failures
+        .iter()
+        .map(|(endpoint, err)| (endpoint.name.clone(), short_cause(err)))
+        .collect();
+    attempts.dedup();
+    SessionError::NoEndpointReachable { attempts, code }
+}
+
+/// An attempt's failure without the endpoint name repeated.
+fn short_cause(err: &SessionError) -> String {
+    match err {
+        SessionError::BackendUnreachable { cause, .. } => cause.clone(),
+        SessionError::BackendProtocol { cause, .. } => format!("protocol error: {cause}"),
+        SessionError::BackendRefused { fields, .. } => {
+            format!("{} {}", fields.code(), fields.get(b'M').unwrap_or_default())
+        }
+        other => other.to_string(),
+    }
 }
 
 fn credential_error(e: CredentialError) -> SessionError {
@@ -256,6 +517,7 @@ fn backend_parameters(startup: &StartupMessage, ctx: &ProxyContext) -> Vec<Start
 }
 
 pub(crate) async fn cancel_request(ctx: &ProxyContext, key: dsql_proxy_protocol::CancelKey) {
+    ctx.metrics.cancel_requests_total.inc();
     // Unknown keys are dropped without an answer, as PostgreSQL does, so a
     // scanner learns nothing.
     let Some(target) = ctx.cancels.lookup(&key) else {

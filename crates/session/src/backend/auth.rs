@@ -4,7 +4,7 @@ use dsql_proxy_protocol::backend::{self, AuthRequest, BackendMessage, MAX_STARTU
 use dsql_proxy_protocol::scram::{self, ScramClient};
 use dsql_proxy_protocol::startup::StartupParam;
 use dsql_proxy_protocol::{md5, messages, startup, ProtocolError};
-use dsql_proxy_routing::Endpoint;
+use dsql_proxy_routing::{Endpoint, FailureKind};
 
 use super::BackendSession;
 use crate::cancel::BackendKey;
@@ -47,6 +47,7 @@ async fn next(
         Err(e) => {
             return Err(SessionError::BackendUnreachable {
                 endpoint: endpoint.describe(),
+                kind: FailureKind::Connection,
                 cause: format!("connection lost during startup: {e}"),
             })
         }
@@ -63,6 +64,7 @@ async fn write(
         .await
         .map_err(|e| SessionError::BackendUnreachable {
             endpoint: endpoint.describe(),
+            kind: FailureKind::Connection,
             cause: format!("connection lost during startup: {e}"),
         })
 }

@@ -3,6 +3,8 @@ use std::time::Duration;
 use bytes::BytesMut;
 use tokio::io::AsyncReadExt;
 
+use dsql_proxy_routing::FailureKind;
+
 use super::{dial, BackendSettings};
 use crate::cancel::CancelTarget;
 use crate::io::send;
@@ -22,6 +24,7 @@ pub async fn forward_cancel(
             .await
             .map_err(|e| SessionError::BackendUnreachable {
                 endpoint: target.endpoint.describe(),
+                kind: FailureKind::Connection,
                 cause: e.to_string(),
             })?;
         // The server answers nothing and closes; waiting for that makes sure
@@ -35,6 +38,7 @@ pub async fn forward_cancel(
         .unwrap_or_else(|_| {
             Err(SessionError::BackendUnreachable {
                 endpoint: target.endpoint.describe(),
+                kind: FailureKind::Timeout,
                 cause: "cancel request timed out".into(),
             })
         })

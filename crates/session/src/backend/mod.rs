@@ -13,7 +13,7 @@ use bytes::BytesMut;
 use dsql_proxy_config::Secret;
 use dsql_proxy_protocol::backend::ErrorFields;
 use dsql_proxy_protocol::startup::{self, StartupParam};
-use dsql_proxy_routing::Endpoint;
+use dsql_proxy_routing::{Endpoint, FailureKind};
 use rustls::ClientConfig;
 use socket2::{SockRef, TcpKeepalive};
 use tokio::io::AsyncReadExt;
@@ -26,6 +26,7 @@ use crate::stream::BackendStream;
 use crate::SessionError;
 
 /// How to reach backends; built once from config.
+#[derive(Clone)]
 pub struct BackendSettings {
     pub tls: Option<Arc<ClientConfig>>,
     pub connect_timeout: Duration,
@@ -44,9 +45,14 @@ pub struct BackendSession {
     pub ready_status: u8,
 }
 
-fn unreachable(endpoint: &Endpoint, cause: impl std::fmt::Display) -> SessionError {
+fn unreachable(
+    endpoint: &Endpoint,
+    kind: FailureKind,
+    cause: impl std::fmt::Display,
+) -> SessionError {
     SessionError::BackendUnreachable {
         endpoint: endpoint.describe(),
+        kind,
         cause: cause.to_string(),
     }
 }
@@ -59,10 +65,10 @@ pub async fn dial(
     let tcp = match endpoint.connect_address {
         Some(addr) => TcpStream::connect(addr)
             .await
-            .map_err(|e| unreachable(endpoint, e))?,
+            .map_err(|e| unreachable(endpoint, FailureKind::Connection, e))?,
         None => TcpStream::connect((endpoint.host.as_str(), endpoint.port))
             .await
-            .map_err(|e| unreachable(endpoint, e))?,
+            .map_err(|e| unreachable(endpoint, FailureKind::Connection, e))?,
     };
     // Latency matters more than packet count for a query protocol.
     let _ = tcp.set_nodelay(true);
@@ -84,28 +90,35 @@ pub async fn dial(
     startup::encode_ssl_request(&mut buf);
     send(&mut tcp, &buf)
         .await
-        .map_err(|e| unreachable(endpoint, e))?;
+        .map_err(|e| unreachable(endpoint, FailureKind::Connection, e))?;
     let mut answer = [0u8; 1];
-    tcp.read_exact(&mut answer)
-        .await
-        .map_err(|e| unreachable(endpoint, format!("no answer to SSLRequest: {e}")))?;
+    tcp.read_exact(&mut answer).await.map_err(|e| {
+        unreachable(
+            endpoint,
+            FailureKind::Connection,
+            format!("no answer to SSLRequest: {e}"),
+        )
+    })?;
     match answer[0] {
         b'S' => {}
         b'N' => {
             return Err(unreachable(
                 endpoint,
+                FailureKind::Protocol,
                 "the server does not accept TLS connections",
             ))
         }
         b'E' => {
             return Err(unreachable(
                 endpoint,
+                FailureKind::Protocol,
                 "the server sent an error during TLS negotiation",
             ))
         }
         other => {
             return Err(unreachable(
                 endpoint,
+                FailureKind::Protocol,
                 format!("unexpected answer {other:#04x} to SSLRequest"),
             ))
         }
@@ -114,30 +127,35 @@ pub async fn dial(
     let tls = TlsConnector::from(Arc::clone(tls))
         .connect(name, tcp)
         .await
-        .map_err(|e| unreachable(endpoint, format!("TLS handshake failed: {e}")))?;
+        .map_err(|e| {
+            unreachable(
+                endpoint,
+                FailureKind::Tls,
+                format!("TLS handshake failed: {e}"),
+            )
+        })?;
     Ok(BackendStream::Tls(Box::new(tls)))
 }
 
-/// Dials, starts up and authenticates, all within the connect timeout.
+/// Dials, starts up and authenticates, all within `timeout`.
 pub async fn connect(
     endpoint: &Endpoint,
     settings: &BackendSettings,
     params: &[StartupParam],
     user: &str,
     password: Option<&Secret>,
+    timeout: Duration,
 ) -> Result<BackendSession, SessionError> {
     let attempt = async {
         let stream = dial(endpoint, settings).await?;
         auth::start_session(endpoint, stream, params, user, password).await
     };
-    match tokio::time::timeout(settings.connect_timeout, attempt).await {
+    match tokio::time::timeout(timeout, attempt).await {
         Ok(result) => result,
         Err(_) => Err(unreachable(
             endpoint,
-            format!(
-                "timed out after {:?} (connect_timeout)",
-                settings.connect_timeout
-            ),
+            FailureKind::Timeout,
+            format!("timed out after {timeout:?}"),
         )),
     }
 }

@@ -1,0 +1,178 @@
+//! The admin HTTP server (`[admin] address`): `/metrics` for Prometheus,
+//! `/healthz`, `/startup` and `/readyz` for Kubernetes probes (none of them
+//! dials the database), `/status` as JSON, and `POST /quitquitquit` to ask
+//! for a graceful shutdown (batch Jobs).
+
+mod status;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use dsql_proxy_metrics::{Metrics, CONTENT_TYPE};
+use dsql_proxy_routing::TableRouter;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+pub use status::status_json;
+
+#[derive(Debug, Error)]
+pub enum AdminError {
+    #[error("cannot bind the admin server to {address}: {source}")]
+    Bind {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A hook that updates metric families just before they are rendered.
+pub type MetricsRefresh = Box<dyn Fn(&Metrics) + Send + Sync>;
+
+/// What the admin endpoints read.
+pub struct AdminState {
+    pub metrics: Arc<Metrics>,
+    pub router: Arc<TableRouter>,
+    /// Set once the listeners are bound and the first probe round is done.
+    pub started: AtomicBool,
+    /// Set when a graceful shutdown has begun.
+    pub draining: AtomicBool,
+    /// Notified by `POST /quitquitquit`.
+    pub quit: Notify,
+    /// The selection policy in words, for `/status`.
+    pub policy: serde_json::Value,
+    /// Runs before each `/metrics` render: copies counters kept elsewhere
+    /// (the IAM token cache's) into their families.
+    pub before_render: Option<MetricsRefresh>,
+}
+
+pub struct AdminServer {
+    listener: TcpListener,
+}
+
+impl AdminServer {
+    pub async fn bind(address: SocketAddr) -> Result<Self, AdminError> {
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|source| AdminError::Bind { address, source })?;
+        Ok(Self { listener })
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+
+    /// Serves until the process ends; each connection on its own task.
+    pub async fn serve(self, state: Arc<AdminState>) {
+        loop {
+            let (stream, peer) = match self.listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let state = Arc::clone(&state);
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let state = Arc::clone(&state);
+                    async move { Ok::<_, Infallible>(handle(&state, req)) }
+                });
+                let conn = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(std::time::Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(stream), service);
+                if let Err(e) = conn.await {
+                    debug!(client = %peer, error = %e, "admin connection ended with an error");
+                }
+            });
+        }
+    }
+}
+
+fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    match (req.method(), path) {
+        (&Method::GET | &Method::HEAD, "/metrics") => {
+            if let Some(refresh) = &state.before_render {
+                refresh(&state.metrics);
+            }
+            reply(StatusCode::OK, CONTENT_TYPE, state.metrics.render())
+        }
+        (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET | &Method::HEAD, "/startup") => {
+            if state.started.load(Ordering::Acquire) {
+                text(StatusCode::OK, "started\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+            }
+        }
+        (&Method::GET | &Method::HEAD, "/readyz") => {
+            let (ready, why) = readiness(state);
+            let code = if ready {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            text(code, &format!("{why}\n"))
+        }
+        (&Method::GET | &Method::HEAD, "/status") => {
+            let body = status_json(&state.router.snapshot(), &state.metrics, &state.policy);
+            reply(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_string_pretty(&body).unwrap_or_default() + "\n",
+            )
+        }
+        (&Method::POST, "/quitquitquit") => {
+            info!("graceful shutdown requested through /quitquitquit");
+            state.quit.notify_one();
+            text(StatusCode::OK, "shutting down\n")
+        }
+        (_, "/metrics" | "/healthz" | "/startup" | "/readyz" | "/status" | "/quitquitquit") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Ready means new sessions can be served: started, not draining, and some
+/// endpoint routable. Nothing here dials the database; the probes' last
+/// verdict is used.
+fn readiness(state: &AdminState) -> (bool, &'static str) {
+    if !state.started.load(Ordering::Acquire) {
+        return (false, "starting");
+    }
+    if state.draining.load(Ordering::Acquire) {
+        return (false, "draining");
+    }
+    if state.router.snapshot().selected().is_none() {
+        return (false, "no endpoint is routable");
+    }
+    (true, "ready")
+}
+
+fn text(code: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    reply(code, "text/plain; charset=utf-8", body.to_owned())
+}
+
+fn reply(code: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = code;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, v);
+    }
+    response
+}

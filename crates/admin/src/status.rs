@@ -1,0 +1,76 @@
+//! `/status`: the routing table as JSON.
+
+use dsql_proxy_metrics::Metrics;
+use dsql_proxy_routing::{FailureKind, RoutingTable};
+use serde_json::{json, Map, Value};
+
+fn ms(d: Option<std::time::Duration>) -> Value {
+    d.map_or(Value::Null, |d| {
+        json!((d.as_secs_f64() * 1e6).round() / 1e3)
+    })
+}
+
+pub fn status_json(table: &RoutingTable, metrics: &Metrics, policy: &Value) -> Value {
+    let selected = table.selected().map(|e| e.id);
+    let ranks: Vec<_> = table.candidates().map(|(e, _)| e.id).collect();
+    let endpoints: Vec<Value> = table
+        .endpoints()
+        .iter()
+        .map(|e| {
+            let s = table.status(e.id);
+            let mut failures = Map::new();
+            if let Some(s) = s {
+                for (kind, n) in FailureKind::ALL.iter().zip(s.probe_failures) {
+                    if n > 0 {
+                        failures.insert(kind.as_str().to_owned(), json!(n));
+                    }
+                }
+            }
+            let sessions = metrics
+                .sessions_active
+                .get_metric_with_label_values(&[&e.name, e.region_label()])
+                .map(|g| g.get())
+                .unwrap_or(0);
+            json!({
+                "name": e.name,
+                "region": e.region,
+                "host": e.host,
+                "port": e.port,
+                "priority": e.priority,
+                "selected": Some(e.id) == selected,
+                "rank": ranks.iter().position(|id| *id == e.id),
+                "state": s.map(|s| s.liveness.as_str()),
+                "eligible": s.map(|s| s.eligible),
+                "latency_ms": ms(s.and_then(|s| s.latency)),
+                "last_rtt_ms": ms(s.and_then(|s| s.last_rtt)),
+                "connect_time_ms": ms(s.and_then(|s| s.connect_time)),
+                "consecutive_failures": s.map(|s| s.consecutive_failures),
+                "consecutive_successes": s.map(|s| s.consecutive_successes),
+                "last_failure": s.and_then(|s| s.last_failure.as_ref()).map(|(k, d)| json!({"reason": k.as_str(), "detail": d})),
+                "auth_failure": s.and_then(|s| s.auth_failure.clone()),
+                "seconds_since_up": s.and_then(|s| s.last_up).map(|t| t.elapsed().as_secs()),
+                "probe_failures": failures,
+                "sessions_active": sessions,
+                "route53": s.and_then(|s| s.route53.as_ref()).map(|r| json!({
+                    "health_check_id": r.health_check_id,
+                    "healthy": r.reading.as_ref().map(|x| x.healthy),
+                    "effective": r.effective,
+                    "disabled": r.reading.as_ref().map(|x| x.disabled),
+                    "inverted": r.reading.as_ref().map(|x| x.inverted),
+                    "observations": r.reading.as_ref().map(|x| json!({"success": x.successes, "total": x.observations})),
+                    "age_seconds": r.age.map(|a| a.as_secs()),
+                    "errors_total": r.errors_total,
+                    "last_error": r.last_error,
+                })),
+            })
+        })
+        .collect();
+    json!({
+        "selected": table.selected().map(|e| e.name.clone()),
+        "reason": table.reason().as_str(),
+        "generation": table.generation,
+        "route_changes_total": table.route_changes_total,
+        "policy": policy,
+        "endpoints": endpoints,
+    })
+}

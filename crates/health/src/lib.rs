@@ -1,0 +1,25 @@
+//! The control path: background tasks that watch every endpoint and
+//! publish the routing table the connect path reads.
+//!
+//! * [`probe`]: one PostgreSQL-level check (TLS, login, `SELECT 1`).
+//! * `task`: one probe task per endpoint, on a persistent connection.
+//! * [`route53`]: Route 53 health checks through `aws-sdk-route53`.
+//! * [`monitor`]: the task that owns all health state, applies the
+//!   selection rule and publishes tables through `TableRouter`.
+
+pub mod monitor;
+pub mod probe;
+pub mod route53;
+mod task;
+
+pub use monitor::{start, Monitor, MonitorSettings};
+pub use probe::{PgProbe, Probe};
+
+use dsql_proxy_routing::route53::Route53Reading;
+use dsql_proxy_routing::{EndpointId, ProbeOutcome};
+
+/// What the monitor task hears from its helpers.
+pub(crate) enum Event {
+    Probe(EndpointId, ProbeOutcome),
+    Route53(EndpointId, Result<Route53Reading, route53::Route53Error>),
+}

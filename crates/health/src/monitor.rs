@@ -1,0 +1,507 @@
+//! The monitor: one task that owns every endpoint's health state, hears
+//! probe results, Route 53 readings and the data path's failure reports,
+//! and publishes a new routing table when something changed and once per
+//! probe round.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dsql_proxy_config::RoutingConfig;
+use dsql_proxy_metrics::Metrics;
+use dsql_proxy_metrics::{Histogram, IntGauge};
+use dsql_proxy_routing::health::{HealthTracker, Hysteresis, Transition};
+use dsql_proxy_routing::policy::{Candidate, Selector};
+use dsql_proxy_routing::route53::{Route53Reading, Route53State};
+use dsql_proxy_routing::{
+    Endpoint, EndpointId, EndpointStatus, FailureKind, Liveness, PassiveSignal, ProbeOutcome,
+    Report, Route53Status, RoutingTable, SelectionPolicy, TableRouter,
+};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::task::JoinSet;
+use tokio::time::MissedTickBehavior;
+use tracing::{debug, info, warn};
+
+use crate::probe::Probe;
+use crate::route53::HealthCheckSource;
+use crate::task::ProbeTask;
+use crate::Event;
+
+/// The monitor's settings, from `[routing]`.
+#[derive(Debug, Clone)]
+pub struct MonitorSettings {
+    pub probe_interval: Duration,
+    pub probe_timeout: Duration,
+    pub hysteresis: Hysteresis,
+    pub policy: SelectionPolicy,
+    pub route53_poll_interval: Duration,
+    pub route53_max_staleness: Duration,
+}
+
+impl MonitorSettings {
+    pub fn from_config(c: &RoutingConfig) -> Self {
+        Self {
+            probe_interval: c.probe_interval.get(),
+            probe_timeout: c.probe_timeout.get(),
+            hysteresis: Hysteresis {
+                down_after: c.down_after,
+                up_after: c.up_after,
+            },
+            policy: SelectionPolicy {
+                latency_tolerance: c.latency_tolerance.get(),
+                prefer_region: c.prefer_region.clone(),
+                route53: c.route53,
+                switch_after: c.switch_after,
+            },
+            route53_poll_interval: c.route53_poll_interval.get(),
+            route53_max_staleness: c.route53_max_staleness.get(),
+        }
+    }
+}
+
+/// Running health tasks; dropping it stops them.
+pub struct Monitor {
+    _tasks: JoinSet<()>,
+}
+
+/// Starts one probe task per endpoint, one Route 53 poller per health
+/// check, and the monitor task. Returns once every endpoint has reported
+/// its first probe (or `probe_timeout` passed), so the first sessions are
+/// routed on measurements rather than on priority alone.
+pub async fn start<P: Probe>(
+    router: Arc<TableRouter>,
+    reports: mpsc::Receiver<Report>,
+    probes: Vec<Arc<P>>,
+    route53: Option<Arc<dyn HealthCheckSource>>,
+    settings: MonitorSettings,
+    metrics: Arc<Metrics>,
+) -> Monitor {
+    let endpoints: Vec<Arc<Endpoint>> = router.snapshot().endpoints().to_vec();
+    let (events_tx, events_rx) = mpsc::channel(1024);
+    let mut tasks = JoinSet::new();
+    let mut wakes = Vec::with_capacity(endpoints.len());
+    for (endpoint, probe) in endpoints.iter().zip(probes) {
+        let wake = Arc::new(Notify::new());
+        wakes.push(Arc::clone(&wake));
+        tasks.spawn(
+            ProbeTask {
+                id: endpoint.id,
+                probe,
+                interval: settings.probe_interval,
+                timeout: settings.probe_timeout,
+                events: events_tx.clone(),
+                wake,
+            }
+            .run(),
+        );
+    }
+    if let Some(source) = route53 {
+        for endpoint in &endpoints {
+            if let Some(check) = &endpoint.route53_health_check_id {
+                tasks.spawn(poll_route53(
+                    endpoint.id,
+                    check.clone(),
+                    Arc::clone(&source),
+                    settings.route53_poll_interval,
+                    events_tx.clone(),
+                ));
+            }
+        }
+    }
+    drop(events_tx);
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let state = MonitorState::new(router, endpoints, wakes, settings.clone(), metrics);
+    tasks.spawn(state.run(events_rx, reports, ready_tx));
+    let _ = tokio::time::timeout(
+        settings.probe_timeout + Duration::from_millis(100),
+        ready_rx,
+    )
+    .await;
+    Monitor { _tasks: tasks }
+}
+
+async fn poll_route53(
+    id: EndpointId,
+    check: String,
+    source: Arc<dyn HealthCheckSource>,
+    interval: Duration,
+    events: mpsc::Sender<Event>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let result = source.read(&check).await.map(|r| Route53Reading {
+            healthy: r.healthy,
+            disabled: r.disabled,
+            inverted: r.inverted,
+            successes: r.successes,
+            observations: r.observations,
+        });
+        if events.send(Event::Route53(id, result)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One endpoint's metric handles, resolved once.
+struct EndpointMetrics {
+    up: IntGauge,
+    selected: IntGauge,
+    latency: Histogram,
+    route53_healthy: IntGauge,
+}
+
+struct EndpointState {
+    endpoint: Arc<Endpoint>,
+    gauges: EndpointMetrics,
+    health: HealthTracker,
+    route53: Option<Route53State>,
+    wake: Arc<Notify>,
+    probe_failures: [u64; FailureKind::ALL.len()],
+    first_report: bool,
+    /// Its sessions were told to leave for the current down period.
+    evicted: bool,
+}
+
+struct MonitorState {
+    router: Arc<TableRouter>,
+    endpoints: Vec<EndpointState>,
+    selector: Selector,
+    settings: MonitorSettings,
+    generation: u64,
+    route_changes: u64,
+    metrics: Arc<Metrics>,
+}
+
+impl MonitorState {
+    fn new(
+        router: Arc<TableRouter>,
+        endpoints: Vec<Arc<Endpoint>>,
+        wakes: Vec<Arc<Notify>>,
+        settings: MonitorSettings,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let endpoints = endpoints
+            .into_iter()
+            .zip(wakes)
+            .map(|(endpoint, wake)| EndpointState {
+                gauges: {
+                    let labels = [endpoint.name.as_str(), endpoint.region_label()];
+                    EndpointMetrics {
+                        up: metrics.endpoint_up.with_label_values(&labels),
+                        selected: metrics.endpoint_selected.with_label_values(&labels),
+                        latency: metrics.endpoint_latency_seconds.with_label_values(&labels),
+                        route53_healthy: metrics.route53_healthy.with_label_values(&labels),
+                    }
+                },
+                route53: endpoint
+                    .route53_health_check_id
+                    .as_ref()
+                    .map(|_| Route53State::default()),
+                endpoint,
+                health: HealthTracker::new(),
+                wake,
+                probe_failures: [0; FailureKind::ALL.len()],
+                first_report: false,
+                evicted: false,
+            })
+            .collect();
+        Self {
+            router,
+            endpoints,
+            selector: Selector::default(),
+            settings,
+            generation: 0,
+            route_changes: 0,
+            metrics,
+        }
+    }
+
+    async fn run(
+        mut self,
+        mut events: mpsc::Receiver<Event>,
+        mut reports: mpsc::Receiver<Report>,
+        ready: oneshot::Sender<()>,
+    ) {
+        let mut ready = Some(ready);
+        let mut round = tokio::time::interval(self.settings.probe_interval);
+        round.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // The first tick is immediate; rounds start one interval in.
+        round.tick().await;
+        loop {
+            let changed = tokio::select! {
+                Some(event) = events.recv() => self.on_event(event),
+                Some((id, signal)) = reports.recv() => self.on_passive(id, signal),
+                _ = round.tick() => {
+                    self.publish(true);
+                    continue;
+                }
+                else => return,
+            };
+            if ready.is_some() && self.endpoints.iter().all(|e| e.first_report) {
+                // Whatever was selected while only some endpoints had
+                // reported gives way now, without switch_after rounds.
+                self.selector.mark_provisional();
+                self.publish(false);
+                if let Some(tx) = ready.take() {
+                    let _ = tx.send(());
+                }
+            } else if changed {
+                self.publish(false);
+            }
+        }
+    }
+
+    /// Returns true when routing may have to change now.
+    fn on_event(&mut self, event: Event) -> bool {
+        match event {
+            Event::Probe(id, outcome) => {
+                let rules = self.settings.hysteresis;
+                let Some(state) = self.endpoints.get_mut(id.index()) else {
+                    return false;
+                };
+                state.first_report = true;
+                match &outcome {
+                    ProbeOutcome::Success { rtt, .. } => {
+                        state.gauges.latency.observe(rtt.as_secs_f64());
+                    }
+                    ProbeOutcome::Failure { kind, detail } => {
+                        if let Some(i) = FailureKind::ALL.iter().position(|k| k == kind) {
+                            state.probe_failures[i] += 1;
+                        }
+                        self.metrics
+                            .probe_failures_total
+                            .with_label_values(&[
+                                state.endpoint.name.as_str(),
+                                state.endpoint.region_label(),
+                                kind.as_str(),
+                            ])
+                            .inc();
+                        debug!(endpoint = %state.endpoint.name, reason = kind.as_str(), %detail, "probe failed");
+                    }
+                    ProbeOutcome::AuthFailure { detail }
+                        if state.health.auth_failure().is_none() =>
+                    {
+                        warn!(endpoint = %state.endpoint.name, %detail, "probe login refused; not treated as an outage");
+                    }
+                    _ => {}
+                }
+                let failed = matches!(outcome, ProbeOutcome::Failure { .. });
+                let transition = state
+                    .health
+                    .observe(outcome, std::time::Instant::now(), rules);
+                // A passive demotion is confirmed by the probe's next failure:
+                // only then are the endpoint's sessions told to leave.
+                if failed
+                    && transition.is_none()
+                    && state.health.liveness() == Liveness::Down
+                    && !state.evicted
+                {
+                    state.evicted = true;
+                    warn!(endpoint = %state.endpoint.name, "probe confirms the endpoint is down; closing its sessions");
+                    self.router.signal_down(id);
+                }
+                self.on_transition(id, transition)
+            }
+            Event::Route53(id, result) => {
+                let now = std::time::Instant::now();
+                let max = self.settings.route53_max_staleness;
+                let Some(state) = self.endpoints.get_mut(id.index()) else {
+                    return false;
+                };
+                let Some(r53) = state.route53.as_mut() else {
+                    return false;
+                };
+                let before = r53.effective(now, max);
+                match result {
+                    Ok(reading) => r53.record(reading, now),
+                    Err(e) => {
+                        self.metrics
+                            .route53_errors_total
+                            .with_label_values(&[
+                                state.endpoint.name.as_str(),
+                                state.endpoint.region_label(),
+                                e.reason(),
+                            ])
+                            .inc();
+                        warn!(endpoint = %state.endpoint.name, reason = e.reason(), error = %e, "Route 53 health check could not be read; keeping the last status");
+                        r53.record_error(e.to_string());
+                    }
+                }
+                let after = r53.effective(now, max);
+                if before != after {
+                    info!(endpoint = %state.endpoint.name, healthy = ?after, "Route 53 status changed");
+                }
+                before != after
+            }
+        }
+    }
+
+    fn on_passive(&mut self, id: EndpointId, signal: PassiveSignal) -> bool {
+        let Some(state) = self.endpoints.get_mut(id.index()) else {
+            return false;
+        };
+        // Whatever the verdict, look again now with a fresh connection.
+        state.wake.notify_one();
+        let transition = state.health.passive(signal);
+        if transition.is_some() {
+            // Routing moves at once; sessions wait for the probe to agree,
+            // so one broken connection cannot close a healthy endpoint's
+            // sessions.
+            state.evicted = false;
+            let cause = state
+                .health
+                .last_failure()
+                .map(|(k, d)| format!("{}: {d}", k.as_str()))
+                .unwrap_or_default();
+            warn!(endpoint = %state.endpoint.name, %cause, "endpoint demoted by a failure on the data path");
+            self.publish(false);
+        }
+        false
+    }
+
+    fn on_transition(&mut self, id: EndpointId, transition: Option<Transition>) -> bool {
+        let Some(state) = self.endpoints.get(id.index()) else {
+            return false;
+        };
+        match transition {
+            Some(Transition::WentDown) => {
+                let cause = state
+                    .health
+                    .last_failure()
+                    .map(|(k, d)| format!("{}: {d}", k.as_str()))
+                    .unwrap_or_default();
+                warn!(endpoint = %state.endpoint.name, %cause, "endpoint marked down");
+                // Publish before waking sessions, so those that reconnect
+                // at once are routed elsewhere.
+                self.publish(false);
+                if let Some(state) = self.endpoints.get_mut(id.index()) {
+                    state.evicted = true;
+                }
+                self.router.signal_down(id);
+                false
+            }
+            Some(Transition::WentUp) => {
+                if let Some(state) = self.endpoints.get_mut(id.index()) {
+                    state.evicted = false;
+                }
+                let Some(state) = self.endpoints.get(id.index()) else {
+                    return false;
+                };
+                info!(endpoint = %state.endpoint.name, latency = ?state.health.latency(), "endpoint marked up");
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn publish(&mut self, round: bool) {
+        let now = std::time::Instant::now();
+        let max = self.settings.route53_max_staleness;
+        let candidates: Vec<Candidate<'_>> = self
+            .endpoints
+            .iter()
+            .map(|s| Candidate {
+                id: s.endpoint.id,
+                region: s.endpoint.region.as_deref(),
+                priority: s.endpoint.priority,
+                liveness: s.health.liveness(),
+                latency: s.health.latency(),
+                route53_healthy: s.route53.as_ref().and_then(|r| r.effective(now, max)),
+                last_up: s.health.last_up(),
+            })
+            .collect();
+        let previous = self.selector.current();
+        let selection = self
+            .selector
+            .evaluate(&candidates, &self.settings.policy, round);
+        let eligible: Vec<bool> = candidates
+            .iter()
+            .map(|c| c.eligible(&self.settings.policy))
+            .collect();
+        drop(candidates);
+        if selection.changed {
+            self.route_changes += 1;
+            self.metrics.route_changes_total.inc();
+            let forced =
+                previous.is_some_and(|p| !eligible.get(p.index()).copied().unwrap_or(true));
+            if forced {
+                self.metrics.failovers_total.inc();
+            }
+            let name = |id: Option<EndpointId>| {
+                id.and_then(|id| self.endpoints.get(id.index()))
+                    .map_or("none", |s| s.endpoint.name.as_str())
+            };
+            info!(
+                from = name(previous),
+                to = name(selection.selected()),
+                reason = selection.reason.as_str(),
+                "route changed"
+            );
+        }
+        self.generation += 1;
+        let selected = selection.selected();
+        for (s, ok) in self.endpoints.iter().zip(&eligible) {
+            let up = *ok && s.health.liveness() != Liveness::Down;
+            s.gauges.up.set(i64::from(up));
+            s.gauges
+                .selected
+                .set(i64::from(selected == Some(s.endpoint.id)));
+            let r53 = match s.route53.as_ref().and_then(|r| r.effective(now, max)) {
+                Some(true) => 1,
+                Some(false) => 0,
+                None => -1,
+            };
+            s.gauges.route53_healthy.set(r53);
+        }
+        let status = self
+            .endpoints
+            .iter()
+            .zip(eligible)
+            .map(|(s, eligible)| status_of(s, eligible, now, max))
+            .collect();
+        let endpoints = self
+            .endpoints
+            .iter()
+            .map(|s| Arc::clone(&s.endpoint))
+            .collect();
+        let mut table =
+            RoutingTable::from_selection(endpoints, status, &selection, self.generation);
+        table.route_changes_total = self.route_changes;
+        self.router.publish(table);
+    }
+}
+
+fn status_of(
+    s: &EndpointState,
+    eligible: bool,
+    now: std::time::Instant,
+    max_staleness: Duration,
+) -> EndpointStatus {
+    let h = &s.health;
+    EndpointStatus {
+        liveness: h.liveness(),
+        eligible,
+        latency: h.latency(),
+        last_rtt: h.last_rtt(),
+        connect_time: h.connect_time(),
+        consecutive_failures: h.consecutive_failures(),
+        consecutive_successes: h.consecutive_successes(),
+        last_failure: h.last_failure().cloned(),
+        auth_failure: h.auth_failure().map(str::to_owned),
+        last_up: h.last_up(),
+        probe_failures: s.probe_failures,
+        route53: s.route53.as_ref().map(|r| Route53Status {
+            health_check_id: s
+                .endpoint
+                .route53_health_check_id
+                .clone()
+                .unwrap_or_default(),
+            reading: r.reading().cloned(),
+            age: r.age(now),
+            effective: r.effective(now, max_staleness),
+            errors_total: r.errors_total(),
+            last_error: r.last_error().map(str::to_owned),
+        }),
+    }
+}

@@ -1,0 +1,197 @@
+//! Every Prometheus metric family the proxy exports, registered once in a
+//! private registry. Crates that count things get an `Arc<Metrics>`; label
+//! sets are small and bounded (endpoint and Region names come from the
+//! config, reasons from fixed lists).
+
+use prometheus::{
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+use thiserror::Error;
+
+/// Handle types, for crates that keep resolved label sets.
+pub use prometheus::{Histogram, IntCounter, IntGauge};
+
+#[derive(Debug, Error)]
+pub enum MetricsError {
+    #[error("metric registration: {0}")]
+    Register(#[from] prometheus::Error),
+}
+
+const PREFIX: &str = "dsql_proxy";
+
+pub struct Metrics {
+    registry: Registry,
+    pub endpoint_up: IntGaugeVec,
+    pub endpoint_latency_seconds: HistogramVec,
+    pub endpoint_selected: IntGaugeVec,
+    pub route_changes_total: IntCounter,
+    pub failovers_total: IntCounter,
+    pub probe_failures_total: IntCounterVec,
+    pub route53_healthy: IntGaugeVec,
+    pub route53_errors_total: IntCounterVec,
+    pub client_connections_total: IntCounter,
+    pub client_connections_active: IntGauge,
+    pub client_connections_rejected_total: IntCounterVec,
+    pub backend_connect_seconds: HistogramVec,
+    pub backend_connect_failures_total: IntCounterVec,
+    pub sessions_active: IntGaugeVec,
+    pub sessions_closed_total: IntCounterVec,
+    pub session_duration_seconds: Histogram,
+    pub bytes_total: IntCounterVec,
+    pub cancel_requests_total: IntCounter,
+    pub token_generations_total: IntCounter,
+    pub token_generation_failures_total: IntCounter,
+    pub token_cache_hits_total: IntCounter,
+    pub config_reloads_total: IntCounterVec,
+    pub build_info: IntGaugeVec,
+}
+
+const ENDPOINT: &[&str] = &["endpoint", "region"];
+
+impl Metrics {
+    pub fn new(version: &str) -> Result<Self, MetricsError> {
+        let registry = Registry::new_custom(Some(PREFIX.to_owned()), None)?;
+        let r = &registry;
+        let latency_buckets = exponential_buckets(0.0005, 2.0, 14)?; // 0.5ms .. ~4s
+        let m = Self {
+            endpoint_up: gauge_vec(r, "endpoint_up", "1 while the endpoint is healthy (probes and, under veto, Route 53)", ENDPOINT)?,
+            endpoint_latency_seconds: histogram_vec(
+                r,
+                "endpoint_latency_seconds",
+                "Probe round-trip time (SELECT 1 on the persistent probe connection)",
+                ENDPOINT,
+                latency_buckets.clone(),
+            )?,
+            endpoint_selected: gauge_vec(r, "endpoint_selected", "1 for the endpoint new sessions go to first", ENDPOINT)?,
+            route_changes_total: counter(r, "route_changes_total", "Times the selected endpoint changed")?,
+            failovers_total: counter(r, "failovers_total", "Route changes forced by the selected endpoint becoming unusable (down or vetoed)")?,
+            probe_failures_total: counter_vec(r, "probe_failures_total", "Failed probes by reason", &["endpoint", "region", "reason"])?,
+            route53_healthy: gauge_vec(r, "route53_healthy", "Route 53's verdict for the endpoint's health check (1 healthy, 0 unhealthy, -1 unknown or stale)", ENDPOINT)?,
+            route53_errors_total: counter_vec(r, "route53_errors_total", "Failed Route 53 API reads by reason", &["endpoint", "region", "reason"])?,
+            client_connections_total: counter(r, "client_connections_total", "Client connections accepted")?,
+            client_connections_active: int_gauge(r, "client_connections_active", "Client connections open")?,
+            client_connections_rejected_total: counter_vec(r, "client_connections_rejected_total", "Client connections refused by reason", &["reason"])?,
+            backend_connect_seconds: histogram_vec(
+                r,
+                "backend_connect_seconds",
+                "Time to a backend ReadyForQuery (credentials, TCP, TLS, startup, auth) for successful connects",
+                ENDPOINT,
+                latency_buckets,
+            )?,
+            backend_connect_failures_total: counter_vec(r, "backend_connect_failures_total", "Failed backend connect attempts by reason", &["endpoint", "region", "reason"])?,
+            sessions_active: gauge_vec(r, "sessions_active", "Sessions relaying to the endpoint", ENDPOINT)?,
+            sessions_closed_total: counter_vec(r, "sessions_closed_total", "Relayed sessions ended, by reason", &["reason"])?,
+            session_duration_seconds: histogram(
+                r,
+                "session_duration_seconds",
+                "Length of relayed sessions",
+                exponential_buckets(0.01, 4.0, 12)?, // 10ms .. ~12 days
+            )?,
+            bytes_total: counter_vec(r, "bytes_total", "Bytes relayed, counted when a session ends", &["direction"])?,
+            cancel_requests_total: counter(r, "cancel_requests_total", "CancelRequests received")?,
+            token_generations_total: counter(r, "token_generations_total", "IAM tokens signed")?,
+            token_generation_failures_total: counter(r, "token_generation_failures_total", "IAM token signings that failed")?,
+            token_cache_hits_total: counter(r, "token_cache_hits_total", "Connects served from the IAM token cache")?,
+            config_reloads_total: counter_vec(r, "config_reloads_total", "Configuration reloads by result", &["result"])?,
+            build_info: gauge_vec(r, "build_info", "Always 1; the version label identifies the build", &["version"])?,
+            registry,
+        };
+        m.build_info.with_label_values(&[version]).set(1);
+        Ok(m)
+    }
+
+    /// The Prometheus text exposition of every family.
+    pub fn render(&self) -> String {
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec cannot fail on I/O; a malformed family would
+        // be a bug, shown in place of the metrics rather than a panic.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            return format!("# encoding failed: {e}\n");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// The content type of [`Metrics::render`].
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+fn counter(r: &Registry, name: &str, help: &str) -> Result<IntCounter, MetricsError> {
+    let c = IntCounter::with_opts(Opts::new(name, help))?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn int_gauge(r: &Registry, name: &str, help: &str) -> Result<IntGauge, MetricsError> {
+    let g = IntGauge::with_opts(Opts::new(name, help))?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn counter_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec, MetricsError> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn gauge_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntGaugeVec, MetricsError> {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    buckets: Vec<f64>,
+) -> Result<Histogram, MetricsError> {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
+    r.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+fn histogram_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> Result<HistogramVec, MetricsError> {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)?;
+    r.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_render_with_the_prefix() {
+        let m = Metrics::new("1.2.3").unwrap();
+        m.endpoint_up.with_label_values(&["a", "us-east-1"]).set(1);
+        m.client_connections_total.inc();
+        m.probe_failures_total
+            .with_label_values(&["a", "us-east-1", "timeout"])
+            .inc();
+        let text = m.render();
+        assert!(
+            text.contains("dsql_proxy_build_info{version=\"1.2.3\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("dsql_proxy_endpoint_up{endpoint=\"a\",region=\"us-east-1\"} 1"));
+        assert!(text.contains("dsql_proxy_client_connections_total 1"));
+        assert!(text.contains("# TYPE dsql_proxy_route_changes_total counter"));
+    }
+}
