@@ -12,15 +12,19 @@ pub mod aws_endpoints;
 pub mod dsql_stack;
 pub mod emulator;
 pub mod fixture;
+pub mod latency;
 pub mod net;
 pub mod pg;
 pub mod pki;
 pub mod process;
 pub mod proxy;
+pub mod regions;
+pub mod route53;
 pub mod wire;
 
 pub use emulator::{emulator_binary, EmulatorOptions, EmulatorProcess};
 pub use fixture::{proxy_toml, ProxyOptions, Stack};
+pub use latency::{LatencyRelay, RelayMode};
 pub use net::{free_addr, free_port, wait_for_port};
 pub use pg::{
     connect_with, AuthMethod, PgOptions, PgServer, ADMIN_PASSWORD, ADMIN_USER, APP_DB,
@@ -28,3 +32,4 @@ pub use pg::{
 };
 pub use pki::{ServerCert, TestPki};
 pub use proxy::{proxy_binary, run_proxy_cmd, ProxyProcess};
+pub use regions::{Region, RegionsOptions, RegionsStack};

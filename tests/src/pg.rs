@@ -4,12 +4,13 @@ use std::fmt::Write as _;
 use std::fs;
 use std::future::Future;
 use std::io::Write as _;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::chown;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 use tokio_postgres::config::SslMode;
@@ -104,6 +105,9 @@ pub struct PgServer {
     pki: Option<Arc<TestPki>>,
     data_dir: PathBuf,
     log_path: PathBuf,
+    /// Set by [`Self::freeze`]; a stopped server must be resumed before it
+    /// can shut down.
+    frozen: AtomicBool,
     // Dropped after `Drop::drop` has stopped the server; watchdog first so
     // it cannot race the tempdir removal.
     _watchdog: Watchdog,
@@ -129,6 +133,12 @@ impl PgServer {
             r#"pidfile="$1/data/postmaster.pid"
 if [ -f "$pidfile" ]; then
   pm=$(head -n 1 "$pidfile")
+  # A frozen (SIGSTOPped) server must run again to shut down.
+  for s in /proc/[0-9]*/stat; do
+    read -r p c st pp rest 2>/dev/null < "$s" || continue
+    [ "$pp" = "$pm" ] && kill -CONT "$p" 2>/dev/null
+  done
+  kill -CONT "$pm" 2>/dev/null
   kill -QUIT "$pm" 2>/dev/null
   i=0
   while [ $i -lt 20 ] && kill -0 "$pm" 2>/dev/null; do sleep 0.5; i=$((i+1)); done
@@ -147,6 +157,7 @@ rm -rf "$1""#,
             pki,
             data_dir: dir.path().join("data"),
             log_path: dir.path().join("postgres.log"),
+            frozen: AtomicBool::new(false),
             _watchdog: watchdog,
             dir,
         };
@@ -251,10 +262,17 @@ rm -rf "$1""#,
     /// `localhost` (so TLS verifies against the certificate) while `hostaddr`
     /// pins 127.0.0.1, the only address the server listens on.
     pub fn direct_config(&self, user: &str, password: &str, dbname: &str) -> Config {
+        self.config_via(self.addr(), user, password, dbname)
+    }
+
+    /// [`Self::direct_config`], but dialing `addr` instead, e.g. a
+    /// [`crate::latency::LatencyRelay`] in front of this server. The host
+    /// name stays `localhost`, so TLS still verifies.
+    pub fn config_via(&self, addr: SocketAddr, user: &str, password: &str, dbname: &str) -> Config {
         let mut cfg = Config::new();
         cfg.host("localhost")
-            .hostaddr(IpAddr::V4(Ipv4Addr::LOCALHOST))
-            .port(self.port)
+            .hostaddr(addr.ip())
+            .port(addr.port())
             .user(user)
             .password(password)
             .dbname(dbname)
@@ -279,6 +297,18 @@ rm -rf "$1""#,
         connect_with(&cfg, self.pki.as_deref()).await
     }
 
+    /// [`Self::try_connect_direct`] through `addr` (see [`Self::config_via`]).
+    pub async fn try_connect_via(
+        &self,
+        addr: SocketAddr,
+        user: &str,
+        password: &str,
+        dbname: &str,
+    ) -> Result<Client, tokio_postgres::Error> {
+        let cfg = self.config_via(addr, user, password, dbname);
+        connect_with(&cfg, self.pki.as_deref()).await
+    }
+
     /// [`Self::try_connect_direct`], panicking with the server log on error.
     pub async fn connect_direct(&self, user: &str, password: &str, dbname: &str) -> Client {
         match self.try_connect_direct(user, password, dbname).await {
@@ -298,11 +328,131 @@ rm -rf "$1""#,
         self.stop_quietly();
     }
 
-    /// Starts a stopped server again on the same port.
+    /// Starts a stopped server again on the same port. Works after
+    /// [`Self::kill9`] as well.
     pub fn restart(&mut self) {
         self.stop_quietly();
         let out = self.pg_ctl_start();
         self.check(&out, "pg_ctl start (restart)");
+    }
+
+    /// Crashes the server: SIGKILL to the postmaster, as if its host died.
+    /// Open connections are not closed by the postmaster; their backends
+    /// exit by themselves once they notice it is gone (they are SIGKILLed
+    /// if still there after 5 s, since a restart needs them gone). Returns
+    /// once the port refuses connections. `postmaster.pid` is left behind
+    /// as after a real crash; [`Self::restart`] (which brings the server
+    /// back on the same port), [`Self::stop`] and drop clear it.
+    pub fn kill9(&mut self) {
+        let Some(pm) = self
+            .postmaster_pid()
+            .filter(|&pid| process::process_alive(pid))
+        else {
+            return;
+        };
+        // Stopped first, so it cannot fork a child we would not know about.
+        process::send_signal(pm, process::SIGSTOP);
+        wait_for_state(pm, 'T', Duration::from_secs(2));
+        let children = process::descendants(pm);
+        process::send_signal(pm, process::SIGKILL);
+        if self.frozen.swap(false, Ordering::SeqCst) {
+            // Stopped children would never notice the postmaster's death.
+            process::send_signal_all(&children, process::SIGCONT);
+        }
+        process::wait_until_dead(pm, Duration::from_secs(5));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for &pid in &children {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !process::wait_until_dead(pid, left) {
+                process::send_signal(pid, process::SIGKILL);
+                process::wait_until_dead(pid, Duration::from_secs(5));
+            }
+        }
+        // The postmaster held the only listening socket (children close
+        // theirs), so this should be immediate.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::net::TcpStream::connect_timeout(&self.addr(), Duration::from_millis(100)).is_ok()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Freezes the server, like a hung host: SIGSTOP to the postmaster and
+    /// all its descendants. Existing connections get no answers and new
+    /// ones stall after the TCP handshake (the kernel still completes those
+    /// into the listen backlog). [`Self::thaw`] resumes it; dropping a
+    /// frozen server still cleans up. Panics if the server is not running.
+    pub fn freeze(&self) {
+        let pm = self
+            .postmaster_pid()
+            .filter(|&pid| process::process_alive(pid))
+            .expect("freeze: the server is not running");
+        self.frozen.store(true, Ordering::SeqCst);
+        // Postmaster first, so no new children appear while we look.
+        process::send_signal(pm, process::SIGSTOP);
+        wait_for_state(pm, 'T', Duration::from_secs(5));
+        let mut stopped: Vec<u32> = Vec::new();
+        // Until stable: a child may fork (e.g. an archive_command shell)
+        // until it is stopped itself.
+        loop {
+            let new: Vec<u32> = process::descendants(pm)
+                .into_iter()
+                .filter(|pid| !stopped.contains(pid))
+                .collect();
+            if new.is_empty() {
+                break;
+            }
+            process::send_signal_all(&new, process::SIGSTOP);
+            for &pid in &new {
+                wait_for_state(pid, 'T', Duration::from_secs(5));
+            }
+            stopped.extend(new);
+        }
+    }
+
+    /// Resumes a server stopped by [`Self::freeze`]. Held connections and
+    /// queued connection attempts proceed.
+    pub fn thaw(&self) {
+        if let Some(pm) = self.postmaster_pid() {
+            process::send_signal_all(&process::descendants(pm), process::SIGCONT);
+            process::send_signal(pm, process::SIGCONT);
+        }
+        self.frozen.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether [`Self::freeze`] was called without a matching thaw.
+    pub fn is_frozen(&self) -> bool {
+        self.frozen.load(Ordering::SeqCst)
+    }
+
+    /// The postmaster and all its live descendants (backends, checkpointer,
+    /// ...), from `/proc`; empty when stopped. Works while frozen.
+    pub fn server_pids(&self) -> Vec<u32> {
+        match self
+            .postmaster_pid()
+            .filter(|&pid| process::process_alive(pid))
+        {
+            Some(pm) => {
+                let mut pids = vec![pm];
+                pids.extend(process::descendants(pm));
+                pids
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// PIDs of the client backends (sessions), from `pg_stat_activity`,
+    /// without the `psql` session that asks. Needs a running, unfrozen
+    /// server.
+    pub fn backend_pids(&self) -> Vec<u32> {
+        self.superuser_sql(
+            "select pid from pg_stat_activity \
+             where backend_type = 'client backend' and pid <> pg_backend_pid() order by pid",
+        )
+        .lines()
+        .map(|l| l.trim().parse().expect("pg_stat_activity pid is a number"))
+        .collect()
     }
 
     fn initdb(&self) {
@@ -491,6 +641,18 @@ rm -rf "$1""#,
         let Some(pid) = self.postmaster_pid() else {
             return;
         };
+        if !process::process_alive(pid) {
+            // Left behind by a crash (kill9). pg_ctl would wait in vain for a
+            // zombie postmaster to remove them (kill -0 succeeds on zombies,
+            // and containers often never reap orphans), and so would the
+            // next postmaster's start-up check.
+            self.remove_stale_lock_files();
+            return;
+        }
+        if self.frozen.load(Ordering::SeqCst) {
+            // A stopped postmaster cannot act on pg_ctl's SIGQUIT.
+            self.thaw();
+        }
         let _ = self
             .server_cmd("pg_ctl")
             .arg("-D")
@@ -503,6 +665,34 @@ rm -rf "$1""#,
             process::send_signal(pid, process::SIGKILL);
             process::wait_until_dead(pid, Duration::from_secs(5));
         }
+    }
+}
+
+impl PgServer {
+    fn remove_stale_lock_files(&self) {
+        let socket_lock = self
+            .socket_dir()
+            .join(format!(".s.PGSQL.{}.lock", self.port));
+        for path in [self.data_dir.join("postmaster.pid"), socket_lock] {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+/// Polls until `pid` is in `state` (e.g. `T` after SIGSTOP, which is
+/// delivered asynchronously) or dead; `false` on timeout.
+fn wait_for_state(pid: u32, state: char, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match process::process_state(pid) {
+            Some(s) if s == state => return true,
+            None | Some('Z') | Some('X') => return true,
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

@@ -16,6 +16,8 @@ pub const SIGINT: i32 = 2;
 pub const SIGQUIT: i32 = 3;
 pub const SIGKILL: i32 = 9;
 pub const SIGTERM: i32 = 15;
+pub const SIGCONT: i32 = 18;
+pub const SIGSTOP: i32 = 19;
 
 /// Sends `sig` to `pid` with the `kill` command. Returns whether it succeeded.
 pub fn send_signal(pid: u32, sig: i32) -> bool {
@@ -27,6 +29,82 @@ pub fn send_signal(pid: u32, sig: i32) -> bool {
         .status()
         .map(|s| s.success())
         .unwrap_or(false)
+}
+
+/// Sends `sig` to every process in `pids` with one `kill` command. Returns
+/// whether all of them got it (processes that are already gone make this
+/// `false`, the others are still signalled).
+pub fn send_signal_all(pids: &[u32], sig: i32) -> bool {
+    if pids.is_empty() {
+        return true;
+    }
+    Command::new("kill")
+        .arg(format!("-{sig}"))
+        .args(pids.iter().map(u32::to_string))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// The fields of `/proc/<pid>/stat` after `comm`, starting with the state.
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Format: "pid (comm) S ppid ...", and comm may itself contain ')' or
+    // spaces, so split after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// The one-letter state of `pid` (`R`, `S`, `T` for stopped, `Z`, ...).
+pub fn process_state(pid: u32) -> Option<char> {
+    stat_fields(pid)?.first()?.chars().next()
+}
+
+/// Parent PID of `pid`, from `/proc/<pid>/stat`.
+pub fn parent_pid(pid: u32) -> Option<u32> {
+    stat_fields(pid)?.get(1)?.parse().ok()
+}
+
+/// All live (non-zombie) descendants of `pid`, found by walking the parent
+/// links in `/proc`. A snapshot: processes may fork or exit meanwhile.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut parent_of = Vec::new();
+    for entry in entries.filter_map(Result::ok) {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Some(fields) = stat_fields(child) else {
+            continue;
+        };
+        let state = fields.first().and_then(|s| s.chars().next());
+        if matches!(state, Some('Z') | Some('X')) {
+            continue;
+        }
+        if let Some(ppid) = fields.get(1).and_then(|p| p.parse::<u32>().ok()) {
+            parent_of.push((child, ppid));
+        }
+    }
+    let mut found = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(parent) = frontier.pop() {
+        for &(child, ppid) in &parent_of {
+            if ppid == parent && !found.contains(&child) {
+                found.push(child);
+                frontier.push(child);
+            }
+        }
+    }
+    found.sort_unstable();
+    found
 }
 
 /// Whether `pid` exists and is not a zombie. Zombies count as dead because

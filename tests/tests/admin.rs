@@ -1,0 +1,132 @@
+//! The admin HTTP server through the real binary: metrics families, health
+//! endpoints, `/status`, and `POST /quitquitquit`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use dsql_proxy_tests::{
+    free_addr, proxy_toml, AuthMethod, PgOptions, PgServer, ProxyOptions, ProxyProcess, APP_DB,
+    APP_USER,
+};
+
+/// One HTTP/1.1 request with `Connection: close`; returns status and body.
+fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect admin");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A proxy for `pg` with its admin server on a known address.
+fn start(pg: &PgServer, routing: &str) -> (ProxyProcess, SocketAddr, SocketAddr) {
+    let listen = free_addr();
+    let admin = free_addr();
+    let mut toml = proxy_toml(pg, listen, &ProxyOptions::default());
+    let start = toml.find("[admin]").unwrap();
+    let end = start + toml[start..].find("[backend]").unwrap();
+    toml.replace_range(start..end, &format!("[admin]\naddress = \"{admin}\"\n"));
+    toml.push_str(&format!(
+        "[routing]\nprobe_user = \"{APP_USER}\"\nprobe_database = \"{APP_DB}\"\n{routing}\n"
+    ));
+    let proxy = ProxyProcess::start_with(&toml, listen);
+    (proxy, listen, admin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_endpoints_metrics_and_status() {
+    let mut pg = PgServer::start(PgOptions {
+        tls: true,
+        auth: AuthMethod::ScramSha256,
+        ..PgOptions::default()
+    });
+    let (proxy, listen, admin) = start(&pg, "probe_interval = \"250ms\"");
+    assert_eq!(http(admin, "GET", "/healthz").0, 200);
+    assert_eq!(http(admin, "GET", "/startup").0, 200);
+    assert_eq!(http(admin, "GET", "/readyz"), (200, "ready\n".into()));
+    assert_eq!(http(admin, "GET", "/nope").0, 404);
+    assert_eq!(http(admin, "GET", "/quitquitquit").0, 405);
+
+    let client = dsql_proxy_tests::connect_with(
+        &dsql_proxy_tests::fixture::client_config(listen, APP_USER, APP_DB),
+        None,
+    )
+    .await
+    .expect("connect through proxy");
+    client.simple_query("select 1").await.unwrap();
+    let (_, metrics) = http(admin, "GET", "/metrics");
+    for family in [
+        "dsql_proxy_build_info{version=",
+        "dsql_proxy_endpoint_up{endpoint=\"local-1\",region=\"test-1\"} 1",
+        "dsql_proxy_endpoint_selected{endpoint=\"local-1\",region=\"test-1\"} 1",
+        "dsql_proxy_endpoint_latency_seconds_count{endpoint=\"local-1\"",
+        "dsql_proxy_backend_connect_seconds_count{endpoint=\"local-1\"",
+        "dsql_proxy_sessions_active{endpoint=\"local-1\",region=\"test-1\"} 1",
+        "dsql_proxy_client_connections_total ",
+        "dsql_proxy_client_connections_active 1",
+        "dsql_proxy_route_changes_total 1",
+        "# TYPE dsql_proxy_failovers_total counter",
+        "# TYPE dsql_proxy_token_generations_total counter",
+    ] {
+        assert!(metrics.contains(family), "{family} missing:\n{metrics}");
+    }
+    let (code, status) = http(admin, "GET", "/status");
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&status).expect("status is JSON");
+    assert_eq!(status["selected"], "local-1");
+    assert_eq!(status["endpoints"][0]["state"], "up");
+    assert_eq!(status["endpoints"][0]["sessions_active"], 1);
+    assert!(status["endpoints"][0]["latency_ms"].as_f64().is_some());
+    drop(client);
+
+    // The only endpoint goes away: probes fail, /readyz turns 503 without
+    // the admin server dialling anything itself.
+    pg.kill9();
+    let mut ready = 200;
+    for _ in 0..40 {
+        ready = http(admin, "GET", "/readyz").0;
+        if ready == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ready, 503, "{}", proxy.logs());
+    let (_, metrics) = http(admin, "GET", "/metrics");
+    assert!(
+        metrics.contains("dsql_proxy_endpoint_up{endpoint=\"local-1\",region=\"test-1\"} 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("dsql_proxy_probe_failures_total{endpoint=\"local-1\",reason="),
+        "{metrics}"
+    );
+    pg.restart();
+}
+
+#[test]
+fn quitquitquit_shuts_down_with_exit_zero() {
+    let pg = PgServer::start(PgOptions {
+        tls: true,
+        auth: AuthMethod::ScramSha256,
+        ..PgOptions::default()
+    });
+    let (mut proxy, _listen, admin) = start(&pg, "");
+    assert_eq!(http(admin, "POST", "/quitquitquit").0, 200);
+    let status = proxy.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert!(status.success(), "{}", proxy.logs());
+}
