@@ -113,6 +113,9 @@ impl DsqlStack {
             s.push_str(l);
             s.push('\n');
         }
+        // These tests count IAM signings exactly; background probes would
+        // sign too. Routing with probes has its own tests.
+        s.push_str("[routing]\nprobes = false\n");
         s.push_str(&format!(
             "[[endpoints]]\nname = \"us-east-1\"\nregion = \"{region}\"\nhost = \"{host}\"\nport = 5432\nconnect_address = \"{addr}\"\n",
             region = emulator.region(),

@@ -208,6 +208,9 @@ async fn api_errors_keep_the_last_status_until_it_is_stale() {
     // operation timeout, so a retried failure may surface as a timeout).
     let logs = stack.proxy.logs();
     let after = &logs[mark..];
+    for line in after.lines().filter(|l| l.contains("Route 53")) {
+        eprintln!("{line}");
+    }
     assert!(
         after.contains("Route 53 throttled the request") || after.contains("operation timeout"),
         "{}",

@@ -212,6 +212,10 @@ pub enum OnEndpointDown {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoutingConfig {
+    /// Probe endpoints in the background. Off: endpoints are used by
+    /// `priority` alone, with connect-time failover (probes cost a query per
+    /// interval, which Aurora DSQL bills).
+    pub probes: bool,
     /// Time between health/latency probes of each endpoint.
     pub probe_interval: DurationStr,
     /// An endpoint that has not answered a probe for this long counts a
@@ -248,6 +252,7 @@ pub struct RoutingConfig {
 impl Default for RoutingConfig {
     fn default() -> Self {
         Self {
+            probes: true,
             probe_interval: DurationStr::from_secs(1),
             probe_timeout: DurationStr::from_secs(1),
             probe_user: "admin".to_owned(),

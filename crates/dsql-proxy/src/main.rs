@@ -168,9 +168,14 @@ async fn serve(config: Config) -> Result<()> {
         .await
         .context("cannot set up backend credentials")?;
     let (reports_tx, reports_rx) = tokio::sync::mpsc::channel(1024);
-    let router = Arc::new(
-        TableRouter::new(RoutingTable::from_configs(&config.endpoints)).with_reports(reports_tx),
-    );
+    let table = TableRouter::new(RoutingTable::from_configs(&config.endpoints));
+    // Without probes nothing could bring a demoted endpoint back, so the
+    // data path's reports are not collected either.
+    let router = Arc::new(if config.routing.probes {
+        table.with_reports(reports_tx)
+    } else {
+        table
+    });
     let metrics =
         Arc::new(Metrics::new(env!("CARGO_PKG_VERSION")).context("cannot set up metrics")?);
     let ctx = ProxyContext::from_config(
@@ -223,15 +228,24 @@ async fn serve(config: Config) -> Result<()> {
         None
     };
     // Clients queue in the listen backlog while the first probe round runs.
-    let _monitor = dsql_proxy_health::start(
-        router,
-        reports_rx,
-        probes,
-        route53,
-        MonitorSettings::from_config(&config.routing),
-        Arc::clone(&metrics),
-    )
-    .await;
+    let _monitor = if config.routing.probes {
+        Some(
+            dsql_proxy_health::start(
+                router,
+                reports_rx,
+                probes,
+                route53,
+                MonitorSettings::from_config(&config.routing),
+                Arc::clone(&metrics),
+            )
+            .await,
+        )
+    } else {
+        info!(
+            "endpoint probes are off: endpoints are used by priority, with connect-time failover"
+        );
+        None
+    };
     if !config.listen.address.ip().is_loopback()
         && config.listen.auth == dsql_proxy_config::ClientAuthMethod::Trust
         && !config.listen.trust_remote
