@@ -13,26 +13,43 @@ fn handed_out() -> &'static Mutex<HashSet<u16>> {
     PORTS.get_or_init(|| Mutex::new(HashSet::new()))
 }
 
-/// A TCP port on 127.0.0.1 that was free a moment ago and that this process
-/// has not handed out before.
+/// Ports below the kernel's default ephemeral range (32768-60999). Asking the
+/// kernel for port 0 hands out ephemeral ports, and any outgoing connection
+/// (a test client, the proxy dialing a backend) may grab the same port before
+/// the server that was promised it binds; ports outside that range are only
+/// ever taken on purpose.
+const PORT_RANGE_START: u16 = 12000;
+const PORT_RANGE_LEN: u16 = 20000;
+
+/// A TCP port on 127.0.0.1 that was free a moment ago, lies outside the
+/// ephemeral range, and that this process has not handed out before.
 pub fn free_port() -> u16 {
-    for _ in 0..100 {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .expect("bind 127.0.0.1:0 to find a free port");
-        let port = listener
-            .local_addr()
-            .expect("local_addr of probe listener")
-            .port();
-        drop(listener);
-        let fresh = handed_out()
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(port);
-        if fresh {
+    // Start somewhere that depends on the process so that test binaries
+    // running at the same time mostly probe different ports.
+    let seed = std::process::id().wrapping_mul(7919)
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+    let mut handed = handed_out().lock().unwrap_or_else(PoisonError::into_inner);
+    for step in 0..u32::from(PORT_RANGE_LEN) {
+        let offset = (seed.wrapping_add(step.wrapping_mul(97))) % u32::from(PORT_RANGE_LEN);
+        let Ok(offset) = u16::try_from(offset) else {
+            continue;
+        };
+        let port = PORT_RANGE_START + offset;
+        if handed.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            handed.insert(port);
             return port;
         }
     }
-    panic!("could not find a free, not yet handed out TCP port after 100 attempts");
+    panic!(
+        "no free TCP port left in {PORT_RANGE_START}..{}",
+        PORT_RANGE_START + PORT_RANGE_LEN
+    );
 }
 
 /// `127.0.0.1:<free_port()>`.
