@@ -262,7 +262,9 @@ fn invalid(msg: impl Into<String>) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, msg.into())
 }
 
-async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<RecordedRequest>> {
+pub(crate) async fn read_request(
+    stream: &mut TcpStream,
+) -> std::io::Result<Option<RecordedRequest>> {
     let mut buf = Vec::with_capacity(1024);
     let head_end = loop {
         if let Some(i) = find(&buf, b"\r\n\r\n") {
@@ -403,7 +405,10 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-async fn write_response(stream: &mut TcpStream, response: &HttpResponse) -> std::io::Result<()> {
+pub(crate) async fn write_response(
+    stream: &mut TcpStream,
+    response: &HttpResponse,
+) -> std::io::Result<()> {
     let mut out = format!(
         "HTTP/1.1 {} {}\r\n",
         response.status,
@@ -809,7 +814,7 @@ fn sts_error(status: u16, kind: &str, code: &str, message: &str, request_id: &st
     .with_header("x-amzn-RequestId", request_id)
 }
 
-fn xml_escape(s: &str) -> String {
+pub(crate) fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

@@ -22,12 +22,14 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
 pub use crate::aws_endpoints::RecordedRequest;
-use crate::aws_endpoints::{percent_decode, rfc3339};
+use crate::aws_endpoints::{
+    percent_decode, read_request, rfc3339, write_response, xml_escape, HttpResponse,
+};
 
 /// The XML namespace of every Route 53 API document.
 pub const ROUTE53_XMLNS: &str = "https://route53.amazonaws.com/doc/2013-04-01/";
@@ -297,18 +299,9 @@ pub fn status_path(id: &str) -> String {
 
 /// How long a connection may take to deliver its request head.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// The SDK's requests are a few hundred bytes.
-const MAX_HEAD: usize = 64 * 1024;
-
 enum Answer {
-    Respond(Response),
+    Respond(HttpResponse),
     Hang,
-}
-
-struct Response {
-    status: u16,
-    body: String,
-    request_id: String,
 }
 
 async fn serve(mut stream: TcpStream, state: &Shared) -> std::io::Result<()> {
@@ -317,11 +310,7 @@ async fn serve(mut stream: TcpStream, state: &Shared) -> std::io::Result<()> {
         // Connected and left (a port probe, or a client that gave up).
         Ok(Ok(None)) => return Ok(()),
         Ok(Err(e)) => {
-            let response = Response {
-                status: 400,
-                body: String::new(),
-                request_id: String::new(),
-            };
+            let response = HttpResponse::text(400, "");
             let _ = write_response(&mut stream, &response).await;
             return Err(e);
         }
@@ -422,20 +411,18 @@ fn answer(state: &State, req: &RecordedRequest, request_id: String) -> Answer {
         );
     };
     if !want_status {
-        return Answer::Respond(Response {
-            status: 200,
-            body: get_health_check_xml(&id, check),
-            request_id,
-        });
+        return Answer::Respond(
+            HttpResponse::xml(200, get_health_check_xml(&id, check))
+                .with_header("x-amzn-RequestId", &request_id),
+        );
     }
     if check.disabled || check.disabled_after_get {
         return error(400, "Sender", "InvalidInput", &disabled_status_message(&id));
     }
-    Answer::Respond(Response {
-        status: 200,
-        body: get_health_check_status_xml(check),
-        request_id,
-    })
+    Answer::Respond(
+        HttpResponse::xml(200, get_health_check_status_xml(check))
+            .with_header("x-amzn-RequestId", &request_id),
+    )
 }
 
 /// `GetHealthCheckResponse` for an HTTPS check of a DSQL-looking endpoint,
@@ -538,10 +525,10 @@ fn error_response(
     code: &str,
     message: &str,
     request_id: String,
-) -> Response {
-    Response {
+) -> HttpResponse {
+    HttpResponse::xml(
         status,
-        body: format!(
+        format!(
             "<?xml version=\"1.0\"?>\n\
              <ErrorResponse xmlns=\"{ROUTE53_XMLNS}\">\n\
              \x20 <Error>\n\
@@ -553,123 +540,8 @@ fn error_response(
              </ErrorResponse>\n",
             xml_escape(message)
         ),
-        request_id,
-    }
-}
-
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-fn invalid(msg: impl Into<String>) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidData, msg.into())
-}
-
-/// Reads a request head and any `Content-Length` body (the SDK's GETs
-/// have none; chunked bodies are not expected and refused).
-async fn read_request(stream: &mut TcpStream) -> std::io::Result<Option<RecordedRequest>> {
-    let mut buf = Vec::with_capacity(1024);
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i;
-        }
-        if buf.len() > MAX_HEAD {
-            return Err(invalid("request head too large"));
-        }
-        let mut chunk = [0u8; 4096];
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            if buf.is_empty() {
-                return Ok(None);
-            }
-            return Err(invalid("connection closed inside the request head"));
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = std::str::from_utf8(&buf[..head_end]).map_err(|_| invalid("non-UTF-8 head"))?;
-    let mut lines = head.split("\r\n");
-    let request_line = lines.next().unwrap_or_default();
-    let mut parts = request_line.split(' ');
-    let (method, target) = match (parts.next(), parts.next(), parts.next()) {
-        (Some(m), Some(t), Some(v)) if !m.is_empty() && v.starts_with("HTTP/1.") => {
-            (m.to_owned(), t.to_owned())
-        }
-        _ => return Err(invalid(format!("bad request line {request_line:?}"))),
-    };
-    let mut headers = Vec::new();
-    for line in lines {
-        let (k, v) = line
-            .split_once(':')
-            .ok_or_else(|| invalid(format!("bad header line {line:?}")))?;
-        headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
-    }
-    let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v);
-    if header("transfer-encoding").is_some() {
-        return Err(invalid("chunked request bodies are not supported"));
-    }
-    let len: usize = match header("content-length") {
-        Some(v) => v
-            .parse()
-            .map_err(|_| invalid(format!("bad content-length {v:?}")))?,
-        None => 0,
-    };
-    if len > MAX_HEAD {
-        return Err(invalid("body too large"));
-    }
-    let mut body = buf[head_end + 4..].to_vec();
-    while body.len() < len {
-        let mut chunk = [0u8; 4096];
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(invalid("connection closed inside the body"));
-        }
-        body.extend_from_slice(&chunk[..n]);
-    }
-    body.truncate(len);
-    Ok(Some(RecordedRequest {
-        method,
-        target,
-        headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    }))
-}
-
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        500 => "Internal Server Error",
-        _ => "Status",
-    }
-}
-
-async fn write_response(stream: &mut TcpStream, response: &Response) -> std::io::Result<()> {
-    let mut out = format!(
-        "HTTP/1.1 {} {}\r\n",
-        response.status,
-        reason(response.status)
-    );
-    if !response.request_id.is_empty() {
-        let _ = write!(out, "x-amzn-RequestId: {}\r\n", response.request_id);
-    }
-    if !response.body.is_empty() {
-        out.push_str("Content-Type: text/xml\r\n");
-    }
-    let _ = write!(
-        out,
-        "Content-Length: {}\r\nConnection: close\r\n\r\n",
-        response.body.len()
-    );
-    out.push_str(&response.body);
-    stream.write_all(out.as_bytes()).await?;
-    stream.flush().await?;
-    stream.shutdown().await
+    )
+    .with_header("x-amzn-RequestId", &request_id)
 }
 
 #[cfg(test)]

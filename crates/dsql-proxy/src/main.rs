@@ -16,6 +16,7 @@ use dsql_proxy_health::route53::{HealthCheckSource, SdkHealthChecks};
 use dsql_proxy_health::{MonitorSettings, PgProbe};
 use dsql_proxy_metrics::Metrics;
 use dsql_proxy_routing::{RoutingTable, TableRouter};
+use dsql_proxy_session::backend::BackendSettings;
 use dsql_proxy_session::{BoundProxy, ProxyContext};
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::Notify;
@@ -184,20 +185,7 @@ async fn serve(config: Config) -> Result<()> {
         Arc::clone(&credentials),
         Arc::clone(&metrics),
     )?;
-    let probes: Vec<Arc<PgProbe>> = router
-        .snapshot()
-        .endpoints()
-        .iter()
-        .map(|endpoint| {
-            Arc::new(PgProbe::new(
-                Arc::clone(endpoint),
-                ctx.backend.clone(),
-                Arc::clone(&credentials),
-                &config.routing.probe_user,
-                &config.routing.probe_database,
-            ))
-        })
-        .collect();
+    let backend_settings = ctx.backend.clone();
     let proxy = BoundProxy::bind(ctx, &config).await?;
     let admin = AdminServer::bind(config.admin.address).await?;
     let admin_state = Arc::new(AdminState {
@@ -213,29 +201,15 @@ async fn serve(config: Config) -> Result<()> {
     tokio::spawn(admin.serve(Arc::clone(&admin_state)));
     // Listeners are bound and the config is loaded: that is /startup.
     admin_state.started.store(true, Ordering::Release);
-    let route53: Option<Arc<dyn HealthCheckSource>> = if config
-        .endpoints
-        .iter()
-        .any(|e| e.route53_health_check_id.is_some())
-    {
-        let timeout = config
-            .routing
-            .route53_poll_interval
-            .get()
-            .min(std::time::Duration::from_secs(10));
-        Some(Arc::new(SdkHealthChecks::from_env(timeout).await))
-    } else {
-        None
-    };
     // Clients queue in the listen backlog while the first probe round runs.
     let _monitor = if config.routing.probes {
         Some(
-            dsql_proxy_health::start(
+            start_monitor(
+                &config,
                 router,
                 reports_rx,
-                probes,
-                route53,
-                MonitorSettings::from_config(&config.routing),
+                backend_settings,
+                Arc::clone(&credentials),
                 Arc::clone(&metrics),
             )
             .await,
@@ -329,4 +303,53 @@ fn token_counter_sync(credentials: Arc<dyn CredentialSource>) -> MetricsRefresh 
             counter.inc_by(value.saturating_sub(counter.get()));
         }
     })
+}
+
+/// One probe per endpoint, a Route 53 reader when any endpoint names a
+/// health check, and the monitor task over them.
+async fn start_monitor(
+    config: &Config,
+    router: Arc<TableRouter>,
+    reports: tokio::sync::mpsc::Receiver<dsql_proxy_routing::Report>,
+    backend: BackendSettings,
+    credentials: Arc<dyn CredentialSource>,
+    metrics: Arc<Metrics>,
+) -> dsql_proxy_health::Monitor {
+    let probes: Vec<Arc<PgProbe>> = router
+        .snapshot()
+        .endpoints()
+        .iter()
+        .map(|endpoint| {
+            Arc::new(PgProbe::new(
+                Arc::clone(endpoint),
+                backend.clone(),
+                Arc::clone(&credentials),
+                &config.routing.probe_user,
+                &config.routing.probe_database,
+            ))
+        })
+        .collect();
+    let route53: Option<Arc<dyn HealthCheckSource>> = if config
+        .endpoints
+        .iter()
+        .any(|e| e.route53_health_check_id.is_some())
+    {
+        let timeout = config
+            .routing
+            .route53_poll_interval
+            .get()
+            .min(std::time::Duration::from_secs(10));
+        Some(Arc::new(SdkHealthChecks::from_env(timeout).await))
+    } else {
+        None
+    };
+    dsql_proxy_health::start(
+        router,
+        reports,
+        probes,
+        route53,
+        MonitorSettings::from_config(&config.routing),
+        metrics,
+    )
+    .await
 }

@@ -161,6 +161,8 @@ struct EndpointState {
     first_report: bool,
     /// Its sessions were told to leave for the current down period.
     evicted: bool,
+    /// The Route 53 verdict last logged.
+    route53_logged: Option<bool>,
 }
 
 struct MonitorState {
@@ -204,6 +206,7 @@ impl MonitorState {
                 probe_failures: [0; FailureKind::ALL.len()],
                 first_report: false,
                 evicted: false,
+                route53_logged: None,
             })
             .collect();
         Self {
@@ -266,9 +269,7 @@ impl MonitorState {
                         state.gauges.latency.observe(rtt.as_secs_f64());
                     }
                     ProbeOutcome::Failure { kind, detail } => {
-                        if let Some(i) = FailureKind::ALL.iter().position(|k| k == kind) {
-                            state.probe_failures[i] += 1;
-                        }
+                        state.probe_failures[kind.index()] += 1;
                         self.metrics
                             .probe_failures_total
                             .with_label_values(&[
@@ -328,11 +329,8 @@ impl MonitorState {
                         r53.record_error(e.to_string());
                     }
                 }
-                let after = r53.effective(now, max);
-                if before != after {
-                    info!(endpoint = %state.endpoint.name, healthy = ?after, "Route 53 status changed");
-                }
-                before != after
+                // `publish` logs the change (and one from going stale).
+                before != r53.effective(now, max)
             }
         }
     }
@@ -398,6 +396,22 @@ impl MonitorState {
     fn publish(&mut self, round: bool) {
         let now = std::time::Instant::now();
         let max = self.settings.route53_max_staleness;
+        for s in &mut self.endpoints {
+            let Some(r53) = &s.route53 else { continue };
+            let effective = r53.effective(now, max);
+            if effective != s.route53_logged {
+                s.route53_logged = effective;
+                match effective {
+                    Some(_) => {
+                        info!(endpoint = %s.endpoint.name, healthy = ?effective, "Route 53 status changed")
+                    }
+                    None if r53.reading().is_some() => {
+                        warn!(endpoint = %s.endpoint.name, max_staleness = ?max, "Route 53 status is stale; it no longer influences routing")
+                    }
+                    None => {}
+                }
+            }
+        }
         let candidates: Vec<Candidate<'_>> = self
             .endpoints
             .iter()

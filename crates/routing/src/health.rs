@@ -56,6 +56,11 @@ impl FailureKind {
         Self::Query,
     ];
 
+    /// Position in [`Self::ALL`], for per-kind counters.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Connection => "connection",
@@ -330,6 +335,13 @@ mod tests {
         assert_eq!(h.observe(ok(10), now, RULES), None);
         assert_eq!(h.liveness(), Liveness::Down);
         assert_eq!(h.observe(ok(10), now, RULES), Some(Transition::WentUp));
+    }
+
+    #[test]
+    fn kinds_index_their_position_in_all() {
+        for (i, k) in FailureKind::ALL.iter().enumerate() {
+            assert_eq!(k.index(), i);
+        }
     }
 
     #[test]
