@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use dsql_proxy_metrics::{Metrics, CONTENT_TYPE};
 use dsql_proxy_routing::TableRouter;
@@ -48,8 +49,8 @@ pub struct AdminState {
     pub draining: AtomicBool,
     /// Notified by `POST /quitquitquit`.
     pub quit: Notify,
-    /// The selection policy in words, for `/status`.
-    pub policy: serde_json::Value,
+    /// The selection policy in words, for `/status`; replaced on reload.
+    pub policy: ArcSwap<serde_json::Value>,
     /// Runs before each `/metrics` render: copies counters kept elsewhere
     /// (the IAM token cache's) into their families.
     pub before_render: Option<MetricsRefresh>,
@@ -127,7 +128,11 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             text(code, &format!("{why}\n"))
         }
         (&Method::GET | &Method::HEAD, "/status") => {
-            let body = status_json(&state.router.snapshot(), &state.metrics, &state.policy);
+            let body = status_json(
+                &state.router.snapshot(),
+                &state.metrics,
+                &state.policy.load(),
+            );
             reply(
                 StatusCode::OK,
                 "application/json",

@@ -7,20 +7,23 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+mod monitor;
+mod reload;
+
 use anyhow::{Context, Result};
+use arc_swap::ArcSwap;
 use clap::{Parser, Subcommand, ValueEnum};
 use dsql_proxy_admin::{AdminServer, AdminState, MetricsRefresh};
 use dsql_proxy_config::Config;
 use dsql_proxy_credentials::CredentialSource;
-use dsql_proxy_health::route53::{HealthCheckSource, SdkHealthChecks};
-use dsql_proxy_health::{MonitorSettings, PgProbe};
 use dsql_proxy_metrics::Metrics;
 use dsql_proxy_routing::{RoutingTable, TableRouter};
-use dsql_proxy_session::backend::BackendSettings;
 use dsql_proxy_session::{BoundProxy, ProxyContext};
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
+
+use crate::reload::{ConfigSource, Reloader};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -120,20 +123,20 @@ fn init_logging(cli: &Cli) {
     }
 }
 
+/// The config file with the command-line overrides, as startup and every
+/// reload read it.
+fn config_source(cli: &Cli) -> ConfigSource {
+    ConfigSource {
+        path: cli.config.clone(),
+        listen: cli.listen,
+        admin: cli.admin,
+        unix_socket_dir: cli.unix_socket_dir.clone(),
+    }
+}
+
 /// Loads the file, then applies `DSQL_PROXY__*` and command-line overrides.
 fn load_config(cli: &Cli) -> Result<Config> {
-    let mut config = Config::load(&cli.config, std::env::vars())?;
-    if let Some(addr) = cli.listen {
-        config.listen.address = addr;
-    }
-    if let Some(addr) = cli.admin {
-        config.admin.address = addr;
-    }
-    if let Some(dir) = &cli.unix_socket_dir {
-        config.listen.unix_socket_dir = Some(dir.clone());
-    }
-    config.validate()?;
-    Ok(config)
+    config_source(cli).load()
 }
 
 fn check(cli: &Cli) -> Result<()> {
@@ -161,10 +164,11 @@ fn run(cli: &Cli) -> Result<()> {
             .build(),
     }
     .context("cannot start the async runtime")?;
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(config, config_source(cli)))
 }
 
-async fn serve(config: Config) -> Result<()> {
+async fn serve(config: Config, source: ConfigSource) -> Result<()> {
+    let hangups = reload::hangups();
     let credentials = dsql_proxy_credentials::from_config(&config)
         .await
         .context("cannot set up backend credentials")?;
@@ -187,6 +191,10 @@ async fn serve(config: Config) -> Result<()> {
     )?;
     let backend_settings = ctx.backend.clone();
     let proxy = BoundProxy::bind(ctx, &config).await?;
+    let route53 = match config.routing.probes {
+        true => monitor::route53_reader(&config, None).await,
+        false => None,
+    };
     let admin = AdminServer::bind(config.admin.address).await?;
     let admin_state = Arc::new(AdminState {
         metrics: Arc::clone(&metrics),
@@ -194,7 +202,7 @@ async fn serve(config: Config) -> Result<()> {
         started: AtomicBool::new(false),
         draining: AtomicBool::new(false),
         quit: Notify::new(),
-        policy: policy_json(&config),
+        policy: ArcSwap::from_pointee(policy_json(&config)),
         before_render: Some(token_counter_sync(Arc::clone(&credentials))),
     });
     info!(address = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin server listening");
@@ -202,14 +210,15 @@ async fn serve(config: Config) -> Result<()> {
     // Listeners are bound and the config is loaded: that is /startup.
     admin_state.started.store(true, Ordering::Release);
     // Clients queue in the listen backlog while the first probe round runs.
-    let _monitor = if config.routing.probes {
+    let monitor = if config.routing.probes {
         Some(
-            start_monitor(
+            monitor::start(
                 &config,
-                router,
+                Arc::clone(&router),
                 reports_rx,
-                backend_settings,
-                Arc::clone(&credentials),
+                &backend_settings,
+                &credentials,
+                route53.as_ref(),
                 Arc::clone(&metrics),
             )
             .await,
@@ -236,6 +245,17 @@ async fn serve(config: Config) -> Result<()> {
         backend_tls = ?config.backend.tls,
         "dsql-proxy listening"
     );
+    let _reloads = Reloader {
+        source,
+        current: config,
+        contexts: proxy.context(),
+        router,
+        monitor,
+        route53,
+        admin: Arc::clone(&admin_state),
+        metrics,
+    }
+    .spawn(hangups);
     let quit = Arc::clone(&admin_state);
     proxy
         .serve(async move {
@@ -250,29 +270,24 @@ async fn serve(config: Config) -> Result<()> {
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT. SIGHUP is caught so it does not kill the
-/// process; configuration reload comes with the operations work.
+/// Resolves on SIGTERM or SIGINT. (SIGHUP reloads: see `reload`.)
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+    let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
     ) else {
         warn!("cannot install signal handlers; stop the proxy with SIGKILL");
         return std::future::pending().await;
     };
-    loop {
-        tokio::select! {
-            _ = term.recv() => { info!("SIGTERM received"); return; }
-            _ = int.recv() => { info!("SIGINT received"); return; }
-            _ = hup.recv() => { warn!("SIGHUP received: configuration reload is not supported yet; keeping the current configuration"); }
-        }
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received"),
+        _ = int.recv() => info!("SIGINT received"),
     }
 }
 
 /// The routing policy as `/status` shows it.
-fn policy_json(config: &Config) -> serde_json::Value {
+pub(crate) fn policy_json(config: &Config) -> serde_json::Value {
     let r = &config.routing;
     serde_json::json!({
         "rule": "healthy endpoints only; lowest median probe latency; within latency_tolerance the lowest priority, then the current selection; a new best must win switch_after rounds",
@@ -303,53 +318,4 @@ fn token_counter_sync(credentials: Arc<dyn CredentialSource>) -> MetricsRefresh 
             counter.inc_by(value.saturating_sub(counter.get()));
         }
     })
-}
-
-/// One probe per endpoint, a Route 53 reader when any endpoint names a
-/// health check, and the monitor task over them.
-async fn start_monitor(
-    config: &Config,
-    router: Arc<TableRouter>,
-    reports: tokio::sync::mpsc::Receiver<dsql_proxy_routing::Report>,
-    backend: BackendSettings,
-    credentials: Arc<dyn CredentialSource>,
-    metrics: Arc<Metrics>,
-) -> dsql_proxy_health::Monitor {
-    let probes: Vec<Arc<PgProbe>> = router
-        .snapshot()
-        .endpoints()
-        .iter()
-        .map(|endpoint| {
-            Arc::new(PgProbe::new(
-                Arc::clone(endpoint),
-                backend.clone(),
-                Arc::clone(&credentials),
-                &config.routing.probe_user,
-                &config.routing.probe_database,
-            ))
-        })
-        .collect();
-    let route53: Option<Arc<dyn HealthCheckSource>> = if config
-        .endpoints
-        .iter()
-        .any(|e| e.route53_health_check_id.is_some())
-    {
-        let timeout = config
-            .routing
-            .route53_poll_interval
-            .get()
-            .min(std::time::Duration::from_secs(10));
-        Some(Arc::new(SdkHealthChecks::from_env(timeout).await))
-    } else {
-        None
-    };
-    dsql_proxy_health::start(
-        router,
-        reports,
-        probes,
-        route53,
-        MonitorSettings::from_config(&config.routing),
-        metrics,
-    )
-    .await
 }

@@ -12,7 +12,7 @@ pub mod probe;
 pub mod route53;
 mod task;
 
-pub use monitor::{start, Monitor, MonitorSettings};
+pub use monitor::{start, Monitor, MonitorSettings, MonitorUpdate};
 pub use probe::{PgProbe, Probe};
 
 use dsql_proxy_routing::route53::Route53Reading;

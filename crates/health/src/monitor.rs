@@ -58,9 +58,43 @@ impl MonitorSettings {
     }
 }
 
-/// Running health tasks; dropping it stops them.
-pub struct Monitor {
-    _tasks: JoinSet<()>,
+/// The running monitor; dropping it stops the monitor task, which stops
+/// its probe tasks and Route 53 pollers with it.
+pub struct Monitor<P> {
+    control: mpsc::Sender<Reconfigure<P>>,
+    _task: JoinSet<()>,
+}
+
+/// A new endpoint set and settings for a running monitor (configuration
+/// reload).
+pub struct MonitorUpdate<P> {
+    /// The new endpoint set, from `TableRouter::plan`: kept endpoints carry
+    /// their old ids, so their health state and latency history carry over.
+    pub endpoints: Vec<Arc<Endpoint>>,
+    /// One probe per endpoint, in the same order.
+    pub probes: Vec<Arc<P>>,
+    pub route53: Option<Arc<dyn HealthCheckSource>>,
+    pub settings: MonitorSettings,
+}
+
+type Reconfigure<P> = (MonitorUpdate<P>, oneshot::Sender<()>);
+
+impl<P: Probe> Monitor<P> {
+    /// Applies `update` and resolves once the table over the new endpoint
+    /// set is published. Every probe task and Route 53 poller restarts
+    /// (with the new probes, intervals and source); kept endpoints keep
+    /// their state, new ones start unknown and, being unmeasured, rank
+    /// after measured endpoints until their first successful probe. Once
+    /// every endpoint has reported, the selection is re-made at once
+    /// under the new policy, as at startup. Returns false when the monitor
+    /// task is gone (it only ends by panicking).
+    pub async fn reconfigure(&self, update: MonitorUpdate<P>) -> bool {
+        let (done_tx, done_rx) = oneshot::channel();
+        if self.control.send((update, done_tx)).await.is_err() {
+            return false;
+        }
+        done_rx.await.is_ok()
+    }
 }
 
 /// Starts one probe task per endpoint, one Route 53 poller per health
@@ -74,49 +108,24 @@ pub async fn start<P: Probe>(
     route53: Option<Arc<dyn HealthCheckSource>>,
     settings: MonitorSettings,
     metrics: Arc<Metrics>,
-) -> Monitor {
+) -> Monitor<P> {
     let endpoints: Vec<Arc<Endpoint>> = router.snapshot().endpoints().to_vec();
     let (events_tx, events_rx) = mpsc::channel(1024);
-    let mut tasks = JoinSet::new();
-    let mut wakes = Vec::with_capacity(endpoints.len());
-    for (endpoint, probe) in endpoints.iter().zip(probes) {
-        let wake = Arc::new(Notify::new());
-        wakes.push(Arc::clone(&wake));
-        tasks.spawn(
-            ProbeTask {
-                id: endpoint.id,
-                probe,
-                interval: settings.probe_interval,
-                timeout: settings.probe_timeout,
-                events: events_tx.clone(),
-                wake,
-            }
-            .run(),
-        );
-    }
-    if let Some(source) = route53 {
-        for endpoint in &endpoints {
-            if let Some(check) = &endpoint.route53_health_check_id {
-                tasks.spawn(poll_route53(
-                    endpoint.id,
-                    check.clone(),
-                    Arc::clone(&source),
-                    settings.route53_poll_interval,
-                    events_tx.clone(),
-                ));
-            }
-        }
-    }
-    drop(events_tx);
+    let (control_tx, control_rx) = mpsc::channel(1);
     let (ready_tx, ready_rx) = oneshot::channel();
-    let state = MonitorState::new(router, endpoints, wakes, settings.clone(), metrics);
-    tasks.spawn(state.run(events_rx, reports, ready_tx));
+    let mut state = MonitorState::new(router, endpoints, settings.clone(), metrics, events_tx);
+    state.spawn_helpers(probes, route53);
+    let mut task = JoinSet::new();
+    task.spawn(state.run(events_rx, reports, control_rx, ready_tx));
     let _ = tokio::time::timeout(
         settings.probe_timeout + Duration::from_millis(100),
         ready_rx,
     )
     .await;
-    Monitor { _tasks: tasks }
+    Monitor {
+        control: control_tx,
+        _task: task,
+    }
 }
 
 async fn poll_route53(
@@ -165,6 +174,35 @@ struct EndpointState {
     route53_logged: Option<bool>,
 }
 
+impl EndpointState {
+    fn new(endpoint: Arc<Endpoint>, metrics: &Metrics) -> Self {
+        let labels = [endpoint.name.as_str(), endpoint.region_label()];
+        Self {
+            gauges: EndpointMetrics {
+                up: metrics.endpoint_up.with_label_values(&labels),
+                selected: metrics.endpoint_selected.with_label_values(&labels),
+                latency: metrics.endpoint_latency_seconds.with_label_values(&labels),
+                route53_healthy: metrics.route53_healthy.with_label_values(&labels),
+            },
+            route53: endpoint
+                .route53_health_check_id
+                .as_ref()
+                .map(|_| Route53State::default()),
+            endpoint,
+            health: HealthTracker::new(),
+            wake: Arc::new(Notify::new()),
+            probe_failures: [0; FailureKind::ALL.len()],
+            first_report: false,
+            evicted: false,
+            route53_logged: None,
+        }
+    }
+
+    fn labels(&self) -> [&str; 2] {
+        [self.endpoint.name.as_str(), self.endpoint.region_label()]
+    }
+}
+
 struct MonitorState {
     router: Arc<TableRouter>,
     endpoints: Vec<EndpointState>,
@@ -173,41 +211,27 @@ struct MonitorState {
     generation: u64,
     route_changes: u64,
     metrics: Arc<Metrics>,
+    /// Probe tasks and Route 53 pollers; replaced (so aborted) on reload.
+    helpers: JoinSet<()>,
+    /// Handed to each helper. The monitor keeps one, so `events` never
+    /// closes: the monitor ends when its `Monitor` handle is dropped.
+    events: mpsc::Sender<Event>,
+    /// Waiting for every endpoint's first report (after startup or a
+    /// reload) to re-make the selection at once.
+    settling: bool,
 }
 
 impl MonitorState {
     fn new(
         router: Arc<TableRouter>,
         endpoints: Vec<Arc<Endpoint>>,
-        wakes: Vec<Arc<Notify>>,
         settings: MonitorSettings,
         metrics: Arc<Metrics>,
+        events: mpsc::Sender<Event>,
     ) -> Self {
         let endpoints = endpoints
             .into_iter()
-            .zip(wakes)
-            .map(|(endpoint, wake)| EndpointState {
-                gauges: {
-                    let labels = [endpoint.name.as_str(), endpoint.region_label()];
-                    EndpointMetrics {
-                        up: metrics.endpoint_up.with_label_values(&labels),
-                        selected: metrics.endpoint_selected.with_label_values(&labels),
-                        latency: metrics.endpoint_latency_seconds.with_label_values(&labels),
-                        route53_healthy: metrics.route53_healthy.with_label_values(&labels),
-                    }
-                },
-                route53: endpoint
-                    .route53_health_check_id
-                    .as_ref()
-                    .map(|_| Route53State::default()),
-                endpoint,
-                health: HealthTracker::new(),
-                wake,
-                probe_failures: [0; FailureKind::ALL.len()],
-                first_report: false,
-                evicted: false,
-                route53_logged: None,
-            })
+            .map(|endpoint| EndpointState::new(endpoint, &metrics))
             .collect();
         Self {
             router,
@@ -217,33 +241,121 @@ impl MonitorState {
             generation: 0,
             route_changes: 0,
             metrics,
+            helpers: JoinSet::new(),
+            events,
+            settling: true,
         }
     }
 
-    async fn run(
+    /// Starts one probe task per endpoint (`probes` is in endpoint order)
+    /// and a Route 53 poller per health check.
+    fn spawn_helpers<P: Probe>(
+        &mut self,
+        probes: Vec<Arc<P>>,
+        route53: Option<Arc<dyn HealthCheckSource>>,
+    ) {
+        for (state, probe) in self.endpoints.iter().zip(probes) {
+            self.helpers.spawn(
+                ProbeTask {
+                    id: state.endpoint.id,
+                    probe,
+                    interval: self.settings.probe_interval,
+                    timeout: self.settings.probe_timeout,
+                    events: self.events.clone(),
+                    wake: Arc::clone(&state.wake),
+                }
+                .run(),
+            );
+        }
+        let Some(source) = route53 else { return };
+        for state in &self.endpoints {
+            if let Some(check) = &state.endpoint.route53_health_check_id {
+                self.helpers.spawn(poll_route53(
+                    state.endpoint.id,
+                    check.clone(),
+                    Arc::clone(&source),
+                    self.settings.route53_poll_interval,
+                    self.events.clone(),
+                ));
+            }
+        }
+    }
+
+    /// Swaps in a new endpoint set and settings, restarts the helpers and
+    /// publishes the table over the new set. Events already queued from
+    /// the old helpers still apply: ids are never reused, so those of
+    /// removed endpoints match nothing.
+    fn reconfigure<P: Probe>(&mut self, update: MonitorUpdate<P>) {
+        self.helpers = JoinSet::new();
+        let mut old = std::mem::take(&mut self.endpoints);
+        for endpoint in update.endpoints {
+            let state = match old.iter().position(|s| s.endpoint.id == endpoint.id) {
+                Some(i) => {
+                    let mut kept = old.swap_remove(i);
+                    // Only the priority can differ (see `same_target`).
+                    kept.endpoint = endpoint;
+                    kept
+                }
+                None => {
+                    info!(endpoint = %endpoint.name, address = %endpoint.describe(), "endpoint added");
+                    EndpointState::new(endpoint, &self.metrics)
+                }
+            };
+            self.endpoints.push(state);
+        }
+        for gone in old {
+            info!(endpoint = %gone.endpoint.name, address = %gone.endpoint.describe(), "endpoint removed; its sessions keep running");
+            let labels = gone.labels();
+            if !self.endpoints.iter().any(|s| s.labels() == labels) {
+                let _ = self.metrics.endpoint_up.remove_label_values(&labels);
+                let _ = self.metrics.endpoint_selected.remove_label_values(&labels);
+                let _ = self.metrics.route53_healthy.remove_label_values(&labels);
+                let _ = self
+                    .metrics
+                    .endpoint_latency_seconds
+                    .remove_label_values(&labels);
+            }
+        }
+        self.settings = update.settings;
+        self.settling = true;
+        self.spawn_helpers(update.probes, update.route53);
+        let table = self.evaluate(false);
+        self.router.replace_endpoints(table);
+    }
+
+    async fn run<P: Probe>(
         mut self,
         mut events: mpsc::Receiver<Event>,
         mut reports: mpsc::Receiver<Report>,
+        mut control: mpsc::Receiver<Reconfigure<P>>,
         ready: oneshot::Sender<()>,
     ) {
         let mut ready = Some(ready);
-        let mut round = tokio::time::interval(self.settings.probe_interval);
-        round.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        // The first tick is immediate; rounds start one interval in.
-        round.tick().await;
+        let mut round = rounds(self.settings.probe_interval).await;
         loop {
             let changed = tokio::select! {
                 Some(event) = events.recv() => self.on_event(event),
                 Some((id, signal)) = reports.recv() => self.on_passive(id, signal),
+                Some((update, done)) = control.recv() => {
+                    let interval = self.settings.probe_interval;
+                    self.reconfigure(update);
+                    if self.settings.probe_interval != interval {
+                        round = rounds(self.settings.probe_interval).await;
+                    }
+                    let _ = done.send(());
+                    false
+                }
                 _ = round.tick() => {
                     self.publish(true);
                     continue;
                 }
                 else => return,
             };
-            if ready.is_some() && self.endpoints.iter().all(|e| e.first_report) {
+            if self.settling && self.endpoints.iter().all(|e| e.first_report) {
                 // Whatever was selected while only some endpoints had
-                // reported gives way now, without switch_after rounds.
+                // reported (or under the previous configuration) gives way
+                // now, without switch_after rounds.
+                self.settling = false;
                 self.selector.mark_provisional();
                 self.publish(false);
                 if let Some(tx) = ready.take() {
@@ -260,7 +372,7 @@ impl MonitorState {
         match event {
             Event::Probe(id, outcome) => {
                 let rules = self.settings.hysteresis;
-                let Some(state) = self.endpoints.get_mut(id.index()) else {
+                let Some(state) = find_mut(&mut self.endpoints, id) else {
                     return false;
                 };
                 state.first_report = true;
@@ -307,7 +419,7 @@ impl MonitorState {
             Event::Route53(id, result) => {
                 let now = std::time::Instant::now();
                 let max = self.settings.route53_max_staleness;
-                let Some(state) = self.endpoints.get_mut(id.index()) else {
+                let Some(state) = find_mut(&mut self.endpoints, id) else {
                     return false;
                 };
                 let Some(r53) = state.route53.as_mut() else {
@@ -336,7 +448,7 @@ impl MonitorState {
     }
 
     fn on_passive(&mut self, id: EndpointId, signal: PassiveSignal) -> bool {
-        let Some(state) = self.endpoints.get_mut(id.index()) else {
+        let Some(state) = find_mut(&mut self.endpoints, id) else {
             return false;
         };
         // Whatever the verdict, look again now with a fresh connection.
@@ -359,7 +471,7 @@ impl MonitorState {
     }
 
     fn on_transition(&mut self, id: EndpointId, transition: Option<Transition>) -> bool {
-        let Some(state) = self.endpoints.get(id.index()) else {
+        let Some(state) = find(&self.endpoints, id) else {
             return false;
         };
         match transition {
@@ -373,17 +485,17 @@ impl MonitorState {
                 // Publish before waking sessions, so those that reconnect
                 // at once are routed elsewhere.
                 self.publish(false);
-                if let Some(state) = self.endpoints.get_mut(id.index()) {
+                if let Some(state) = find_mut(&mut self.endpoints, id) {
                     state.evicted = true;
                 }
                 self.router.signal_down(id);
                 false
             }
             Some(Transition::WentUp) => {
-                if let Some(state) = self.endpoints.get_mut(id.index()) {
+                if let Some(state) = find_mut(&mut self.endpoints, id) {
                     state.evicted = false;
                 }
-                let Some(state) = self.endpoints.get(id.index()) else {
+                let Some(state) = find(&self.endpoints, id) else {
                     return false;
                 };
                 info!(endpoint = %state.endpoint.name, latency = ?state.health.latency(), "endpoint marked up");
@@ -394,6 +506,13 @@ impl MonitorState {
     }
 
     fn publish(&mut self, round: bool) {
+        let table = self.evaluate(round);
+        self.router.publish(table);
+    }
+
+    /// Applies the selection rule and builds the table to publish; updates
+    /// the per-endpoint gauges.
+    fn evaluate(&mut self, round: bool) -> RoutingTable {
         let now = std::time::Instant::now();
         let max = self.settings.route53_max_staleness;
         for s in &mut self.endpoints {
@@ -437,14 +556,19 @@ impl MonitorState {
         if selection.changed {
             self.route_changes += 1;
             self.metrics.route_changes_total.inc();
-            let forced =
-                previous.is_some_and(|p| !eligible.get(p.index()).copied().unwrap_or(true));
+            // A previous selection that was removed by a reload is no
+            // failover.
+            let forced = previous.is_some_and(|p| {
+                let at = self.endpoints.iter().position(|s| s.endpoint.id == p);
+                !at.and_then(|i| eligible.get(i)).copied().unwrap_or(true)
+            });
             if forced {
                 self.metrics.failovers_total.inc();
             }
             let name = |id: Option<EndpointId>| {
-                id.and_then(|id| self.endpoints.get(id.index()))
-                    .map_or("none", |s| s.endpoint.name.as_str())
+                id.map_or("none", |id| {
+                    find(&self.endpoints, id).map_or("(removed)", |s| s.endpoint.name.as_str())
+                })
             };
             info!(
                 from = name(previous),
@@ -482,8 +606,26 @@ impl MonitorState {
         let mut table =
             RoutingTable::from_selection(endpoints, status, &selection, self.generation);
         table.route_changes_total = self.route_changes;
-        self.router.publish(table);
+        table
     }
+}
+
+/// Endpoints are few; ids are not positions once a reload changed the set.
+fn find(endpoints: &[EndpointState], id: EndpointId) -> Option<&EndpointState> {
+    endpoints.iter().find(|s| s.endpoint.id == id)
+}
+
+fn find_mut(endpoints: &mut [EndpointState], id: EndpointId) -> Option<&mut EndpointState> {
+    endpoints.iter_mut().find(|s| s.endpoint.id == id)
+}
+
+/// The probe-round ticker; its first tick is consumed, so rounds start one
+/// interval in.
+async fn rounds(interval: Duration) -> tokio::time::Interval {
+    let mut round = tokio::time::interval(interval);
+    round.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    round.tick().await;
+    round
 }
 
 fn status_of(
@@ -519,3 +661,6 @@ fn status_of(
         }),
     }
 }
+
+#[cfg(test)]
+mod tests;

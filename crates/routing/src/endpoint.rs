@@ -4,15 +4,12 @@ use std::net::SocketAddr;
 
 use dsql_proxy_config::EndpointConfig;
 
-/// Index of an endpoint in configuration order; stable for a config's life.
+/// Identifies one endpoint for the life of the process. The initial config's
+/// endpoints get 0, 1, ... in config order; endpoints added or changed by a
+/// reload get fresh ids, never reused, because down-watches, passive reports
+/// and probe events already in flight are keyed by id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EndpointId(pub u32);
-
-impl EndpointId {
-    pub fn index(self) -> usize {
-        self.0 as usize
-    }
-}
 
 /// One database endpoint, as sessions need it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +38,18 @@ impl Endpoint {
             priority: c.priority,
             route53_health_check_id: c.route53_health_check_id.clone(),
         }
+    }
+
+    /// Whether `c` names this same endpoint at the same address, so its
+    /// health history still applies. Only `priority` may differ: it ranks
+    /// the endpoint but says nothing about its health.
+    pub fn same_target(&self, c: &EndpointConfig) -> bool {
+        self.name == c.name
+            && self.host == c.host
+            && self.port == c.port
+            && self.connect_address == c.connect_address
+            && self.region == c.region
+            && self.route53_health_check_id == c.route53_health_check_id
     }
 
     /// What to dial, for messages: `name (host:port)` or with `via ip:port`.

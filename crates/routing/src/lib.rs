@@ -12,9 +12,11 @@ pub mod policy;
 pub mod route53;
 mod table;
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use dsql_proxy_config::EndpointConfig;
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 
@@ -57,22 +59,46 @@ pub type Report = (EndpointId, PassiveSignal);
 /// A router over a published [`RoutingTable`].
 pub struct TableRouter {
     table: ArcSwap<RoutingTable>,
-    /// One per endpoint, indexed by id.
-    down: Vec<watch::Sender<u64>>,
+    /// One per endpoint in the table. Replaced (never edited) when the
+    /// endpoint set changes, so sessions subscribe without a lock.
+    down: ArcSwap<Vec<DownSender>>,
     reports: Option<mpsc::Sender<Report>>,
+    /// The next id for an endpoint a reload adds or changes.
+    next_id: AtomicU32,
+}
+
+struct DownSender {
+    id: EndpointId,
+    tx: watch::Sender<u64>,
+}
+
+/// A new endpoint set matched against the current one (see
+/// [`TableRouter::plan`]).
+#[derive(Debug, Clone)]
+pub struct EndpointPlan {
+    /// The new set in config order: kept endpoints with their old ids (and
+    /// possibly a new priority), added or changed ones with fresh ids.
+    pub endpoints: Vec<Arc<Endpoint>>,
+    /// Names of endpoints that are new or whose address changed.
+    pub added: Vec<String>,
+    /// Names of endpoints that are gone or whose address changed.
+    pub removed: Vec<String>,
 }
 
 impl TableRouter {
     pub fn new(table: RoutingTable) -> Self {
-        let down = table
+        let next_id = table
             .endpoints()
             .iter()
-            .map(|_| watch::Sender::new(0))
-            .collect();
+            .map(|e| e.id.0 + 1)
+            .max()
+            .unwrap_or(0);
+        let down = down_senders(table.endpoints(), &[]);
         Self {
             table: ArcSwap::from_pointee(table),
-            down,
+            down: ArcSwap::from_pointee(down),
             reports: None,
+            next_id: AtomicU32::new(next_id),
         }
     }
 
@@ -82,7 +108,9 @@ impl TableRouter {
         self
     }
 
-    /// Replaces the table; sessions already routed are unaffected.
+    /// Replaces the table; sessions already routed are unaffected. The
+    /// table must hold the same endpoints as the current one; a new set
+    /// goes through [`Self::replace_endpoints`].
     pub fn publish(&self, table: RoutingTable) {
         self.table.store(Arc::new(table));
     }
@@ -91,12 +119,71 @@ impl TableRouter {
         self.table.load_full()
     }
 
-    /// Wakes everything watching `id` for a down event.
-    pub fn signal_down(&self, id: EndpointId) {
-        if let Some(tx) = self.down.get(id.index()) {
-            tx.send_modify(|n| *n += 1);
+    /// Matches `configs` against the current endpoints. An endpoint keeps
+    /// its id when one of the same name still has the same address (see
+    /// [`Endpoint::same_target`]); every other one gets an id never used
+    /// before. Changes nothing but the id counter.
+    pub fn plan(&self, configs: &[EndpointConfig]) -> EndpointPlan {
+        let current = self.table.load();
+        let mut added = Vec::new();
+        let endpoints: Vec<Arc<Endpoint>> = configs
+            .iter()
+            .map(|c| {
+                let kept = current.endpoints().iter().find(|e| e.same_target(c));
+                let id = match kept {
+                    Some(e) => e.id,
+                    None => {
+                        added.push(c.name.clone());
+                        EndpointId(self.next_id.fetch_add(1, Ordering::Relaxed))
+                    }
+                };
+                Arc::new(Endpoint::from_config(id, c))
+            })
+            .collect();
+        let removed = current
+            .endpoints()
+            .iter()
+            .filter(|old| !endpoints.iter().any(|e| e.id == old.id))
+            .map(|old| old.name.clone())
+            .collect();
+        EndpointPlan {
+            endpoints,
+            added,
+            removed,
         }
     }
+
+    /// Publishes a table over a new endpoint set. Down-watches of new
+    /// endpoints exist before the table names them; those of endpoints no
+    /// longer in it are dropped after, which leaves their sessions relaying
+    /// without one (they are not told to leave).
+    pub fn replace_endpoints(&self, table: RoutingTable) {
+        let down = down_senders(table.endpoints(), &self.down.load());
+        self.down.store(Arc::new(down));
+        self.table.store(Arc::new(table));
+    }
+
+    /// Wakes everything watching `id` for a down event.
+    pub fn signal_down(&self, id: EndpointId) {
+        if let Some(d) = self.down.load().iter().find(|d| d.id == id) {
+            d.tx.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+/// One sender per endpoint, reusing `existing` ones so subscribers keep
+/// hearing about the endpoints that stay.
+fn down_senders(endpoints: &[Arc<Endpoint>], existing: &[DownSender]) -> Vec<DownSender> {
+    endpoints
+        .iter()
+        .map(|e| DownSender {
+            id: e.id,
+            tx: existing
+                .iter()
+                .find(|d| d.id == e.id)
+                .map_or_else(|| watch::Sender::new(0), |d| d.tx.clone()),
+        })
+        .collect()
 }
 
 impl Router for TableRouter {
@@ -109,7 +196,7 @@ impl Router for TableRouter {
     }
 
     fn endpoint(&self, id: EndpointId) -> Option<Arc<Endpoint>> {
-        self.table.load().endpoints().get(id.index()).cloned()
+        self.table.load().endpoint(id).cloned()
     }
 
     fn report(&self, id: EndpointId, signal: PassiveSignal) {
@@ -121,7 +208,11 @@ impl Router for TableRouter {
     }
 
     fn watch_down(&self, id: EndpointId) -> Option<DownWatch> {
-        self.down.get(id.index()).map(|tx| tx.subscribe())
+        self.down
+            .load()
+            .iter()
+            .find(|d| d.id == id)
+            .map(|d| d.tx.subscribe())
     }
 }
 
@@ -170,5 +261,71 @@ mod tests {
         assert!(!w.has_changed().unwrap());
         router.signal_down(EndpointId(0));
         w.changed().await.unwrap();
+    }
+
+    fn names(table: &RoutingTable) -> Vec<&str> {
+        table.candidates().map(|(e, _)| e.name.as_str()).collect()
+    }
+
+    #[test]
+    fn plan_keeps_ids_of_unchanged_endpoints_and_never_reuses_one() {
+        let router = TableRouter::new(RoutingTable::from_configs(&[
+            config("a", 1),
+            config("b", 1),
+            config("c", 1),
+        ]));
+        // b goes, c moves to another port, a only changes priority, d is new.
+        let mut moved = config("c", 1);
+        moved.port = 6543;
+        let plan = router.plan(&[config("d", 1), config("a", 0), moved]);
+        let ids: Vec<(&str, u32)> = plan
+            .endpoints
+            .iter()
+            .map(|e| (e.name.as_str(), e.id.0))
+            .collect();
+        assert_eq!(ids, [("d", 3), ("a", 0), ("c", 4)]);
+        assert_eq!(plan.endpoints[1].priority, 0);
+        assert_eq!(plan.added, ["d", "c"]);
+        assert_eq!(plan.removed, ["b", "c"]);
+        // Planning again does not hand out the same fresh ids.
+        let again = router.plan(&[config("e", 1)]);
+        assert_eq!(again.endpoints[0].id, EndpointId(5));
+    }
+
+    #[tokio::test]
+    async fn replacing_endpoints_keeps_watches_of_those_that_stay() {
+        let router = TableRouter::new(RoutingTable::from_configs(&[
+            config("a", 1),
+            config("b", 2),
+        ]));
+        let mut on_a = router.watch_down(EndpointId(0)).unwrap();
+        let mut on_b = router.watch_down(EndpointId(1)).unwrap();
+        let plan = router.plan(&[config("a", 1), config("c", 0)]);
+        router.replace_endpoints(RoutingTable::by_priority(plan.endpoints));
+        assert_eq!(names(&router.route().unwrap()), ["c", "a"]);
+        assert!(router.endpoint(EndpointId(1)).is_none());
+        assert_eq!(router.endpoint(EndpointId(2)).unwrap().name, "c");
+        // b's sessions keep running: their watch closes instead of firing.
+        assert!(on_b.changed().await.is_err());
+        router.signal_down(EndpointId(0));
+        on_a.changed().await.unwrap();
+        let mut on_c = router.watch_down(EndpointId(2)).unwrap();
+        router.signal_down(EndpointId(2));
+        on_c.changed().await.unwrap();
+        assert!(router.watch_down(EndpointId(1)).is_none());
+    }
+
+    #[test]
+    fn tables_look_endpoints_up_by_id_not_position() {
+        let router = TableRouter::new(RoutingTable::from_configs(&[
+            config("a", 1),
+            config("b", 2),
+        ]));
+        let plan = router.plan(&[config("b", 2), config("z", 1)]);
+        let table = RoutingTable::by_priority(plan.endpoints);
+        assert_eq!(table.endpoint(EndpointId(1)).unwrap().name, "b");
+        assert!(table.status(EndpointId(0)).is_none());
+        assert!(table.status(EndpointId(2)).is_some());
+        assert_eq!(names(&table), ["z", "b"]);
     }
 }

@@ -107,7 +107,11 @@ impl RoutingTable {
         selection: &Selection,
         generation: u64,
     ) -> Self {
-        let order = selection.order.iter().map(|id| id.index()).collect();
+        let order = selection
+            .order
+            .iter()
+            .filter_map(|&id| endpoints.iter().position(|e| e.id == id))
+            .collect();
         Self {
             endpoints,
             status,
@@ -124,7 +128,18 @@ impl RoutingTable {
     }
 
     pub fn status(&self, id: EndpointId) -> Option<&EndpointStatus> {
-        self.status.get(id.index())
+        self.status.get(self.position(id)?)
+    }
+
+    /// The endpoint with this id, if the table has it.
+    pub fn endpoint(&self, id: EndpointId) -> Option<&Arc<Endpoint>> {
+        self.endpoints.get(self.position(id)?)
+    }
+
+    /// Ids are not positions once endpoints were added or removed; tables
+    /// hold a handful of endpoints, so a scan is the cheapest lookup.
+    fn position(&self, id: EndpointId) -> Option<usize> {
+        self.endpoints.iter().position(|e| e.id == id)
     }
 
     /// The endpoint new sessions use first, when one is eligible.

@@ -12,6 +12,7 @@ pub mod cancel;
 mod error;
 pub mod frontend;
 pub mod io;
+mod limit;
 pub mod listener;
 pub mod relay;
 mod session;
@@ -22,6 +23,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 pub use error::SessionError;
 
 use dsql_proxy_config::{ClientAuthMethod, Config, OnEndpointDown};
@@ -36,7 +38,9 @@ use crate::cancel::CancelRegistry;
 use crate::frontend::FrontendSettings;
 use crate::listener::Listeners;
 
-/// Everything sessions share, built once from the config.
+/// Everything sessions share, built from the config. A reload builds a new
+/// one with [`ProxyContext::reconfigured`]; each session keeps the context
+/// it was accepted with.
 pub struct ProxyContext {
     pub frontend: FrontendSettings,
     /// The same, minus authentication: used to answer over-limit clients.
@@ -62,6 +66,40 @@ impl ProxyContext {
         router: Arc<dyn Router>,
         credentials: Arc<dyn CredentialSource>,
         metrics: Arc<Metrics>,
+    ) -> Result<Self, SessionError> {
+        Self::build(
+            config,
+            router,
+            credentials,
+            metrics,
+            Arc::new(CancelRegistry::default()),
+        )
+    }
+
+    /// A context for a reloaded `config`: settings, TLS files and the local
+    /// password are read anew; the router, the cancel registry (so cancels
+    /// for running sessions still find them) and the metrics carry over.
+    /// State that must outlive a reload belongs here too.
+    pub fn reconfigured(
+        &self,
+        config: &Config,
+        credentials: Arc<dyn CredentialSource>,
+    ) -> Result<Self, SessionError> {
+        Self::build(
+            config,
+            Arc::clone(&self.router),
+            credentials,
+            Arc::clone(&self.metrics),
+            Arc::clone(&self.cancels),
+        )
+    }
+
+    fn build(
+        config: &Config,
+        router: Arc<dyn Router>,
+        credentials: Arc<dyn CredentialSource>,
+        metrics: Arc<Metrics>,
+        cancels: Arc<CancelRegistry>,
     ) -> Result<Self, SessionError> {
         let listen = &config.listen;
         let tls = match (&listen.tls_cert_file, &listen.tls_key_file) {
@@ -115,15 +153,18 @@ impl ProxyContext {
             on_endpoint_down: config.routing.on_endpoint_down,
             router,
             credentials,
-            cancels: Arc::new(CancelRegistry::default()),
+            cancels,
             metrics,
         })
     }
 }
 
+/// The context new sessions start with; a reload stores a new one.
+pub type SharedContext = Arc<ArcSwap<ProxyContext>>;
+
 /// A proxy with its sockets bound, ready to serve.
 pub struct BoundProxy {
-    ctx: Arc<ProxyContext>,
+    ctx: SharedContext,
     listeners: Listeners,
 }
 
@@ -135,9 +176,14 @@ impl BoundProxy {
         )
         .await?;
         Ok(Self {
-            ctx: Arc::new(ctx),
+            ctx: Arc::new(ArcSwap::from_pointee(ctx)),
             listeners,
         })
+    }
+
+    /// Where a reload stores the context for sessions accepted after it.
+    pub fn context(&self) -> SharedContext {
+        Arc::clone(&self.ctx)
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {

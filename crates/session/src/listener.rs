@@ -12,8 +12,9 @@ use tracing::{debug, info, warn};
 
 use crate::frontend::{self, Failure, Opening, Peer};
 use crate::io::Deadline;
+use crate::limit::ClientLimit;
 use crate::stream::Transport;
-use crate::{session, ProxyContext, SessionError};
+use crate::{session, ProxyContext, SessionError, SharedContext};
 
 /// Connections over the limit still get a proper 53300 answer, but only this
 /// many at once; beyond that they are closed without reading.
@@ -64,13 +65,14 @@ impl Drop for Listeners {
     }
 }
 
-/// Accepts until `shutdown` resolves.
+/// Accepts until `shutdown` resolves. Each connection gets the context
+/// current when it was accepted.
 pub async fn accept_loop(
-    ctx: Arc<ProxyContext>,
+    contexts: SharedContext,
     listeners: Listeners,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let limit = Arc::new(Semaphore::new(ctx.max_client_connections));
+    let limit = Arc::new(ClientLimit::default());
     let rejections = Arc::new(Semaphore::new(MAX_PENDING_REJECTIONS));
     tokio::pin!(shutdown);
     loop {
@@ -91,10 +93,10 @@ pub async fn accept_loop(
                 continue;
             }
         };
+        let ctx = contexts.load_full();
         ctx.metrics.client_connections_total.inc();
-        match Arc::clone(&limit).try_acquire_owned() {
-            Ok(permit) => {
-                let ctx = Arc::clone(&ctx);
+        match limit.try_acquire(ctx.max_client_connections) {
+            Some(permit) => {
                 tokio::spawn(async move {
                     ctx.metrics.client_connections_active.inc();
                     session::run(Arc::clone(&ctx), transport, peer).await;
@@ -102,9 +104,8 @@ pub async fn accept_loop(
                     drop(permit);
                 });
             }
-            Err(_) => match Arc::clone(&rejections).try_acquire_owned() {
+            None => match Arc::clone(&rejections).try_acquire_owned() {
                 Ok(permit) => {
-                    let ctx = Arc::clone(&ctx);
                     tokio::spawn(async move {
                         reject_over_limit(&ctx, transport, peer).await;
                         drop(permit);

@@ -1,0 +1,89 @@
+//! Wiring of the health monitor: one probe per endpoint and a Route 53
+//! reader when any endpoint names a health check. Used at startup and by
+//! configuration reload.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use dsql_proxy_config::Config;
+use dsql_proxy_credentials::CredentialSource;
+use dsql_proxy_health::route53::{HealthCheckSource, SdkHealthChecks};
+use dsql_proxy_health::{Monitor, MonitorSettings, PgProbe};
+use dsql_proxy_metrics::Metrics;
+use dsql_proxy_routing::{Endpoint, Report, TableRouter};
+use dsql_proxy_session::backend::BackendSettings;
+
+/// A Route 53 reader and the poll interval its timeout was derived from.
+#[derive(Clone)]
+pub struct Route53Reader {
+    pub source: Arc<dyn HealthCheckSource>,
+    poll_interval: Duration,
+}
+
+/// The Route 53 reader `config` needs: `None` when no endpoint names a
+/// health check; `existing` when its settings still fit.
+pub async fn route53_reader(
+    config: &Config,
+    existing: Option<&Route53Reader>,
+) -> Option<Route53Reader> {
+    if !config
+        .endpoints
+        .iter()
+        .any(|e| e.route53_health_check_id.is_some())
+    {
+        return None;
+    }
+    let poll_interval = config.routing.route53_poll_interval.get();
+    if let Some(reader) = existing.filter(|r| r.poll_interval == poll_interval) {
+        return Some(reader.clone());
+    }
+    let timeout = poll_interval.min(Duration::from_secs(10));
+    Some(Route53Reader {
+        source: Arc::new(SdkHealthChecks::from_env(timeout).await),
+        poll_interval,
+    })
+}
+
+/// One probe per endpoint, in the same order.
+pub fn probes(
+    config: &Config,
+    endpoints: &[Arc<Endpoint>],
+    backend: &BackendSettings,
+    credentials: &Arc<dyn CredentialSource>,
+) -> Vec<Arc<PgProbe>> {
+    endpoints
+        .iter()
+        .map(|endpoint| {
+            Arc::new(PgProbe::new(
+                Arc::clone(endpoint),
+                backend.clone(),
+                Arc::clone(credentials),
+                &config.routing.probe_user,
+                &config.routing.probe_database,
+            ))
+        })
+        .collect()
+}
+
+/// Probes for the router's endpoints and the monitor task over them;
+/// returns after the first probe round (see `dsql_proxy_health::start`).
+pub async fn start(
+    config: &Config,
+    router: Arc<TableRouter>,
+    reports: tokio::sync::mpsc::Receiver<Report>,
+    backend: &BackendSettings,
+    credentials: &Arc<dyn CredentialSource>,
+    route53: Option<&Route53Reader>,
+    metrics: Arc<Metrics>,
+) -> Monitor<PgProbe> {
+    let probes = probes(config, router.snapshot().endpoints(), backend, credentials);
+    dsql_proxy_health::start(
+        router,
+        reports,
+        probes,
+        route53.map(|r| Arc::clone(&r.source)),
+        MonitorSettings::from_config(&config.routing),
+        metrics,
+    )
+    .await
+}
