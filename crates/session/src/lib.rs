@@ -7,6 +7,7 @@
 //! [`CredentialSource`] for a secret, runs [`backend`] (dial, TLS, startup,
 //! auth), then hands both streams to [`relay`] until either side closes.
 
+pub mod admission;
 pub mod backend;
 pub mod cancel;
 mod error;
@@ -31,6 +32,7 @@ use dsql_proxy_protocol::scram::{ScramVerifier, DEFAULT_ITERATIONS};
 use dsql_proxy_routing::Router;
 use tokio_rustls::TlsAcceptor;
 
+use crate::admission::{ConnectLimiter, RateLimit};
 use crate::backend::BackendSettings;
 use crate::cancel::CancelRegistry;
 use crate::frontend::FrontendSettings;
@@ -50,6 +52,8 @@ pub struct ProxyContext {
     /// remain to be tried.
     pub attempt_timeout: Duration,
     pub on_endpoint_down: OnEndpointDown,
+    /// `[backend] connect_rate`; `None` when unlimited.
+    pub connect_limiter: Option<ConnectLimiter>,
     pub router: Arc<dyn Router>,
     pub credentials: Arc<dyn CredentialSource>,
     pub cancels: Arc<CancelRegistry>,
@@ -103,6 +107,14 @@ impl ProxyContext {
             connect_timeout: config.backend.connect_timeout.get(),
             keepalive: config.backend.keepalive.get(),
         };
+        let rate = config.backend.effective_connect_rate();
+        let connect_limiter = (rate > 0.0).then(|| {
+            ConnectLimiter::new(RateLimit {
+                rate,
+                burst: config.backend.effective_connect_burst(),
+                queue: config.backend.connect_queue as usize,
+            })
+        });
         Ok(Self {
             frontend,
             frontend_for_rejection,
@@ -113,6 +125,7 @@ impl ProxyContext {
             default_application_name: config.backend.default_application_name.clone(),
             attempt_timeout: config.routing.attempt_timeout.get(),
             on_endpoint_down: config.routing.on_endpoint_down,
+            connect_limiter,
             router,
             credentials,
             cancels: Arc::new(CancelRegistry::default()),
