@@ -13,6 +13,7 @@ pub mod dsql_stack;
 pub mod emulator;
 pub mod fixture;
 pub mod latency;
+pub mod metrics;
 pub mod net;
 pub mod pg;
 pub mod pki;
@@ -25,6 +26,7 @@ pub mod wire;
 pub use emulator::{emulator_binary, EmulatorOptions, EmulatorProcess};
 pub use fixture::{proxy_toml, ProxyOptions, Stack};
 pub use latency::{LatencyRelay, RelayMode};
+pub use metrics::Scrape;
 pub use net::{free_addr, free_port, wait_for_port};
 pub use pg::{
     connect_with, AuthMethod, PgOptions, PgServer, ADMIN_PASSWORD, ADMIN_USER, APP_DB,

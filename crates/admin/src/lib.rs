@@ -108,6 +108,7 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             if let Some(refresh) = &state.before_render {
                 refresh(&state.metrics);
             }
+            backpressure_gauges(state);
             reply(StatusCode::OK, CONTENT_TYPE, state.metrics.render())
         }
         (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n"),
@@ -128,10 +129,12 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             text(code, &format!("{why}\n"))
         }
         (&Method::GET | &Method::HEAD, "/status") => {
+            let router = &state.router;
             let body = status_json(
-                &state.router.snapshot(),
+                &router.snapshot(),
                 &state.metrics,
                 &state.policy.load(),
+                |id| router.busy_remaining(id),
             );
             reply(
                 StatusCode::OK,
@@ -148,6 +151,19 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Busy cooldowns end on their own, so their gauges are read when scraped.
+fn backpressure_gauges(state: &AdminState) {
+    let table = state.router.snapshot();
+    for e in table.endpoints() {
+        let busy = state.router.busy_remaining(e.id).is_some();
+        state
+            .metrics
+            .endpoint_backpressure
+            .with_label_values(&[e.name.as_str(), e.region_label()])
+            .set(i64::from(busy));
     }
 }
 

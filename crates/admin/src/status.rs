@@ -1,7 +1,7 @@
 //! `/status`: the routing table as JSON.
 
 use dsql_proxy_metrics::Metrics;
-use dsql_proxy_routing::{FailureKind, RoutingTable};
+use dsql_proxy_routing::{EndpointId, FailureKind, RoutingTable};
 use serde_json::{json, Map, Value};
 
 fn ms(d: Option<std::time::Duration>) -> Value {
@@ -10,7 +10,14 @@ fn ms(d: Option<std::time::Duration>) -> Value {
     })
 }
 
-pub fn status_json(table: &RoutingTable, metrics: &Metrics, policy: &Value) -> Value {
+/// `busy` tells the time left in an endpoint's busy cooldown (backpressure
+/// after a 53300/53400 answer), if any.
+pub fn status_json(
+    table: &RoutingTable,
+    metrics: &Metrics,
+    policy: &Value,
+    busy: impl Fn(EndpointId) -> Option<std::time::Duration>,
+) -> Value {
     let selected = table.selected().map(|e| e.id);
     let ranks: Vec<_> = table.candidates().map(|(e, _)| e.id).collect();
     let endpoints: Vec<Value> = table
@@ -51,6 +58,7 @@ pub fn status_json(table: &RoutingTable, metrics: &Metrics, policy: &Value) -> V
                 "seconds_since_up": s.and_then(|s| s.last_up).map(|t| t.elapsed().as_secs()),
                 "probe_failures": failures,
                 "sessions_active": sessions,
+                "busy": busy(e.id).map(|left| json!({"remaining_ms": ms(Some(left))})),
                 "route53": s.and_then(|s| s.route53.as_ref()).map(|r| json!({
                     "health_check_id": r.health_check_id,
                     "healthy": r.reading.as_ref().map(|x| x.healthy),

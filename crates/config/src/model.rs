@@ -145,6 +145,20 @@ pub struct BackendConfig {
     pub drop_parameters: Vec<String>,
     /// `application_name` sent when the client sent none.
     pub default_application_name: String,
+    /// New backend connections per second, shared by all endpoints (one
+    /// token per dial, failover attempts included). Unset: 100 for
+    /// `kind = "dsql"` (Aurora DSQL's per-cluster quota), unlimited
+    /// otherwise; 0 is unlimited. See [`Self::effective_connect_rate`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect_rate: Option<f64>,
+    /// Connects allowed at once before `connect_rate` applies. Unset: 1,000
+    /// for `kind = "dsql"`, one second's worth of `connect_rate` otherwise.
+    /// See [`Self::effective_connect_burst`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connect_burst: Option<u32>,
+    /// Connects that may wait for the rate limit at once; beyond it a client
+    /// gets 53300 at once.
+    pub connect_queue: u32,
 }
 
 impl Default for BackendConfig {
@@ -162,6 +176,9 @@ impl Default for BackendConfig {
             keepalive: DurationStr::from_secs(30),
             drop_parameters: Vec::new(),
             default_application_name: "dsql-proxy".to_owned(),
+            connect_rate: None,
+            connect_burst: None,
+            connect_queue: 1_000,
         }
     }
 }
@@ -247,6 +264,10 @@ pub struct RoutingConfig {
     /// Longest one connect attempt may take before the next endpoint is
     /// tried; the last candidate gets whatever remains of connect_timeout.
     pub attempt_timeout: DurationStr,
+    /// How long an endpoint that answered a connect with 53300/53400 is
+    /// tried after the other eligible endpoints (it is busy, not down).
+    /// `0s` turns this off.
+    pub busy_cooldown: DurationStr,
 }
 
 impl Default for RoutingConfig {
@@ -267,6 +288,7 @@ impl Default for RoutingConfig {
             route53_max_staleness: DurationStr::from_secs(120),
             on_endpoint_down: OnEndpointDown::Close,
             attempt_timeout: DurationStr::from_secs(2),
+            busy_cooldown: DurationStr::from_secs(5),
         }
     }
 }
@@ -287,6 +309,32 @@ impl BackendConfig {
             }
         }
         list
+    }
+}
+
+/// Aurora DSQL's connection-rate quota per cluster: 100 new connections
+/// per second with a burst of 1,000.
+pub const DSQL_CONNECT_RATE: f64 = 100.0;
+pub const DSQL_CONNECT_BURST: u32 = 1_000;
+
+impl BackendConfig {
+    /// Connects per second the proxy allows itself; 0 means unlimited.
+    pub fn effective_connect_rate(&self) -> f64 {
+        match (self.connect_rate, self.kind) {
+            (Some(rate), _) => rate,
+            (None, BackendKind::Dsql) => DSQL_CONNECT_RATE,
+            (None, _) => 0.0,
+        }
+    }
+
+    /// Connects allowed at once on top of the rate.
+    pub fn effective_connect_burst(&self) -> u32 {
+        match (self.connect_burst, self.kind, self.connect_rate) {
+            (Some(burst), _, _) => burst,
+            (None, BackendKind::Dsql, _) => DSQL_CONNECT_BURST,
+            // One second's worth, and at least one connect.
+            (None, _, _) => (self.effective_connect_rate().ceil() as u32).max(1),
+        }
     }
 }
 
@@ -383,6 +431,22 @@ impl Config {
             return invalid(
                 "[backend] auth = \"passthrough\" asks each client for its own database password, \
                  so [listen] auth must stay \"trust\""
+                    .into(),
+            );
+        }
+        let b = &self.backend;
+        if let Some(rate) = b.connect_rate {
+            if !rate.is_finite() || rate < 0.0 {
+                return invalid(format!(
+                    "[backend] connect_rate must be a number of connects per second, 0 or more \
+                     (0 = unlimited), not {rate}"
+                ));
+            }
+        }
+        if b.effective_connect_rate() > 0.0 && b.effective_connect_burst() == 0 {
+            return invalid(
+                "[backend] connect_burst must be at least 1 when connect_rate is set (a burst of \
+                 0 would admit no connect at all)"
                     .into(),
             );
         }

@@ -204,3 +204,62 @@ fn bad_routing_settings_are_explained() {
         assert!(err.contains(needle), "{routing}: {err}");
     }
 }
+
+#[test]
+fn connect_rate_defaults_follow_the_kind() {
+    let c = Config::parse(MINIMAL).unwrap();
+    assert_eq!(
+        c.backend.effective_connect_rate(),
+        0.0,
+        "postgres: unlimited"
+    );
+    assert_eq!(c.backend.connect_queue, 1000);
+    assert_eq!(c.routing.busy_cooldown.get().as_secs(), 5);
+
+    let dsql = MINIMAL
+        .replace("\"postgres\"", "\"dsql\"")
+        .replace("\"require\"", "\"verify-full\"");
+    let c = Config::parse(&dsql).unwrap();
+    assert_eq!(c.backend.effective_connect_rate(), DSQL_CONNECT_RATE);
+    assert_eq!(c.backend.effective_connect_burst(), DSQL_CONNECT_BURST);
+
+    let text = MINIMAL.replace(
+        "tls = \"require\"",
+        "tls = \"require\"\nconnect_rate = 20\nconnect_queue = 2",
+    );
+    let c = Config::parse(&text).unwrap();
+    assert_eq!(c.backend.effective_connect_rate(), 20.0);
+    assert_eq!(
+        c.backend.effective_connect_burst(),
+        20,
+        "one second's worth"
+    );
+    assert_eq!(c.backend.connect_queue, 2);
+
+    let text = MINIMAL.replace("tls = \"require\"", "tls = \"require\"\nconnect_rate = 0.5");
+    let c = Config::parse(&text).unwrap();
+    assert_eq!(c.backend.effective_connect_burst(), 1);
+    // The rendering keeps what was set, and parses again.
+    Config::parse(&c.to_redacted_toml().replace("<redacted>", "x")).unwrap();
+}
+
+#[test]
+fn bad_connect_rate_settings_are_explained() {
+    for (line, needle) in [
+        ("connect_rate = -1", "0 or more"),
+        ("connect_rate = nan", "0 or more"),
+        ("connect_rate = 10\nconnect_burst = 0", "at least 1"),
+        ("connect_burst = -1", "invalid value"),
+        ("connect_rate = \"fast\"", "invalid type"),
+    ] {
+        let text = MINIMAL.replace("tls = \"require\"", &format!("tls = \"require\"\n{line}"));
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains(needle), "{line}: {err}");
+    }
+    // Unlimited needs no burst.
+    let text = MINIMAL.replace(
+        "tls = \"require\"",
+        "tls = \"require\"\nconnect_rate = 0\nconnect_burst = 0",
+    );
+    Config::parse(&text).unwrap();
+}

@@ -173,7 +173,8 @@ async fn serve(config: Config, source: ConfigSource) -> Result<()> {
         .await
         .context("cannot set up backend credentials")?;
     let (reports_tx, reports_rx) = tokio::sync::mpsc::channel(1024);
-    let table = TableRouter::new(RoutingTable::from_configs(&config.endpoints));
+    let table = TableRouter::new(RoutingTable::from_configs(&config.endpoints))
+        .with_busy_cooldown(config.routing.busy_cooldown.get());
     // Without probes nothing could bring a demoted endpoint back, so the
     // data path's reports are not collected either.
     let router = Arc::new(if config.routing.probes {
@@ -289,6 +290,17 @@ async fn shutdown_signal() {
 /// The routing policy as `/status` shows it.
 pub(crate) fn policy_json(config: &Config) -> serde_json::Value {
     let r = &config.routing;
+    let b = &config.backend;
+    let rate = b.effective_connect_rate();
+    let connect_rate = if rate > 0.0 {
+        serde_json::json!({
+            "per_second": rate,
+            "burst": b.effective_connect_burst(),
+            "queue": b.connect_queue,
+        })
+    } else {
+        serde_json::json!("unlimited")
+    };
     serde_json::json!({
         "rule": "healthy endpoints only; lowest median probe latency; within latency_tolerance the lowest priority, then the current selection; a new best must win switch_after rounds",
         "probe_interval": r.probe_interval.to_string(),
@@ -301,6 +313,8 @@ pub(crate) fn policy_json(config: &Config) -> serde_json::Value {
         "route53": format!("{:?}", r.route53).to_lowercase(),
         "on_endpoint_down": format!("{:?}", r.on_endpoint_down).to_lowercase(),
         "attempt_timeout": r.attempt_timeout.to_string(),
+        "busy_cooldown": r.busy_cooldown.to_string(),
+        "connect_rate": connect_rate,
     })
 }
 

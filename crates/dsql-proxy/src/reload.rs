@@ -239,6 +239,10 @@ fn keep_startup_settings(running: &Config, mut loaded: Config) -> Result<Config>
         "[routing] probes",
         loaded.routing.probes != running.routing.probes,
     );
+    keep(
+        "[routing] busy_cooldown",
+        loaded.routing.busy_cooldown != running.routing.busy_cooldown,
+    );
     if kept.is_empty() {
         return Ok(loaded);
     }
@@ -249,6 +253,7 @@ fn keep_startup_settings(running: &Config, mut loaded: Config) -> Result<Config>
     loaded.backend.auth = running.backend.auth;
     loaded.backend.token_expires_in = running.backend.token_expires_in;
     loaded.routing.probes = running.routing.probes;
+    loaded.routing.busy_cooldown = running.routing.busy_cooldown;
     loaded.validate().with_context(|| {
         format!(
             "the new configuration is only valid with its new {}, which need a restart",

@@ -6,6 +6,7 @@
 //! the connect path reads it with one atomic load, no lock and no await.
 //! The background tasks that feed it live in the health crate.
 
+mod backpressure;
 mod endpoint;
 pub mod health;
 pub mod policy;
@@ -14,12 +15,14 @@ mod table;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use dsql_proxy_config::EndpointConfig;
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 
+pub use backpressure::Backpressure;
 pub use endpoint::{Endpoint, EndpointId};
 pub use health::{FailureKind, Liveness, PassiveSignal, ProbeOutcome};
 pub use policy::{SelectionPolicy, SelectionReason};
@@ -51,6 +54,21 @@ pub trait Router: Send + Sync + 'static {
     fn watch_down(&self, _id: EndpointId) -> Option<DownWatch> {
         None
     }
+
+    /// `id` refused a connect for load (53300/53400): try it after the
+    /// other eligible endpoints for a while. Returns true when it was not
+    /// busy before (worth a log line).
+    fn report_busy(&self, _id: EndpointId) -> bool {
+        false
+    }
+
+    /// `id` took a connect: it is not busy (any more).
+    fn report_connected(&self, _id: EndpointId) {}
+
+    /// Whether `id` is in its busy cooldown.
+    fn is_busy(&self, _id: EndpointId) -> bool {
+        false
+    }
 }
 
 /// A passive signal on its way to the health monitor.
@@ -65,6 +83,7 @@ pub struct TableRouter {
     reports: Option<mpsc::Sender<Report>>,
     /// The next id for an endpoint a reload adds or changes.
     next_id: AtomicU32,
+    backpressure: Backpressure,
 }
 
 struct DownSender {
@@ -85,6 +104,10 @@ pub struct EndpointPlan {
     pub removed: Vec<String>,
 }
 
+/// How long a busy endpoint is tried last unless configured
+/// (`[routing] busy_cooldown`).
+pub const DEFAULT_BUSY_COOLDOWN: Duration = Duration::from_secs(5);
+
 impl TableRouter {
     pub fn new(table: RoutingTable) -> Self {
         let next_id = table
@@ -94,12 +117,31 @@ impl TableRouter {
             .max()
             .unwrap_or(0);
         let down = down_senders(table.endpoints(), &[]);
+        let backpressure = Backpressure::new(
+            table.endpoints().iter().map(|e| e.id),
+            DEFAULT_BUSY_COOLDOWN,
+            Instant::now(),
+        );
         Self {
             table: ArcSwap::from_pointee(table),
             down: ArcSwap::from_pointee(down),
             reports: None,
             next_id: AtomicU32::new(next_id),
+            backpressure,
         }
+    }
+
+    /// Sets how long an endpoint that refused a connect for load is tried
+    /// after the others (zero: never).
+    pub fn with_busy_cooldown(mut self, cooldown: Duration) -> Self {
+        let ids: Vec<EndpointId> = self.down.load().iter().map(|d| d.id).collect();
+        self.backpressure = Backpressure::new(ids, cooldown, Instant::now());
+        self
+    }
+
+    /// Time left in `id`'s busy cooldown, for status and metrics.
+    pub fn busy_remaining(&self, id: EndpointId) -> Option<Duration> {
+        self.backpressure.remaining(id, Instant::now())
     }
 
     /// Sends passive signals to a health monitor.
@@ -160,6 +202,8 @@ impl TableRouter {
     pub fn replace_endpoints(&self, table: RoutingTable) {
         let down = down_senders(table.endpoints(), &self.down.load());
         self.down.store(Arc::new(down));
+        self.backpressure
+            .set_endpoints(table.endpoints().iter().map(|e| e.id));
         self.table.store(Arc::new(table));
     }
 
@@ -214,6 +258,18 @@ impl Router for TableRouter {
             .find(|d| d.id == id)
             .map(|d| d.tx.subscribe())
     }
+
+    fn report_busy(&self, id: EndpointId) -> bool {
+        self.backpressure.mark(id, Instant::now())
+    }
+
+    fn report_connected(&self, id: EndpointId) {
+        self.backpressure.clear(id);
+    }
+
+    fn is_busy(&self, id: EndpointId) -> bool {
+        self.backpressure.is_busy(id, Instant::now())
+    }
 }
 
 #[cfg(test)]
@@ -251,6 +307,28 @@ mod tests {
     fn empty_table_is_an_error() {
         let router = TableRouter::new(RoutingTable::from_configs(&[]));
         assert_eq!(router.route().err(), Some(RouteError::NoEndpoints));
+    }
+
+    #[test]
+    fn busy_reports_reorder_connects_without_touching_the_table() {
+        let router = TableRouter::new(RoutingTable::from_configs(&[
+            config("a", 1),
+            config("b", 2),
+        ]))
+        .with_busy_cooldown(Duration::from_secs(60));
+        assert!(router.report_busy(EndpointId(0)));
+        assert!(!router.report_busy(EndpointId(0)));
+        assert!(router.is_busy(EndpointId(0)));
+        assert!(router.busy_remaining(EndpointId(0)).is_some());
+        let table = router.route().unwrap();
+        assert_eq!(table.selected().unwrap().name, "a", "the selection stays");
+        let order: Vec<&str> = table
+            .connect_order(|id| router.is_busy(id))
+            .map(|(e, _)| e.name.as_str())
+            .collect();
+        assert_eq!(order, ["b", "a"]);
+        router.report_connected(EndpointId(0));
+        assert!(!router.is_busy(EndpointId(0)));
     }
 
     #[tokio::test]

@@ -160,6 +160,21 @@ impl RoutingTable {
             .map(|(rank, &i)| (&self.endpoints[i], rank < self.eligible))
     }
 
+    /// [`Self::candidates`] with backpressure applied: eligible endpoints
+    /// that are not `busy` first, then eligible busy ones, then the
+    /// ineligible ones; each group in table order. A busy endpoint is still
+    /// tried, after the others: busy is not down.
+    pub fn connect_order<'a>(
+        &'a self,
+        busy: impl Fn(EndpointId) -> bool + Copy + 'a,
+    ) -> impl Iterator<Item = (&'a Arc<Endpoint>, bool)> + 'a {
+        let eligible = || self.candidates().take(self.eligible);
+        eligible()
+            .filter(move |(e, _)| !busy(e.id))
+            .chain(eligible().filter(move |(e, _)| busy(e.id)))
+            .chain(self.candidates().skip(self.eligible))
+    }
+
     pub fn is_empty(&self) -> bool {
         self.endpoints.is_empty()
     }
@@ -171,4 +186,80 @@ pub fn endpoints_from_configs(configs: &[EndpointConfig]) -> Vec<Arc<Endpoint>> 
         .enumerate()
         .map(|(i, c)| Arc::new(Endpoint::from_config(EndpointId(i as u32), c)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Selection, SelectionReason};
+
+    fn table(order: &[u32], eligible: usize) -> RoutingTable {
+        let endpoints: Vec<Arc<Endpoint>> = (0..order.len() as u32)
+            .map(|i| {
+                Arc::new(Endpoint {
+                    id: EndpointId(i),
+                    name: format!("e{i}"),
+                    region: None,
+                    host: format!("e{i}.example"),
+                    port: 5432,
+                    connect_address: None,
+                    priority: 1,
+                    route53_health_check_id: None,
+                })
+            })
+            .collect();
+        let status = endpoints
+            .iter()
+            .map(|_| EndpointStatus::unknown())
+            .collect();
+        let selection = Selection {
+            order: order.iter().map(|&i| EndpointId(i)).collect(),
+            eligible,
+            reason: SelectionReason::Fastest,
+            changed: false,
+        };
+        RoutingTable::from_selection(endpoints, status, &selection, 1)
+    }
+
+    fn names<'a>(it: impl Iterator<Item = (&'a Arc<Endpoint>, bool)>) -> Vec<(String, bool)> {
+        it.map(|(e, ok)| (e.name.clone(), ok)).collect()
+    }
+
+    #[test]
+    fn busy_endpoints_go_after_the_other_eligible_ones_but_before_ineligible() {
+        // Table order e2, e0, e1, e3; e1 and e3 ineligible.
+        let t = table(&[2, 0, 1, 3], 2);
+        let order = names(t.connect_order(|id| id == EndpointId(2)));
+        assert_eq!(
+            order,
+            [
+                ("e0".into(), true),
+                ("e2".into(), true),
+                ("e1".into(), false),
+                ("e3".into(), false)
+            ]
+        );
+    }
+
+    #[test]
+    fn without_busy_endpoints_the_table_order_is_kept() {
+        let t = table(&[2, 0, 1, 3], 2);
+        assert_eq!(names(t.connect_order(|_| false)), names(t.candidates()));
+        // All busy: same order too (nothing better to try first).
+        assert_eq!(names(t.connect_order(|_| true)), names(t.candidates()));
+    }
+
+    #[test]
+    fn a_busy_ineligible_endpoint_stays_with_the_ineligible() {
+        let t = table(&[0, 1, 2], 1);
+        let order = names(t.connect_order(|id| id != EndpointId(0)));
+        assert_eq!(
+            order,
+            [
+                ("e0".into(), true),
+                ("e1".into(), false),
+                ("e2".into(), false)
+            ]
+        );
+    }
 }

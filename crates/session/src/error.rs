@@ -40,6 +40,10 @@ pub enum SessionError {
     },
     #[error("backend {endpoint}: {cause}")]
     BackendProtocol { endpoint: String, cause: String },
+    /// The proxy's own backend connect rate limit refused the connect
+    /// (queue full, or the wait would outlast connect_timeout).
+    #[error("{0}")]
+    ConnectRateLimited(String),
     #[error("setup: {0}")]
     Setup(String),
 }
@@ -81,6 +85,15 @@ impl SessionError {
                 sqlstate::CONNECTION_FAILURE,
                 format!("dsql-proxy: endpoint {endpoint} broke the protocol: {cause}"),
             ),
+            Self::ConnectRateLimited(message) => PgError::fatal(
+                sqlstate::TOO_MANY_CONNECTIONS,
+                format!("dsql-proxy: {message}"),
+            )
+            .with_hint(
+                "new backend connections are limited by [backend] connect_rate, \
+                         connect_burst and connect_queue; retry with backoff or keep connections \
+                         open longer (a connection pool)",
+            ),
         };
         err.encode(buf);
         true
@@ -97,6 +110,7 @@ impl SessionError {
             Self::BackendUnreachable { .. } => "backend_unreachable",
             Self::NoEndpointReachable { .. } => "no_endpoint_reachable",
             Self::BackendProtocol { .. } => "backend_protocol_error",
+            Self::ConnectRateLimited(_) => "connect_rate_limit",
             Self::Setup(_) => "setup_error",
         }
     }

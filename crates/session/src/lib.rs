@@ -7,6 +7,7 @@
 //! [`CredentialSource`] for a secret, runs [`backend`] (dial, TLS, startup,
 //! auth), then hands both streams to [`relay`] until either side closes.
 
+pub mod admission;
 pub mod backend;
 pub mod cancel;
 mod error;
@@ -33,6 +34,7 @@ use dsql_proxy_protocol::scram::{ScramVerifier, DEFAULT_ITERATIONS};
 use dsql_proxy_routing::Router;
 use tokio_rustls::TlsAcceptor;
 
+use crate::admission::{ConnectLimiter, RateLimit};
 use crate::backend::BackendSettings;
 use crate::cancel::CancelRegistry;
 use crate::frontend::FrontendSettings;
@@ -54,6 +56,10 @@ pub struct ProxyContext {
     /// remain to be tried.
     pub attempt_timeout: Duration,
     pub on_endpoint_down: OnEndpointDown,
+    /// `[backend] connect_rate`; `None` when unlimited. Shared with the
+    /// next context when a reload leaves its settings alone, so a reload
+    /// does not hand out a fresh burst.
+    pub connect_limiter: Option<Arc<ConnectLimiter>>,
     pub router: Arc<dyn Router>,
     pub credentials: Arc<dyn CredentialSource>,
     pub cancels: Arc<CancelRegistry>,
@@ -73,6 +79,7 @@ impl ProxyContext {
             credentials,
             metrics,
             Arc::new(CancelRegistry::default()),
+            None,
         )
     }
 
@@ -91,6 +98,7 @@ impl ProxyContext {
             credentials,
             Arc::clone(&self.metrics),
             Arc::clone(&self.cancels),
+            self.connect_limiter.clone(),
         )
     }
 
@@ -100,6 +108,7 @@ impl ProxyContext {
         credentials: Arc<dyn CredentialSource>,
         metrics: Arc<Metrics>,
         cancels: Arc<CancelRegistry>,
+        previous_limiter: Option<Arc<ConnectLimiter>>,
     ) -> Result<Self, SessionError> {
         let listen = &config.listen;
         let tls = match (&listen.tls_cert_file, &listen.tls_key_file) {
@@ -141,6 +150,18 @@ impl ProxyContext {
             connect_timeout: config.backend.connect_timeout.get(),
             keepalive: config.backend.keepalive.get(),
         };
+        let rate = config.backend.effective_connect_rate();
+        let connect_limiter = (rate > 0.0).then(|| {
+            let limit = RateLimit {
+                rate,
+                burst: config.backend.effective_connect_burst(),
+                queue: config.backend.connect_queue as usize,
+            };
+            match previous_limiter {
+                Some(previous) if previous.limit() == limit => previous,
+                _ => Arc::new(ConnectLimiter::new(limit)),
+            }
+        });
         Ok(Self {
             frontend,
             frontend_for_rejection,
@@ -151,6 +172,7 @@ impl ProxyContext {
             default_application_name: config.backend.default_application_name.clone(),
             attempt_timeout: config.routing.attempt_timeout.get(),
             on_endpoint_down: config.routing.on_endpoint_down,
+            connect_limiter,
             router,
             credentials,
             cancels,

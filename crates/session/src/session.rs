@@ -15,6 +15,7 @@ use dsql_proxy_routing::{DownWatch, Endpoint, FailureKind, PassiveSignal, Routin
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, warn};
 
+use crate::admission::Refusal;
 use crate::backend::{self, BackendSession};
 use crate::cancel::CancelTarget;
 use crate::frontend::{self, ClientHello, Opening, Peer};
@@ -268,7 +269,9 @@ async fn connect_any(
     let budget = Instant::now() + ctx.backend.connect_timeout;
     let total = table.endpoints().len();
     let mut failures: Vec<(Arc<Endpoint>, SessionError)> = Vec::new();
-    for (tried, (endpoint, _eligible)) in table.candidates().enumerate() {
+    // Endpoints that just refused a connect for load are tried last.
+    let order = table.connect_order(|id| ctx.router.is_busy(id));
+    for (tried, (endpoint, _eligible)) in order.enumerate() {
         let remaining = budget.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             break;
@@ -290,6 +293,7 @@ async fn connect_any(
         let labels = [endpoint.name.as_str(), endpoint.region_label()];
         match connect_one(ctx, endpoint, login, limit, remaining, down).await {
             Ok(backend) => {
+                ctx.router.report_connected(endpoint.id);
                 ctx.metrics
                     .backend_connect_seconds
                     .with_label_values(&labels)
@@ -302,6 +306,9 @@ async fn connect_any(
                 }
                 return Ok((Arc::clone(endpoint), backend));
             }
+            // The limit is the proxy's own and shared by every endpoint:
+            // the next endpoint would be refused alike.
+            Err(err @ SessionError::ConnectRateLimited(_)) => return Err(err),
             Err(err) => {
                 let reason = err
                     .failover_kind()
@@ -322,8 +329,13 @@ async fn connect_any(
                 };
                 debug!(endpoint = %endpoint.name, error = %err, "connect attempt failed; trying the next endpoint");
                 // A server over its connection limits is busy, not down:
-                // try elsewhere without demoting it.
-                if kind != FailureKind::Busy {
+                // try elsewhere without demoting it, and try it last for a
+                // while (backpressure).
+                if kind == FailureKind::Busy {
+                    if ctx.router.report_busy(endpoint.id) {
+                        info!(endpoint = %endpoint.name, error = %err, "endpoint refused a connect for load; trying it after the others for a while");
+                    }
+                } else {
                     ctx.router.report(
                         endpoint.id,
                         PassiveSignal::ConnectFailed {
@@ -381,6 +393,7 @@ async fn connect_one(
     remaining: Duration,
     down: Option<DownWatch>,
 ) -> Result<BackendSession, SessionError> {
+    let started = Instant::now();
     // Credential providers (STS, metadata) may be slow or down: the client
     // hears about it within connect_timeout either way.
     let secret = match tokio::time::timeout(
@@ -398,6 +411,11 @@ async fn connect_one(
             ))))
         }
     };
+    // One token per dial; waiting for it counts against the client's
+    // connect budget but not against the endpoint's attempt limit.
+    let budget_left = remaining.saturating_sub(started.elapsed());
+    let waited = admit(ctx, budget_left).await?;
+    let limit = limit.min(budget_left.saturating_sub(waited));
     let attempt = backend::connect(
         endpoint,
         &ctx.backend,
@@ -417,6 +435,61 @@ async fn connect_one(
             kind: FailureKind::Timeout,
             cause: "abandoned: health checks marked the endpoint down during the attempt".into(),
         }),
+    }
+}
+
+/// Waits for a backend connect token (`[backend] connect_rate`) for at
+/// most `budget`; returns how long it waited. Refuses at once when the
+/// queue is full or the slot is beyond the budget: sleeping for a connect
+/// that cannot happen in time only delays the client's error.
+async fn admit(ctx: &ProxyContext, budget: Duration) -> Result<Duration, SessionError> {
+    let Some(limiter) = &ctx.connect_limiter else {
+        return Ok(Duration::ZERO);
+    };
+    let refused = |reason: &str| {
+        let limit = limiter.limit();
+        SessionError::ConnectRateLimited(format!(
+            "{reason} (connect_rate = {}/s, connect_burst = {}, connect_queue = {})",
+            limit.rate, limit.burst, limit.queue
+        ))
+    };
+    let reservation = match limiter.admit(budget) {
+        Ok(r) => r,
+        Err(Refusal::QueueFull { .. }) => {
+            return Err(refused(
+                "too many connections waiting for the backend connect rate limit",
+            ))
+        }
+        Err(Refusal::OverBudget { wait }) => {
+            return Err(refused(&format!(
+                "backend connect rate limit: the next connect slot is {wait:.1?} away, beyond \
+                 what is left of connect_timeout ({budget:.1?})"
+            )))
+        }
+    };
+    if reservation.wait.is_zero() {
+        return Ok(Duration::ZERO);
+    }
+    let m = &ctx.metrics;
+    m.backend_connect_rate_limited_total.inc();
+    let _waiting = GaugeGuard::inc(&m.backend_connect_queue_waiting);
+    tokio::time::sleep(reservation.wait).await;
+    Ok(reservation.wait)
+}
+
+/// Holds a gauge up while alive, whichever way the holder ends.
+struct GaugeGuard<'a>(&'a dsql_proxy_metrics::IntGauge);
+
+impl<'a> GaugeGuard<'a> {
+    fn inc(gauge: &'a dsql_proxy_metrics::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
