@@ -42,6 +42,19 @@ pub enum SessionError {
     BackendProtocol { endpoint: String, cause: String },
     #[error("setup: {0}")]
     Setup(String),
+    /// The proxy is shutting down and closed the session before it started.
+    #[error("dsql-proxy is shutting down")]
+    Shutdown,
+}
+
+/// What every session the proxy closes on shutdown is told: PostgreSQL's
+/// own words for a server shutdown, so drivers and pools treat it alike.
+pub fn shutdown_error() -> PgError {
+    PgError::fatal(
+        sqlstate::ADMIN_SHUTDOWN,
+        "terminating connection due to administrator command",
+    )
+    .with_detail("dsql-proxy is shutting down")
 }
 
 impl SessionError {
@@ -81,6 +94,7 @@ impl SessionError {
                 sqlstate::CONNECTION_FAILURE,
                 format!("dsql-proxy: endpoint {endpoint} broke the protocol: {cause}"),
             ),
+            Self::Shutdown => shutdown_error(),
         };
         err.encode(buf);
         true
@@ -98,6 +112,7 @@ impl SessionError {
             Self::NoEndpointReachable { .. } => "no_endpoint_reachable",
             Self::BackendProtocol { .. } => "backend_protocol_error",
             Self::Setup(_) => "setup_error",
+            Self::Shutdown => "shutdown",
         }
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod backend;
 pub mod cancel;
+pub mod drain;
 mod error;
 pub mod frontend;
 pub mod io;
@@ -22,7 +23,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use error::SessionError;
+pub use error::{shutdown_error, SessionError};
+pub use session::EVICTION_FLUSH;
 
 use dsql_proxy_config::{ClientAuthMethod, Config, OnEndpointDown};
 use dsql_proxy_credentials::CredentialSource;
@@ -33,6 +35,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::backend::BackendSettings;
 use crate::cancel::CancelRegistry;
+use crate::drain::Drain;
 use crate::frontend::FrontendSettings;
 use crate::listener::Listeners;
 
@@ -53,6 +56,9 @@ pub struct ProxyContext {
     pub router: Arc<dyn Router>,
     pub credentials: Arc<dyn CredentialSource>,
     pub cancels: Arc<CancelRegistry>,
+    /// Session count and the close-everything signal for shutdown; like
+    /// `cancels`, one per process (carry it over if a context is rebuilt).
+    pub drain: Arc<Drain>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -116,6 +122,7 @@ impl ProxyContext {
             router,
             credentials,
             cancels: Arc::new(CancelRegistry::default()),
+            drain: Arc::new(Drain::default()),
             metrics,
         })
     }
@@ -144,12 +151,18 @@ impl BoundProxy {
         self.listeners.local_addr()
     }
 
+    /// The session count and close signal the shutdown sequence drives.
+    pub fn drain(&self) -> Arc<Drain> {
+        Arc::clone(&self.ctx.drain)
+    }
+
     pub fn unix_socket_path(&self) -> Option<&std::path::Path> {
         self.listeners.unix.as_ref().map(|(_, p)| p.as_path())
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting. Sessions
-    /// already running keep going on their own tasks.
+    /// Serves until `shutdown` resolves, then stops accepting: the TCP
+    /// listener is closed and the Unix socket file removed. Sessions already
+    /// running keep going on their own tasks (see [`Drain`]).
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) {
         listener::accept_loop(self.ctx, self.listeners, shutdown).await;
     }
