@@ -164,11 +164,13 @@ async fn sigterm_drains_then_closes_idle_and_busy_sessions_with_57p01() {
     let closed_after = signalled.elapsed();
     let err = result.expect_err("the query is cut off by the shutdown");
     assert_eq!(sqlstate(&err), Some(&SqlState::ADMIN_SHUTDOWN), "{err:?}");
-    assert!(
-        err.to_string()
-            .contains("terminating connection due to administrator command"),
-        "{err}"
+    let db = err.as_db_error().expect("a server error");
+    assert_eq!(
+        db.message(),
+        "terminating connection due to administrator command"
     );
+    assert_eq!(db.detail(), Some("dsql-proxy is shutting down"));
+    assert_eq!(db.severity(), "FATAL");
     assert!(
         closed_after >= Duration::from_millis(1900),
         "sessions were closed before max_drain: {closed_after:?}"
