@@ -203,7 +203,9 @@ async fn min_accept_keeps_accepting_then_closes_the_listeners() {
         "",
         &["--unix-socket-dir", socket_dir.path().to_str().unwrap()],
     );
-    let socket = socket_dir.path().join(format!(".s.PGSQL.{}", p.listen.port()));
+    let socket = socket_dir
+        .path()
+        .join(format!(".s.PGSQL.{}", p.listen.port()));
     assert!(socket.exists());
 
     p.process.send_signal(SIGTERM);
@@ -394,11 +396,15 @@ async fn session_log_lines_share_an_id_and_the_config_is_logged_redacted() {
             .filter(|l| text_session_id(l) == Some(id))
             .collect();
         assert!(
-            lines.iter().any(|l| l.contains("DEBUG") && l.contains("trying the next endpoint")),
+            lines
+                .iter()
+                .any(|l| l.contains("DEBUG") && l.contains("trying the next endpoint")),
             "debug line of session {id} missing:\n{logs}"
         );
         assert!(
-            lines.iter().any(|l| l.contains("connected after failing over")),
+            lines
+                .iter()
+                .any(|l| l.contains("connected after failing over")),
             "{logs}"
         );
         ids.push(id);
@@ -413,7 +419,10 @@ async fn session_log_lines_share_an_id_and_the_config_is_logged_redacted() {
     assert!(config_line.contains("INFO"), "{config_line}");
     assert!(config_line.contains("max_drain"), "{config_line}");
     assert!(config_line.contains("<redacted>"), "{config_line}");
-    assert!(!logs.contains(APP_PASSWORD), "the backend password is logged");
+    assert!(
+        !logs.contains(APP_PASSWORD),
+        "the backend password is logged"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -455,10 +464,15 @@ async fn json_log_lines_carry_the_session_id() {
             .filter_map(|v| v["message"].as_str())
             .collect();
         assert!(
-            messages.iter().any(|m| m.contains("trying the next endpoint")),
+            messages
+                .iter()
+                .any(|m| m.contains("trying the next endpoint")),
             "{messages:?}"
         );
-        assert!(messages.contains(&"connected after failing over"), "{messages:?}");
+        assert!(
+            messages.contains(&"connected after failing over"),
+            "{messages:?}"
+        );
     }
     let config = lines
         .iter()

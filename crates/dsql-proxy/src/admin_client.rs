@@ -108,7 +108,9 @@ mod tests {
         assert_eq!((r.status, r.body.as_str()), (503, "draining"));
         assert!(parse_response(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
         assert!(parse_response(b"HTTP/1.1 200 OK\r\n").is_err());
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err());
+        assert!(
+            parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n").is_err()
+        );
     }
 
     #[test]

@@ -31,8 +31,12 @@ pub fn admin_target(flag: Option<SocketAddr>, config_path: &Path) -> SocketAddr 
         }
     });
     match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port()),
-        IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port()),
+        IpAddr::V4(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port())
+        }
+        IpAddr::V6(ip) if ip.is_unspecified() => {
+            SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port())
+        }
         _ => addr,
     }
 }
@@ -51,8 +55,9 @@ pub fn status(admin: SocketAddr) -> ExitCode {
 }
 
 fn fetch_status(admin: SocketAddr) -> Result<String> {
-    let reply = admin_client::get(admin, "/status", STATUS_TIMEOUT)
-        .context("is the proxy running? (address from --admin, DSQL_PROXY_ADMIN or [admin] address)")?;
+    let reply = admin_client::get(admin, "/status", STATUS_TIMEOUT).context(
+        "is the proxy running? (address from --admin, DSQL_PROXY_ADMIN or [admin] address)",
+    )?;
     if reply.status != 200 {
         bail!(
             "{admin}/status answered HTTP {}: {}",
@@ -112,8 +117,18 @@ pub fn render(status: &Value) -> String {
     );
     out.push('\n');
     let header = [
-        "", "ENDPOINT", "REGION", "STATE", "ELIGIBLE", "RANK", "LATENCY", "LAST RTT", "CONNECT",
-        "ROUTE 53", "SESSIONS", "LAST FAILURE",
+        "",
+        "ENDPOINT",
+        "REGION",
+        "STATE",
+        "ELIGIBLE",
+        "RANK",
+        "LATENCY",
+        "LAST RTT",
+        "CONNECT",
+        "ROUTE 53",
+        "SESSIONS",
+        "LAST FAILURE",
     ];
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| (*h).to_owned()).collect()];
     let mut notes = Vec::new();
@@ -121,7 +136,12 @@ pub fn render(status: &Value) -> String {
     for e in status["endpoints"].as_array().unwrap_or(&empty) {
         let name = text(&e["name"]);
         rows.push(vec![
-            if e["selected"] == Value::Bool(true) { "*" } else { "" }.to_owned(),
+            if e["selected"] == Value::Bool(true) {
+                "*"
+            } else {
+                ""
+            }
+            .to_owned(),
             name.clone(),
             text(&e["region"]),
             text(&e["state"]),
@@ -130,7 +150,9 @@ pub fn render(status: &Value) -> String {
                 Some(false) => "no".into(),
                 None => "-".into(),
             },
-            e["rank"].as_u64().map_or("-".into(), |r| (r + 1).to_string()),
+            e["rank"]
+                .as_u64()
+                .map_or("-".into(), |r| (r + 1).to_string()),
             millis(&e["latency_ms"]),
             millis(&e["last_rtt_ms"]),
             millis(&e["connect_time_ms"]),
@@ -240,13 +262,25 @@ mod tests {
             ]
         });
         let out = render(&status);
-        assert!(out.starts_with("selected: us-east-1 (lowest latency"), "{out}");
+        assert!(
+            out.starts_with("selected: us-east-1 (lowest latency"),
+            "{out}"
+        );
         let row1 = out.lines().find(|l| l.contains("us-east-1  ")).unwrap();
         assert!(row1.starts_with('*'), "{out}");
-        assert!(row1.contains("1.2ms") && row1.contains("healthy (12s ago)"), "{row1}");
+        assert!(
+            row1.contains("1.2ms") && row1.contains("healthy (12s ago)"),
+            "{row1}"
+        );
         let row2 = out.lines().find(|l| l.contains("us-east-2  ")).unwrap();
-        assert!(!row2.starts_with('*') && row2.contains("down") && row2.contains("refused"), "{row2}");
-        assert!(out.contains("us-east-2: last probe failure: connection refused"), "{out}");
+        assert!(
+            !row2.starts_with('*') && row2.contains("down") && row2.contains("refused"),
+            "{row2}"
+        );
+        assert!(
+            out.contains("us-east-2: last probe failure: connection refused"),
+            "{out}"
+        );
         assert!(out.contains("policy:\n  healthy endpoints only\n"), "{out}");
         assert!(out.contains("  switch_after = 3\n"), "{out}");
     }
@@ -254,7 +288,10 @@ mod tests {
     #[test]
     fn the_target_prefers_the_flag_then_the_config() {
         let flag: SocketAddr = "127.0.0.1:7000".parse().unwrap();
-        assert_eq!(admin_target(Some(flag), Path::new("/nonexistent.toml")), flag);
+        assert_eq!(
+            admin_target(Some(flag), Path::new("/nonexistent.toml")),
+            flag
+        );
         assert_eq!(
             admin_target(None, Path::new("/nonexistent.toml")).to_string(),
             "127.0.0.1:9090"
@@ -272,7 +309,8 @@ mod tests {
     }
 
     fn tempfile_dir() -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("dsql-proxy-status-test-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("dsql-proxy-status-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         dir
     }

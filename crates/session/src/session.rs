@@ -16,8 +16,8 @@ use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, warn};
 
 use crate::backend::{self, BackendSession};
-use crate::drain::CloseSignal;
 use crate::cancel::CancelTarget;
+use crate::drain::CloseSignal;
 use crate::frontend::{self, ClientHello, Opening, Peer};
 use crate::io::{send, Deadline};
 use crate::relay::{Relay, RelayEnd};
@@ -209,8 +209,7 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
             // The backend is alive: let it finish the message it is in the
             // middle of, so the FATAL lands between messages.
             let until = Instant::now() + EVICTION_FLUSH;
-            let finished =
-                tokio::time::timeout_at(until, relay.finish_downstream_message()).await;
+            let finished = tokio::time::timeout_at(until, relay.finish_downstream_message()).await;
             if matches!(finished, Ok(Ok(()))) && relay.downstream.at_boundary() {
                 send_fatal(&mut relay, &crate::shutdown_error(), until).await;
             }
