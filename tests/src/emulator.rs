@@ -61,7 +61,7 @@ pub fn emulator_binary() -> &'static Path {
             None => root.join("target"),
         };
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let out = Command::new(&cargo)
+        let out = crate::proxy::cargo_command(&cargo)
             .args(["build", "-p", "dsql-emulator", "--bin", "dsql-emulator"])
             .arg("--target-dir")
             .arg(&target_dir)

@@ -49,7 +49,7 @@ pub fn proxy_binary() -> &'static Path {
             None => root.join("target"),
         };
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let out = Command::new(&cargo)
+        let out = cargo_command(&cargo)
             .args(["build", "-p", "dsql-proxy", "--bin", "dsql-proxy"])
             .arg("--target-dir")
             .arg(&target_dir)
@@ -72,6 +72,33 @@ pub fn proxy_binary() -> &'static Path {
         );
         bin
     })
+}
+
+/// `cargo` without the variables cargo set for the running test
+/// (`CARGO_PKG_NAME`, `CARGO_MANIFEST_DIR`, ...). Build scripts such as
+/// ring's declare `rerun-if-env-changed` on some of them, so inheriting them
+/// would make this build and the next `cargo test` rebuild each other's
+/// dependencies every time.
+pub(crate) fn cargo_command(cargo: &std::ffi::OsStr) -> Command {
+    let mut command = Command::new(cargo);
+    for (key, _) in std::env::vars_os() {
+        let key_text = key.to_string_lossy();
+        if key_text.starts_with("CARGO_PKG_")
+            || matches!(
+                key_text.as_ref(),
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_MANIFEST_LINKS"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+            )
+        {
+            command.env_remove(&key);
+        }
+    }
+    command
 }
 
 /// Runs the proxy binary once to completion (e.g. `["check", "--config", f]`).

@@ -7,7 +7,7 @@ mod status;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -47,6 +47,9 @@ pub struct AdminState {
     pub started: AtomicBool,
     /// Set when a graceful shutdown has begun.
     pub draining: AtomicBool,
+    /// `[listen] max_client_connections`: at this many open client
+    /// connections the proxy is not ready for more.
+    pub client_limit: AtomicUsize,
     /// Notified by `POST /quitquitquit`.
     pub quit: Notify,
     /// The selection policy in words, for `/status`; replaced on reload.
@@ -167,15 +170,19 @@ fn backpressure_gauges(state: &AdminState) {
     }
 }
 
-/// Ready means new sessions can be served: started, not draining, and some
-/// endpoint routable. Nothing here dials the database; the probes' last
-/// verdict is used.
+/// Ready means new sessions can be served: started, not draining, below
+/// the client limit, and some endpoint routable. Nothing here dials the
+/// database; the probes' last verdict is used.
 fn readiness(state: &AdminState) -> (bool, &'static str) {
     if !state.started.load(Ordering::Acquire) {
         return (false, "starting");
     }
     if state.draining.load(Ordering::Acquire) {
         return (false, "draining");
+    }
+    let open = usize::try_from(state.metrics.client_connections_active.get()).unwrap_or(0);
+    if open >= state.client_limit.load(Ordering::Acquire) {
+        return (false, "at max_client_connections");
     }
     if state.router.snapshot().selected().is_none() {
         return (false, "no endpoint is routable");
@@ -196,4 +203,49 @@ fn reply(code: StatusCode, content_type: &str, body: String) -> Response<Full<By
             .insert(hyper::header::CONTENT_TYPE, v);
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dsql_proxy_routing::{Endpoint, RoutingTable};
+
+    fn state(limit: usize) -> AdminState {
+        let endpoint = Endpoint {
+            id: dsql_proxy_routing::EndpointId(0),
+            name: "a".into(),
+            region: None,
+            host: "db.example".into(),
+            port: 5432,
+            connect_address: None,
+            priority: 1,
+            route53_health_check_id: None,
+        };
+        AdminState {
+            metrics: Arc::new(Metrics::new("test").unwrap()),
+            router: Arc::new(TableRouter::new(RoutingTable::by_priority(vec![Arc::new(
+                endpoint,
+            )]))),
+            started: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+            client_limit: AtomicUsize::new(limit),
+            quit: Notify::new(),
+            policy: ArcSwap::from_pointee(serde_json::Value::Null),
+            before_render: None,
+        }
+    }
+
+    #[test]
+    fn readiness_follows_startup_drain_and_the_client_limit() {
+        let s = state(2);
+        assert_eq!(readiness(&s), (true, "ready"));
+        s.metrics.client_connections_active.set(2);
+        assert_eq!(readiness(&s), (false, "at max_client_connections"));
+        s.metrics.client_connections_active.set(1);
+        assert!(readiness(&s).0);
+        s.draining.store(true, Ordering::Release);
+        assert_eq!(readiness(&s), (false, "draining"));
+        s.started.store(false, Ordering::Release);
+        assert_eq!(readiness(&s), (false, "starting"));
+    }
 }

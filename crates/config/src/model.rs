@@ -18,6 +18,8 @@ pub struct Config {
     #[serde(default)]
     pub routing: RoutingConfig,
     #[serde(default)]
+    pub shutdown: ShutdownConfig,
+    #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
 }
 
@@ -293,6 +295,29 @@ impl Default for RoutingConfig {
     }
 }
 
+/// Graceful shutdown on SIGTERM/SIGINT or `POST /quitquitquit`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// After the signal, keep accepting new sessions this long (for pods
+    /// whose application stops after the proxy got its signal). `/readyz`
+    /// answers 503 from the signal on.
+    pub min_accept: DurationStr,
+    /// Longest time sessions get to end by themselves, counted from the
+    /// signal; then every remaining session gets FATAL 57P01. The default
+    /// leaves room inside Kubernetes' default 30 s grace period.
+    pub max_drain: DurationStr,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            min_accept: DurationStr::from_secs(0),
+            max_drain: DurationStr::from_secs(25),
+        }
+    }
+}
+
 /// Startup parameters Aurora DSQL refuses; never forwarded to a DSQL
 /// endpoint so clients that set them (some drivers do) still connect.
 pub const DSQL_REFUSED_PARAMETERS: &[&str] = &["default_transaction_read_only"];
@@ -482,6 +507,13 @@ impl Config {
                     "[routing] prefer_region = {region:?} matches no endpoint's region"
                 ));
             }
+        }
+        if self.shutdown.min_accept > self.shutdown.max_drain {
+            return invalid(format!(
+                "[shutdown] min_accept ({}) must not exceed max_drain ({}): max_drain counts from \
+                 the signal and includes the time spent still accepting",
+                self.shutdown.min_accept, self.shutdown.max_drain
+            ));
         }
         let token_life = self.backend.token_expires_in.get();
         let max_life = match self.backend.auth {

@@ -263,3 +263,34 @@ fn bad_connect_rate_settings_are_explained() {
     );
     Config::parse(&text).unwrap();
 }
+
+#[test]
+fn shutdown_defaults_fit_kubernetes_and_are_checked() {
+    let c = Config::parse(MINIMAL).unwrap();
+    assert_eq!(c.shutdown.min_accept.get().as_secs(), 0);
+    // Inside Kubernetes' default terminationGracePeriodSeconds (30 s).
+    assert_eq!(c.shutdown.max_drain.get().as_secs(), 25);
+    assert!(c.to_redacted_toml().contains("[shutdown]"));
+
+    let text = format!("{MINIMAL}[shutdown]\nmin_accept = \"5s\"\nmax_drain = \"20s\"\n");
+    let c = Config::parse(&text).unwrap();
+    assert_eq!(c.shutdown.min_accept.get().as_secs(), 5);
+    assert_eq!(c.shutdown.max_drain.get().as_secs(), 20);
+
+    let env = [(
+        "DSQL_PROXY__SHUTDOWN__MAX_DRAIN".to_owned(),
+        "3s".to_owned(),
+    )];
+    let c = Config::parse_with_env(MINIMAL, "text", env).unwrap();
+    assert_eq!(c.shutdown.max_drain.get().as_secs(), 3);
+
+    for (shutdown, needle) in [
+        ("min_accept = \"30s\"", "must not exceed max_drain"),
+        ("max_drain = \"soon\"", "unit"),
+        ("max_drian = \"1s\"", "unknown field"),
+    ] {
+        let text = format!("{MINIMAL}[shutdown]\n{shutdown}\n");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains(needle), "{shutdown}: {err}");
+    }
+}

@@ -2,6 +2,10 @@
 //! PostgreSQL Global Database. This file wires configuration, logging,
 //! signals and the session layer together; the work lives in the crates.
 
+mod admin_client;
+mod shutdown;
+mod status_cli;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,7 +23,7 @@ use dsql_proxy_credentials::CredentialSource;
 use dsql_proxy_metrics::Metrics;
 use dsql_proxy_routing::{RoutingTable, TableRouter};
 use dsql_proxy_session::{BoundProxy, ProxyContext};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
@@ -44,8 +48,9 @@ struct Cli {
     /// Client listen address; overrides [listen] address.
     #[arg(long, env = "DSQL_PROXY_LISTEN")]
     listen: Option<SocketAddr>,
-    /// Admin HTTP address; overrides [admin] address.
-    #[arg(long, env = "DSQL_PROXY_ADMIN")]
+    /// Admin HTTP address; overrides [admin] address. For `status` and
+    /// `healthcheck`: the running proxy's admin server to ask.
+    #[arg(long, env = "DSQL_PROXY_ADMIN", global = true)]
     admin: Option<SocketAddr>,
     /// Directory for the Unix socket; overrides [listen] unix_socket_dir.
     #[arg(long, env = "DSQL_PROXY_UNIX_SOCKET_DIR")]
@@ -76,6 +81,11 @@ enum Command {
     Check,
     /// Run the proxy (the default).
     Run,
+    /// Show a running proxy's endpoints and routing (its /status) as a table.
+    Status,
+    /// Exit 0 if a running proxy's /healthz answers 200, else 1 (for
+    /// container HEALTHCHECKs; no curl needed).
+    Healthcheck,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -86,10 +96,21 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Client commands print their own results and errors.
+    match cli.command {
+        Some(Command::Status) => {
+            return status_cli::status(status_cli::admin_target(cli.admin, &cli.config))
+        }
+        Some(Command::Healthcheck) => {
+            return status_cli::healthcheck(status_cli::admin_target(cli.admin, &cli.config))
+        }
+        _ => {}
+    }
     init_logging(&cli);
     let result = match cli.command {
         Some(Command::Check) => check(&cli),
         Some(Command::Run) | None => run(&cli),
+        Some(Command::Status | Command::Healthcheck) => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -164,11 +185,22 @@ fn run(cli: &Cli) -> Result<()> {
             .build(),
     }
     .context("cannot start the async runtime")?;
-    runtime.block_on(serve(config, config_source(cli)))
+    let result = runtime.block_on(serve(config, config_source(cli)));
+    // Sessions were told to close and given time to; whatever is still
+    // stuck (a peer that stopped reading, a blocking task) must not keep
+    // the process alive.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result
 }
 
 async fn serve(config: Config, source: ConfigSource) -> Result<()> {
+    // Before anything slow, so an early SIGHUP does not kill the process.
     let hangups = reload::hangups();
+    // One line in either log format; secrets are redacted by the model.
+    info!(
+        config = %serde_json::to_string(&config).unwrap_or_default(),
+        "resolved configuration (secrets redacted)"
+    );
     let credentials = dsql_proxy_credentials::from_config(&config)
         .await
         .context("cannot set up backend credentials")?;
@@ -202,12 +234,16 @@ async fn serve(config: Config, source: ConfigSource) -> Result<()> {
         router: Arc::clone(&router),
         started: AtomicBool::new(false),
         draining: AtomicBool::new(false),
+        client_limit: AtomicUsize::new(config.listen.max_client_connections as usize),
         quit: Notify::new(),
         policy: ArcSwap::from_pointee(policy_json(&config)),
         before_render: Some(token_counter_sync(Arc::clone(&credentials))),
     });
     info!(address = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin server listening");
     tokio::spawn(admin.serve(Arc::clone(&admin_state)));
+    // From here a SIGTERM/SIGINT starts a graceful shutdown, even one that
+    // arrives during the first probe round.
+    let stops = shutdown::StopRequests::install(Arc::clone(&admin_state));
     // Listeners are bound and the config is loaded: that is /startup.
     admin_state.started.store(true, Ordering::Release);
     // Clients queue in the listen backlog while the first probe round runs.
@@ -246,6 +282,8 @@ async fn serve(config: Config, source: ConfigSource) -> Result<()> {
         backend_tls = ?config.backend.tls,
         "dsql-proxy listening"
     );
+    // [shutdown] is restart-only (see reload), so the startup values hold.
+    let shutdown_settings = config.shutdown.clone();
     let _reloads = Reloader {
         source,
         current: config,
@@ -257,34 +295,9 @@ async fn serve(config: Config, source: ConfigSource) -> Result<()> {
         metrics,
     }
     .spawn(hangups);
-    let quit = Arc::clone(&admin_state);
-    proxy
-        .serve(async move {
-            tokio::select! {
-                _ = shutdown_signal() => {}
-                _ = quit.quit.notified() => {}
-            }
-            quit.draining.store(true, Ordering::Release);
-        })
-        .await;
+    shutdown::serve_until_stopped(proxy, &shutdown_settings, stops, &admin_state).await;
     info!("shut down");
     Ok(())
-}
-
-/// Resolves on SIGTERM or SIGINT. (SIGHUP reloads: see `reload`.)
-async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        warn!("cannot install signal handlers; stop the proxy with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
-    }
 }
 
 /// The routing policy as `/status` shows it.

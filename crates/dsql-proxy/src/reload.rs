@@ -172,6 +172,10 @@ impl Reloader {
         self.admin
             .policy
             .store(Arc::new(crate::policy_json(&config)));
+        self.admin.client_limit.store(
+            config.listen.max_client_connections as usize,
+            std::sync::atomic::Ordering::Release,
+        );
         self.route53 = route53;
         info!(
             endpoints = config.endpoints.len(),
@@ -239,6 +243,7 @@ fn keep_startup_settings(running: &Config, mut loaded: Config) -> Result<Config>
         "[routing] probes",
         loaded.routing.probes != running.routing.probes,
     );
+    keep("[shutdown]", loaded.shutdown != running.shutdown);
     keep(
         "[routing] busy_cooldown",
         loaded.routing.busy_cooldown != running.routing.busy_cooldown,
@@ -254,6 +259,7 @@ fn keep_startup_settings(running: &Config, mut loaded: Config) -> Result<Config>
     loaded.backend.token_expires_in = running.backend.token_expires_in;
     loaded.routing.probes = running.routing.probes;
     loaded.routing.busy_cooldown = running.routing.busy_cooldown;
+    loaded.shutdown = running.shutdown.clone();
     loaded.validate().with_context(|| {
         format!(
             "the new configuration is only valid with its new {}, which need a restart",

@@ -78,6 +78,20 @@ impl BoundaryTracker {
         !self.broken && self.header_filled == 0 && self.body_remaining == 0
     }
 
+    /// How many more bytes surely belong to the current message: the rest
+    /// of its header, else the rest of its body; 0 at a boundary or when
+    /// broken. Reading no more than this and observing it, repeatedly,
+    /// stops exactly at the next boundary.
+    pub fn bytes_to_boundary(&self) -> usize {
+        if self.broken {
+            0
+        } else if self.header_filled > 0 {
+            HEADER_LEN - self.header_filled
+        } else {
+            self.body_remaining
+        }
+    }
+
     /// Transaction status from the last ReadyForQuery: `I`, `T` or `E`.
     pub fn transaction_status(&self) -> u8 {
         self.last_status
@@ -112,6 +126,30 @@ mod tests {
             assert_eq!(t.transaction_status(), b'T');
             assert_eq!(t.last_tag(), b'Z');
         }
+    }
+
+    #[test]
+    fn bytes_to_boundary_walks_to_the_next_boundary() {
+        let mut stream = Vec::new();
+        stream.extend_from_slice(&[b'D', 0, 0, 0, 10, 1, 2, 3, 4, 5, 6]);
+        stream.extend_from_slice(&[b'Z', 0, 0, 0, 5, b'I']);
+        for split in 1..11 {
+            let mut t = BoundaryTracker::default();
+            t.observe(&stream[..split]);
+            let mut at = split;
+            while !t.at_boundary() {
+                let n = t.bytes_to_boundary().min(2);
+                assert!(n > 0);
+                t.observe(&stream[at..at + n]);
+                at += n;
+            }
+            assert_eq!(at, 11, "split {split}");
+        }
+        let mut t = BoundaryTracker::default();
+        assert_eq!(t.bytes_to_boundary(), 0);
+        t.observe(&[b'D', 0, 0, 0, 1]);
+        assert!(t.is_broken());
+        assert_eq!(t.bytes_to_boundary(), 0);
     }
 
     #[test]

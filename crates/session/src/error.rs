@@ -46,6 +46,19 @@ pub enum SessionError {
     ConnectRateLimited(String),
     #[error("setup: {0}")]
     Setup(String),
+    /// The proxy is shutting down and closed the session before it started.
+    #[error("dsql-proxy is shutting down")]
+    Shutdown,
+}
+
+/// What every session the proxy closes on shutdown is told: PostgreSQL's
+/// own words for a server shutdown, so drivers and pools treat it alike.
+pub fn shutdown_error() -> PgError {
+    PgError::fatal(
+        sqlstate::ADMIN_SHUTDOWN,
+        "terminating connection due to administrator command",
+    )
+    .with_detail("dsql-proxy is shutting down")
 }
 
 impl SessionError {
@@ -94,6 +107,7 @@ impl SessionError {
                          connect_burst and connect_queue; retry with backoff or keep connections \
                          open longer (a connection pool)",
             ),
+            Self::Shutdown => shutdown_error(),
         };
         err.encode(buf);
         true
@@ -112,6 +126,7 @@ impl SessionError {
             Self::BackendProtocol { .. } => "backend_protocol_error",
             Self::ConnectRateLimited(_) => "connect_rate_limit",
             Self::Setup(_) => "setup_error",
+            Self::Shutdown => "shutdown",
         }
     }
 }

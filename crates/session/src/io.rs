@@ -6,6 +6,8 @@ use dsql_proxy_protocol::frame::{body_len, RawMessage, HEADER_LEN};
 use dsql_proxy_protocol::{startup, InitialPacket, ProtocolError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::drain::CloseSignal;
+
 /// Reads an untyped packet (startup, SSLRequest, cancel, ...); `first` is
 /// a byte already consumed by the caller.
 pub async fn read_initial<S: AsyncRead + Unpin>(
@@ -67,11 +69,14 @@ pub async fn send<S: AsyncWrite + Unpin + ?Sized>(
     stream.flush().await
 }
 
-/// The time a client has left to finish startup.
-#[derive(Debug, Clone, Copy)]
+/// The time a client has left to finish startup, and the proxy's close
+/// signal: a shutdown ends a handshake as surely as a timeout, and the
+/// client is told why in both cases.
+#[derive(Clone)]
 pub struct Deadline {
     pub at: tokio::time::Instant,
     pub limit: std::time::Duration,
+    close: Option<CloseSignal>,
 }
 
 impl Deadline {
@@ -79,19 +84,40 @@ impl Deadline {
         Self {
             at: tokio::time::Instant::now() + limit,
             limit,
+            close: None,
         }
     }
 
-    /// Runs client I/O, failing with StartupTimeout when time runs out, so
-    /// the caller still owns the stream and can tell the client why.
+    /// Also fails with [`crate::SessionError::Shutdown`] once `close` fires.
+    pub fn or_closed(mut self, close: CloseSignal) -> Self {
+        self.close = Some(close);
+        self
+    }
+
+    /// Runs client I/O, failing with StartupTimeout when time runs out (or
+    /// Shutdown when the proxy closes every session), so the caller still
+    /// owns the stream and can tell the client why.
     pub async fn run<T>(
         &self,
         fut: impl std::future::Future<Output = std::io::Result<T>>,
     ) -> Result<T, crate::SessionError> {
-        match tokio::time::timeout_at(self.at, fut).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(crate::SessionError::ClientIo(e)),
-            Err(_) => Err(crate::SessionError::StartupTimeout(self.limit)),
+        let closed = async {
+            match &self.close {
+                Some(close) => {
+                    let mut close = close.clone();
+                    close.closed().await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            r = tokio::time::timeout_at(self.at, fut) => match r {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err(crate::SessionError::ClientIo(e)),
+                Err(_) => Err(crate::SessionError::StartupTimeout(self.limit)),
+            },
+            () = closed => Err(crate::SessionError::Shutdown),
         }
     }
 }

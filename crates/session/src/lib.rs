@@ -10,6 +10,7 @@
 pub mod admission;
 pub mod backend;
 pub mod cancel;
+pub mod drain;
 mod error;
 pub mod frontend;
 pub mod io;
@@ -25,7 +26,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-pub use error::SessionError;
+pub use error::{shutdown_error, SessionError};
+pub use session::EVICTION_FLUSH;
 
 use dsql_proxy_config::{ClientAuthMethod, Config, OnEndpointDown};
 use dsql_proxy_credentials::CredentialSource;
@@ -37,6 +39,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::admission::{ConnectLimiter, RateLimit};
 use crate::backend::BackendSettings;
 use crate::cancel::CancelRegistry;
+use crate::drain::Drain;
 use crate::frontend::FrontendSettings;
 use crate::listener::Listeners;
 
@@ -63,6 +66,9 @@ pub struct ProxyContext {
     pub router: Arc<dyn Router>,
     pub credentials: Arc<dyn CredentialSource>,
     pub cancels: Arc<CancelRegistry>,
+    /// Session count and the close-everything signal for shutdown; like
+    /// `cancels`, one per process (carry it over if a context is rebuilt).
+    pub drain: Arc<Drain>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -79,6 +85,7 @@ impl ProxyContext {
             credentials,
             metrics,
             Arc::new(CancelRegistry::default()),
+            Arc::new(Drain::default()),
             None,
         )
     }
@@ -98,6 +105,7 @@ impl ProxyContext {
             credentials,
             Arc::clone(&self.metrics),
             Arc::clone(&self.cancels),
+            Arc::clone(&self.drain),
             self.connect_limiter.clone(),
         )
     }
@@ -108,6 +116,7 @@ impl ProxyContext {
         credentials: Arc<dyn CredentialSource>,
         metrics: Arc<Metrics>,
         cancels: Arc<CancelRegistry>,
+        drain: Arc<Drain>,
         previous_limiter: Option<Arc<ConnectLimiter>>,
     ) -> Result<Self, SessionError> {
         let listen = &config.listen;
@@ -176,6 +185,7 @@ impl ProxyContext {
             router,
             credentials,
             cancels,
+            drain,
             metrics,
         })
     }
@@ -212,12 +222,18 @@ impl BoundProxy {
         self.listeners.local_addr()
     }
 
+    /// The session count and close signal the shutdown sequence drives.
+    pub fn drain(&self) -> Arc<Drain> {
+        Arc::clone(&self.ctx.load().drain)
+    }
+
     pub fn unix_socket_path(&self) -> Option<&std::path::Path> {
         self.listeners.unix.as_ref().map(|(_, p)| p.as_path())
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting. Sessions
-    /// already running keep going on their own tasks.
+    /// Serves until `shutdown` resolves, then stops accepting: the TCP
+    /// listener is closed and the Unix socket file removed. Sessions already
+    /// running keep going on their own tasks (see [`Drain`]).
     pub async fn serve(self, shutdown: impl std::future::Future<Output = ()>) {
         listener::accept_loop(self.ctx, self.listeners, shutdown).await;
     }

@@ -8,8 +8,9 @@ use std::time::Duration;
 use dsql_proxy_protocol::{sqlstate, PgError};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::drain::next_session_id;
 use crate::frontend::{self, Failure, Opening, Peer};
 use crate::io::Deadline;
 use crate::limit::ClientLimit;
@@ -95,32 +96,45 @@ pub async fn accept_loop(
         };
         let ctx = contexts.load_full();
         ctx.metrics.client_connections_total.inc();
+        // Every line a connection's task logs carries this id.
+        let span = info_span!("session", session = next_session_id());
         match limit.try_acquire(ctx.max_client_connections) {
             Some(permit) => {
-                tokio::spawn(async move {
-                    ctx.metrics.client_connections_active.inc();
-                    session::run(Arc::clone(&ctx), transport, peer).await;
-                    ctx.metrics.client_connections_active.dec();
-                    drop(permit);
-                });
+                // Counted from accept, so a drain never misses a session
+                // whose task has not run yet.
+                let guard = ctx.drain.enter();
+                tokio::spawn(
+                    async move {
+                        ctx.metrics.client_connections_active.inc();
+                        session::run(Arc::clone(&ctx), transport, peer).await;
+                        ctx.metrics.client_connections_active.dec();
+                        drop(permit);
+                        drop(guard);
+                    }
+                    .instrument(span),
+                );
             }
             None => match Arc::clone(&rejections).try_acquire_owned() {
                 Ok(permit) => {
-                    tokio::spawn(async move {
-                        reject_over_limit(&ctx, transport, peer).await;
-                        drop(permit);
-                    });
+                    tokio::spawn(
+                        async move {
+                            reject_over_limit(&ctx, transport, peer).await;
+                            drop(permit);
+                        }
+                        .instrument(span),
+                    );
                 }
                 Err(_) => {
                     ctx.metrics
                         .client_connections_rejected_total
                         .with_label_values(&["too_many_clients"])
                         .inc();
-                    debug!(client = %peer, "over the client limit and the rejection queue; closed")
+                    debug!(parent: &span, client = %peer, "over the client limit and the rejection queue; closed")
                 }
             },
         }
     }
+    drop(listeners);
     info!("stopped accepting connections");
 }
 
@@ -139,7 +153,7 @@ async fn accept_unix(
 async fn reject_over_limit(ctx: &Arc<ProxyContext>, transport: Transport, peer: Peer) {
     let deadline = Deadline::after(ctx.startup_timeout.min(Duration::from_secs(5)));
     let settings = &ctx.frontend_for_rejection;
-    let stream = match frontend::open(transport, &peer, settings, deadline).await {
+    let stream = match frontend::open(transport, &peer, settings, &deadline).await {
         Ok(Opening::Session(hello)) => Some(hello.stream),
         Ok(Opening::Cancel(key)) => {
             return session::cancel_request(ctx, key).await;

@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use dsql_proxy_protocol::relay::BoundaryTracker;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 /// Per-direction buffer. Query traffic is mostly small messages; bulk
 /// transfers take two reads per 16 KiB TLS record, the second served from
@@ -186,8 +186,33 @@ where
         .await
     }
 
+    /// Flushes what was read, then relays the backend's current message to
+    /// its end (and nothing after it), so a message the proxy injects next
+    /// does not cut one in half. Reads nothing from the client. Callers
+    /// bound it in time: a backend may stall mid-message.
+    pub async fn finish_downstream_message(&mut self) -> io::Result<()> {
+        self.flush_downstream().await?;
+        while !self.downstream.at_boundary() && !self.downstream.is_broken() {
+            let want = self.downstream.bytes_to_boundary().min(RELAY_BUFFER);
+            let n = self.backend.read(&mut self.down.buf[..want]).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            self.downstream.observe(&self.down.buf[..n]);
+            self.down.total += n as u64;
+            self.down.pos = 0;
+            self.down.cap = n;
+            self.flush_downstream().await?;
+        }
+        Ok(())
+    }
+
     pub fn client(&mut self) -> &mut C {
         self.client
+    }
+
+    pub fn backend(&mut self) -> &mut B {
+        self.backend
     }
 
     pub fn stats(&self) -> RelayStats {
@@ -293,6 +318,35 @@ mod tests {
         assert_eq!(reason, "backend_closed");
         assert_eq!(stats.client_to_backend, 100_000);
         assert_eq!(stats.backend_to_client, 6);
+    }
+
+    #[tokio::test]
+    async fn finish_downstream_message_stops_at_the_boundary() {
+        let (mut client_app, mut client_proxy) = duplex(1024);
+        let (mut backend_proxy, mut backend_server) = duplex(1024);
+        // A DataRow's header and the first 2 of its 6 body bytes.
+        backend_server
+            .write_all(&[b'D', 0, 0, 0, 10, 1, 2])
+            .await
+            .unwrap();
+        let mut relay = Relay::new(&mut client_proxy, &mut backend_proxy);
+        let pending = tokio::time::timeout(std::time::Duration::from_millis(100), &mut relay).await;
+        assert!(pending.is_err(), "the relay is still running");
+        assert!(!relay.downstream.at_boundary());
+        // The rest of the row, then a whole ReadyForQuery that must stay
+        // with the backend.
+        backend_server
+            .write_all(&[3, 4, 5, 6, b'Z', 0, 0, 0, 5, b'I'])
+            .await
+            .unwrap();
+        relay.finish_downstream_message().await.unwrap();
+        assert!(relay.downstream.at_boundary());
+        assert_eq!(relay.stats().backend_to_client, 11);
+        drop(relay);
+        drop(client_proxy);
+        let mut got = Vec::new();
+        client_app.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, [b'D', 0, 0, 0, 10, 1, 2, 3, 4, 5, 6]);
     }
 
     #[tokio::test]

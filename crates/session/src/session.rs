@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 use crate::admission::Refusal;
 use crate::backend::{self, BackendSession};
 use crate::cancel::CancelTarget;
+use crate::drain::CloseSignal;
 use crate::frontend::{self, ClientHello, Opening, Peer};
 use crate::io::{send, Deadline};
 use crate::relay::{Relay, RelayEnd};
@@ -28,8 +29,9 @@ use crate::{ProxyContext, SessionError};
 /// always logs one line when a session (not a cancel) ends.
 pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
     let started = Instant::now();
-    let deadline = Deadline::after(ctx.startup_timeout);
-    let hello = match frontend::open(transport, &peer, &ctx.frontend, deadline).await {
+    let mut close = ctx.drain.close_signal();
+    let deadline = Deadline::after(ctx.startup_timeout).or_closed(close.clone());
+    let hello = match frontend::open(transport, &peer, &ctx.frontend, &deadline).await {
         Ok(Opening::Session(hello)) => hello,
         Ok(Opening::Cancel(key)) => return cancel_request(&ctx, key).await,
         Err(failure) => {
@@ -85,8 +87,27 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
         password: password.as_ref(),
         params: &params,
     };
-    let (endpoint, backend) = match connect_any(&ctx, &table, &login).await {
+    // A shutdown does not wait for a slow connect: the client hears 57P01.
+    let connected = tokio::select! {
+        biased;
+        connected = connect_any(&ctx, &table, &login) => connected,
+        () = close.closed() => Err(SessionError::Shutdown),
+    };
+    let (endpoint, backend) = match connected {
         Ok(connected) => connected,
+        Err(SessionError::Shutdown) => {
+            ctx.metrics
+                .client_connections_rejected_total
+                .with_label_values(&[SessionError::Shutdown.reason()])
+                .inc();
+            info!(client = %peer, %user, %database, reason = "shutdown", "session closed before it started: dsql-proxy is shutting down");
+            let _ = frontend::reject(frontend::Failure {
+                stream: Some(stream),
+                error: SessionError::Shutdown,
+            })
+            .await;
+            return;
+        }
         Err(err) => {
             let err = explain_limits(err);
             ctx.metrics
@@ -159,32 +180,54 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
         OnEndpointDown::Keep => None,
     };
     let mut relay = Relay::new(&mut stream, &mut backend_stream);
-    let end = relay_until_evicted(&mut relay, down.as_mut()).await;
-    if let Some(end) = &end {
-        if let Some(detail) = backend_broke(end, &relay) {
-            ctx.router
-                .report(endpoint.id, PassiveSignal::SessionBroken { detail });
+    let end = relay_until_evicted(&mut relay, down.as_mut(), &mut close).await;
+    match &end {
+        Ok(end) => {
+            if let Some(detail) = backend_broke(end, &relay) {
+                ctx.router
+                    .report(endpoint.id, PassiveSignal::SessionBroken { detail });
+            }
         }
-    } else {
-        // The endpoint went down: end the session the way PostgreSQL ends
-        // one on shutdown, so pools reconnect (to a healthy endpoint) at
-        // once instead of waiting on a dead socket.
-        let message = PgError::fatal(
-            sqlstate::ADMIN_SHUTDOWN,
-            format!(
-                "dsql-proxy: endpoint {} is unavailable; reconnect",
-                endpoint.name
-            ),
-        );
-        let flushed = tokio::time::timeout(EVICTION_FLUSH, relay.flush_downstream()).await;
-        if matches!(flushed, Ok(Ok(()))) && relay.downstream.at_boundary() {
-            let mut buf = BytesMut::new();
-            message.encode(&mut buf);
-            let _ = tokio::time::timeout(EVICTION_FLUSH, send(relay.client(), &buf)).await;
+        Err(Eviction::EndpointDown) => {
+            // End the session the way PostgreSQL ends one on shutdown, so
+            // pools reconnect (to a healthy endpoint) at once instead of
+            // waiting on a dead socket. The backend is gone: only what was
+            // already read can still reach the client.
+            let message = PgError::fatal(
+                sqlstate::ADMIN_SHUTDOWN,
+                format!(
+                    "dsql-proxy: endpoint {} is unavailable; reconnect",
+                    endpoint.name
+                ),
+            );
+            let until = Instant::now() + EVICTION_FLUSH;
+            let flushed = tokio::time::timeout_at(until, relay.flush_downstream()).await;
+            if matches!(flushed, Ok(Ok(()))) && relay.downstream.at_boundary() {
+                send_fatal(&mut relay, &message, until).await;
+            }
+        }
+        Err(Eviction::Shutdown) => {
+            // The backend is alive: let it finish the message it is in the
+            // middle of, so the FATAL lands between messages.
+            let until = Instant::now() + EVICTION_FLUSH;
+            let finished = tokio::time::timeout_at(until, relay.finish_downstream_message()).await;
+            if matches!(finished, Ok(Ok(()))) && relay.downstream.at_boundary() {
+                send_fatal(&mut relay, &crate::shutdown_error(), until).await;
+            }
+            // A clean goodbye to the server when the client's stream is
+            // between messages (an open transaction rolls back either way).
+            if relay.upstream.at_boundary() {
+                let mut buf = BytesMut::new();
+                messages::terminate(&mut buf);
+                let _ = tokio::time::timeout_at(until, send(relay.backend(), &buf)).await;
+            }
         }
     }
     let stats = relay.stats();
-    let reason = end.as_ref().map_or("endpoint_down", |e| e.reason());
+    let reason = match &end {
+        Ok(end) => end.reason(),
+        Err(eviction) => eviction.reason(),
+    };
     drop(relay);
     active.dec();
     let m = &ctx.metrics;
@@ -211,30 +254,68 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
     );
 }
 
-/// How long the proxy spends telling a client its session is over.
-const EVICTION_FLUSH: Duration = Duration::from_secs(1);
+/// How long the proxy spends telling a client its session is over (and,
+/// separately, closing the client's stream): the binary's shutdown waits a
+/// little longer than twice this for sessions to finish.
+pub const EVICTION_FLUSH: Duration = Duration::from_secs(1);
 
-/// Relays until the session ends (`Some`) or `down` fires (`None`).
+/// Why the proxy ended a relayed session itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Eviction {
+    /// The probes confirmed the session's endpoint down.
+    EndpointDown,
+    /// The proxy is shutting down and the drain time is over.
+    Shutdown,
+}
+
+impl Eviction {
+    /// The `sessions_closed_total{reason}` label.
+    fn reason(self) -> &'static str {
+        match self {
+            Self::EndpointDown => "endpoint_down",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Relays until the session ends (`Ok`), `down` fires or the proxy closes
+/// every session (`Err`). Both signals are `watch` receivers: an atomic
+/// version check per poll, woken only when they fire.
 async fn relay_until_evicted<C, B>(
     relay: &mut Relay<'_, C, B>,
     down: Option<&mut DownWatch>,
-) -> Option<RelayEnd>
+    close: &mut CloseSignal,
+) -> Result<RelayEnd, Eviction>
 where
     C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
 {
-    let Some(down) = down else {
-        return Some(relay.await);
+    let endpoint_down = async {
+        if let Some(down) = down {
+            if down.changed().await.is_ok() {
+                return;
+            }
+        }
+        // No watch, or the router is gone: relay on without it.
+        std::future::pending::<()>().await
     };
     tokio::select! {
         biased;
-        end = &mut *relay => Some(end),
-        changed = down.changed() => match changed {
-            Ok(()) => None,
-            // The router is gone (shutdown): relay on without it.
-            Err(_) => Some(relay.await),
-        },
+        end = &mut *relay => Ok(end),
+        () = endpoint_down => Err(Eviction::EndpointDown),
+        () = close.closed() => Err(Eviction::Shutdown),
     }
+}
+
+/// Tells the client its session is over, giving up at `until`.
+async fn send_fatal<C, B>(relay: &mut Relay<'_, C, B>, message: &PgError, until: Instant)
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+{
+    let mut buf = BytesMut::new();
+    message.encode(&mut buf);
+    let _ = tokio::time::timeout_at(until, send(relay.client(), &buf)).await;
 }
 
 /// A backend connection that broke without the server saying why: a reset,

@@ -23,7 +23,7 @@ fn password_failed(user: &str) -> SessionError {
 
 async fn read_auth_message(
     stream: &mut ClientStream,
-    deadline: Deadline,
+    deadline: &Deadline,
 ) -> Result<dsql_proxy_protocol::RawMessage, SessionError> {
     Ok(deadline
         .run(read_message(stream, MAX_AUTH_MESSAGE))
@@ -36,7 +36,7 @@ pub(super) async fn authenticate(
     user: &str,
     peer: &Peer,
     settings: &FrontendSettings,
-    deadline: Deadline,
+    deadline: &Deadline,
 ) -> Result<Option<Secret>, SessionError> {
     if settings.ask_password {
         return cleartext(stream, user, deadline).await.map(Some);
@@ -70,7 +70,7 @@ pub(super) async fn authenticate(
 async fn cleartext(
     stream: &mut ClientStream,
     user: &str,
-    deadline: Deadline,
+    deadline: &Deadline,
 ) -> Result<Secret, SessionError> {
     let mut buf = BytesMut::new();
     messages::auth_cleartext(&mut buf);
@@ -87,7 +87,7 @@ async fn scram_exchange(
     stream: &mut ClientStream,
     user: &str,
     verifier: &scram::ScramVerifier,
-    deadline: Deadline,
+    deadline: &Deadline,
 ) -> Result<(), SessionError> {
     let mut buf = BytesMut::new();
     messages::auth_sasl(&mut buf, &[scram::MECHANISM]);

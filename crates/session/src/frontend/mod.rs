@@ -86,7 +86,7 @@ pub async fn open(
     mut transport: Transport,
     peer: &Peer,
     settings: &FrontendSettings,
-    deadline: Deadline,
+    deadline: &Deadline,
 ) -> Result<Opening, Failure> {
     let mut first = [0u8; 1];
     if let Err(e) = deadline.run(transport.read_exact(&mut first)).await {
@@ -180,7 +180,7 @@ pub async fn open(
 async fn accept_tls(
     acceptor: &TlsAcceptor,
     transport: Rewind<Transport>,
-    deadline: Deadline,
+    deadline: &Deadline,
 ) -> Result<tokio_rustls::server::TlsStream<Rewind<Transport>>, Failure> {
     deadline
         .run(acceptor.accept(transport))
@@ -193,7 +193,7 @@ async fn finish_startup(
     startup: StartupMessage,
     peer: &Peer,
     settings: &FrontendSettings,
-    deadline: Deadline,
+    deadline: &Deadline,
 ) -> Result<Opening, Failure> {
     let Some(user) = startup.param("user").filter(|u| !u.is_empty()) else {
         let err = PgError::fatal(
