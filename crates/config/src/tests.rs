@@ -286,7 +286,7 @@ fn shutdown_defaults_fit_kubernetes_and_are_checked() {
 
     for (shutdown, needle) in [
         ("min_accept = \"30s\"", "must not exceed max_drain"),
-        ("max_drain = \"soon\"", "unit"),
+        ("max_drain = \"soon\"", "whole number"),
         ("max_drian = \"1s\"", "unknown field"),
     ] {
         let text = format!("{MINIMAL}[shutdown]\n{shutdown}\n");
