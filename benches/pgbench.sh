@@ -6,7 +6,8 @@
 #      SCALE (10), CLIENTS ("1 8"), IDLE_SESSIONS (1000), WARMUP (3 s),
 #      QUICK=1 (smoke run: DURATION=2 ROUNDS=1 IDLE_SESSIONS=100 WARMUP=1),
 #      NICE (-10 as root, else 0: priority of server, proxy and pgbench),
-#      PG_BIN (/usr/lib/postgresql/15/bin), KEEP_TMP=1 (keep the temp dir).
+#      PG_BIN (/usr/lib/postgresql/15/bin), KEEP_TMP=1 (keep the temp dir),
+#      PROXY_ARGS (extra proxy arguments, e.g. "--worker-threads 2").
 # Exit status is 0 even when a target is missed; non-zero means it broke.
 set -euo pipefail
 
@@ -190,7 +191,8 @@ host = "localhost"
 port = $PG_PORT
 connect_address = "127.0.0.1:$PG_PORT"
 EOF
-nice -n "$NICE" "$PROXY_BIN" --config "$TMP/proxy.toml" 2>"$TMP/proxy.log" &
+# shellcheck disable=SC2086 # PROXY_ARGS is a list of words
+nice -n "$NICE" "$PROXY_BIN" --config "$TMP/proxy.toml" ${PROXY_ARGS:-} 2>"$TMP/proxy.log" &
 PROXY_PID=$!
 
 proxy_alive() { kill -0 "$PROXY_PID" 2>/dev/null; }
@@ -204,7 +206,7 @@ done
 [[ "$(proxy_query 'SELECT 1')" == 1 ]] || die "proxy does not answer on 127.0.0.1:$PROXY_PORT"
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$PROXY_PID/status"; }
 RSS_FRESH_KB="$(rss_kb)"
-log "== proxy pid $PROXY_PID on 127.0.0.1:$PROXY_PORT (backend TLS verify-full)"
+log "== proxy pid $PROXY_PID on 127.0.0.1:$PROXY_PORT (backend TLS verify-full)${PROXY_ARGS:+, args: $PROXY_ARGS}"
 
 # ---------------------------------------------------------------- pgbench
 CLK_TCK="$(getconf CLK_TCK)"

@@ -2,7 +2,7 @@
 //! shutdown on SIGTERM/SIGINT/`POST /quitquitquit` (drain, `min_accept`,
 //! `max_drain`, FATAL 57P01, second-signal shortcut, exit 0), the `status`
 //! and `healthcheck` commands, per-session log ids and the redacted
-//! configuration logged at startup.
+//! configuration logged at startup; a drain after a reload.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -10,7 +10,7 @@ use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use dsql_proxy_tests::fixture::client_config;
-use dsql_proxy_tests::process::{SIGINT, SIGTERM};
+use dsql_proxy_tests::process::{SIGHUP, SIGINT, SIGTERM};
 use dsql_proxy_tests::{
     free_addr, proxy_toml, run_proxy_cmd, wire, AuthMethod, PgOptions, PgServer, ProxyOptions,
     ProxyProcess, APP_DB, APP_PASSWORD, APP_USER,
@@ -191,6 +191,47 @@ async fn sigterm_drains_then_closes_idle_and_busy_sessions_with_57p01() {
         .count();
     assert_eq!(shutdown_closes, 2, "{logs}");
     assert!(logs.contains("max_drain reached"), "{logs}");
+}
+
+/// A reload builds a new session context; sessions accepted before and
+/// after it must both be waited for and closed by one drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_from_before_and_after_a_reload_are_drained_together() {
+    let pg = server();
+    let mut p = start(&pg, "max_drain = \"1s\"", "", &[]);
+    let (before, before_conn) = connect(p.listen).await;
+    before.simple_query("select 1").await.unwrap();
+
+    let config = std::fs::read_to_string(p.process.config_path()).unwrap();
+    p.process
+        .write_config(&config.replace("[routing]\n", "[routing]\nswitch_after = 2\n"));
+    p.process.send_signal(SIGHUP);
+    assert!(
+        p.process.wait_for_log("configuration reloaded", SLACK),
+        "{}",
+        p.process.logs()
+    );
+    let (after, after_conn) = connect(p.listen).await;
+    after.simple_query("select 1").await.unwrap();
+
+    p.process.send_signal(SIGTERM);
+    for (name, conn) in [("before", before_conn), ("after", after_conn)] {
+        let end = tokio::time::timeout(Duration::from_secs(1) + SLACK, conn)
+            .await
+            .unwrap_or_else(|_| panic!("the session from {name} the reload ends"))
+            .unwrap();
+        let err = end.expect_err("a FATAL at the end of the drain");
+        assert_eq!(
+            sqlstate(&err),
+            Some(&SqlState::ADMIN_SHUTDOWN),
+            "{name}: {err:?}"
+        );
+    }
+    let status = wait_exit(&mut p.process, Duration::from_secs(1) + SLACK).await;
+    assert!(status.success(), "{status:?}\n{}", p.process.logs());
+    let logs = p.process.logs();
+    assert!(logs.contains("max_drain reached"), "{logs}");
+    drop((before, after));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
