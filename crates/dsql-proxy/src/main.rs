@@ -55,8 +55,10 @@ struct Cli {
     /// Directory for the Unix socket; overrides [listen] unix_socket_dir.
     #[arg(long, env = "DSQL_PROXY_UNIX_SOCKET_DIR")]
     unix_socket_dir: Option<PathBuf>,
-    /// Worker threads for client sessions; 1 runs everything on one thread
-    /// (fewest context switches, like PgBouncer). Default: one per core.
+    /// Worker threads for client sessions. The default, 1, runs everything
+    /// on one thread like PgBouncer: fewest context switches and least CPU
+    /// per query, which matters for a sidecar sharing cores with its
+    /// application. Raise it when one core is not enough.
     #[arg(long, env = "DSQL_PROXY_WORKER_THREADS", global = true)]
     worker_threads: Option<usize>,
     /// Log format.
@@ -171,15 +173,11 @@ fn run(cli: &Cli) -> Result<()> {
     let config = load_config(cli)?;
     let runtime = match cli.worker_threads {
         Some(0) => anyhow::bail!("--worker-threads must be at least 1"),
-        Some(1) => tokio::runtime::Builder::new_current_thread()
+        None | Some(1) => tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build(),
         Some(n) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(n)
-            .enable_all()
-            .thread_name("dsql-proxy")
-            .build(),
-        None => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .thread_name("dsql-proxy")
             .build(),
