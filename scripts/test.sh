@@ -3,7 +3,8 @@
 # Installs what the tests need when it is missing, then runs formatting and
 # lint checks and every unit and integration test. Integration tests start
 # their own throwaway PostgreSQL servers, so a PostgreSQL server install
-# (initdb, pg_ctl, postgres) plus psql and pgbench must be present.
+# (initdb, pg_ctl, postgres) plus psql and pgbench must be present (and curl,
+# which deploy_manifests.rs runs as the batch Job example does).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,14 +12,14 @@ have_server() {
   compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null
 }
 
-if ! have_server || ! command -v psql >/dev/null || ! command -v pgbench >/dev/null || ! command -v openssl >/dev/null; then
+if ! have_server || ! command -v psql >/dev/null || ! command -v pgbench >/dev/null || ! command -v openssl >/dev/null || ! command -v curl >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     echo "==> installing PostgreSQL server and clients (apt-get)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     # policy-rc.d keeps the package from starting its own cluster on 5432.
     printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
-    apt-get install -y -qq --no-install-recommends postgresql postgresql-contrib openssl >/dev/null
+    apt-get install -y -qq --no-install-recommends postgresql postgresql-contrib openssl curl >/dev/null
     rm -f /usr/sbin/policy-rc.d
   else
     echo "PostgreSQL server binaries (initdb, pg_ctl, postgres), psql and pgbench are required:" >&2
