@@ -1,37 +1,14 @@
 //! The admin HTTP server through the real binary: metrics families, health
 //! endpoints, `/status`, and `POST /quitquitquit`.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::time::Duration;
 
+use dsql_proxy_tests::metrics::http;
 use dsql_proxy_tests::{
     free_addr, proxy_toml, AuthMethod, PgOptions, PgServer, ProxyOptions, ProxyProcess, APP_DB,
     APP_USER,
 };
-
-/// One HTTP/1.1 request with `Connection: close`; returns status and body.
-fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect admin");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
 
 /// A proxy for `pg` with its admin server on a known address.
 fn start(pg: &PgServer, routing: &str) -> (ProxyProcess, SocketAddr, SocketAddr) {

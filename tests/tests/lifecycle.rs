@@ -4,12 +4,12 @@
 //! and `healthcheck` commands, per-session log ids and the redacted
 //! configuration logged at startup; a drain after a reload.
 
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use dsql_proxy_tests::fixture::client_config;
+use dsql_proxy_tests::metrics::http;
 use dsql_proxy_tests::process::{SIGHUP, SIGINT, SIGTERM};
 use dsql_proxy_tests::{
     free_addr, proxy_toml, run_proxy_cmd, wire, AuthMethod, PgOptions, PgServer, ProxyOptions,
@@ -58,29 +58,6 @@ fn start(pg: &PgServer, shutdown: &str, extra_toml: &str, args: &[&str]) -> Prox
         listen,
         admin,
     }
-}
-
-/// One HTTP/1.1 request with `Connection: close`: status and body.
-fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect admin");
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
 }
 
 /// Polls `path` until it answers `want`; the last answer otherwise.
