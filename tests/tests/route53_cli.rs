@@ -6,6 +6,7 @@ use std::process::Output;
 
 use aws_sdk_route53::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_route53::types::{HealthCheck, HealthCheckConfig, HealthCheckType, TagResourceType};
+use dsql_proxy_tests::aws_endpoints::{HttpResponse, HttpServer};
 use dsql_proxy_tests::moto::{self, MotoServer};
 use dsql_proxy_tests::{free_port, run_proxy_cmd, run_proxy_cmd_with_env};
 
@@ -480,4 +481,160 @@ fn missing_credentials_and_unreachable_endpoints_are_clear_errors() {
         std::fs::read_to_string(&config.path).ok().as_deref(),
         Some(CONFIG)
     );
+}
+
+const ROUTE53_XMLNS: &str = "https://route53.amazonaws.com/doc/2013-04-01/";
+
+/// A scripted Route 53 that, like the real one (and unlike moto), refuses a
+/// `CallerReference` a deleted check used: every CreateHealthCheck gets
+/// `HealthCheckAlreadyExists` unless its reference ends with `accept`.
+fn conflicting_route53(accept: Option<&'static str>) -> HttpServer {
+    HttpServer::start("route53-conflict", move |req| {
+        let path = req.path();
+        let xml = |status: u16, body: String| {
+            HttpResponse::xml(status, format!("<?xml version=\"1.0\"?>\n{body}"))
+        };
+        match (req.method.as_str(), path) {
+            ("GET", "/2013-04-01/healthcheck") => xml(
+                200,
+                format!(
+                    "<ListHealthChecksResponse xmlns=\"{ROUTE53_XMLNS}\"><HealthChecks/>\
+                     <Marker></Marker><IsTruncated>false</IsTruncated><MaxItems>100</MaxItems>\
+                     </ListHealthChecksResponse>"
+                ),
+            ),
+            ("POST", "/2013-04-01/healthcheck") => {
+                let reference = req
+                    .body
+                    .split("<CallerReference>")
+                    .nth(1)
+                    .and_then(|rest| rest.split("</CallerReference>").next())
+                    .unwrap_or_default()
+                    .to_owned();
+                if accept.is_some_and(|suffix| reference.ends_with(suffix)) {
+                    xml(
+                        201,
+                        format!(
+                            "<CreateHealthCheckResponse xmlns=\"{ROUTE53_XMLNS}\"><HealthCheck>\
+                             <Id>hc-new</Id><CallerReference>{reference}</CallerReference>\
+                             <HealthCheckConfig><Port>6432</Port><Type>TCP</Type>\
+                             <FullyQualifiedDomainName>db.internal.example</FullyQualifiedDomainName>\
+                             <RequestInterval>10</RequestInterval><FailureThreshold>3</FailureThreshold>\
+                             </HealthCheckConfig><HealthCheckVersion>1</HealthCheckVersion>\
+                             </HealthCheck></CreateHealthCheckResponse>"
+                        ),
+                    )
+                    .with_header("Location", "https://route53.amazonaws.com/2013-04-01/healthcheck/hc-new")
+                } else {
+                    xml(
+                        409,
+                        format!(
+                            "<ErrorResponse xmlns=\"{ROUTE53_XMLNS}\"><Error><Type>Sender</Type>\
+                             <Code>HealthCheckAlreadyExists</Code><Message>A health check with \
+                             caller reference {reference} already exists.</Message></Error>\
+                             <RequestId>r-1</RequestId></ErrorResponse>"
+                        ),
+                    )
+                }
+            }
+            ("GET", "/2013-04-01/tags/healthcheck/hc-new") => xml(
+                200,
+                format!(
+                    "<ListTagsForResourceResponse xmlns=\"{ROUTE53_XMLNS}\"><ResourceTagSet>\
+                     <ResourceType>healthcheck</ResourceType><ResourceId>hc-new</ResourceId>\
+                     <Tags/></ResourceTagSet></ListTagsForResourceResponse>"
+                ),
+            ),
+            ("POST", "/2013-04-01/tags/healthcheck/hc-new") => xml(
+                200,
+                format!("<ChangeTagsForResourceResponse xmlns=\"{ROUTE53_XMLNS}\"/>"),
+            ),
+            _ => HttpResponse::text(404, "not scripted"),
+        }
+    })
+}
+
+fn conflict_env(server: &HttpServer) -> Vec<(String, String)> {
+    let mut env = moto::isolated_aws_env();
+    env.extend([
+        ("AWS_ACCESS_KEY_ID".into(), moto::ACCESS_KEY_ID.into()),
+        (
+            "AWS_SECRET_ACCESS_KEY".into(),
+            moto::SECRET_ACCESS_KEY.into(),
+        ),
+        ("AWS_ENDPOINT_URL_ROUTE_53".into(), server.base_url()),
+    ]);
+    env
+}
+
+fn created_references(server: &HttpServer) -> Vec<String> {
+    server
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST" && r.path() == "/2013-04-01/healthcheck")
+        .filter_map(|r| {
+            r.body
+                .split("<CallerReference>")
+                .nth(1)
+                .and_then(|rest| rest.split("</CallerReference>").next())
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+const ONE_ENDPOINT: &str = r#"[backend]
+kind = "dsql"
+[[endpoints]]
+name = "local"
+host = "db.internal.example"
+port = 6432
+"#;
+
+#[test]
+fn a_reference_used_by_a_deleted_check_moves_to_the_next_generation() {
+    let server = conflicting_route53(Some("-g2"));
+    let config = ConfigFile::new(ONE_ENDPOINT);
+    let out = r53_raw(&conflict_env(&server), &config, &["setup", "--write"]);
+    let text = stdout(&out);
+    assert!(
+        out.status.success(),
+        "{out:?}\n{text}\n{}\n{}",
+        stderr(&out),
+        server.describe_requests()
+    );
+    let refs = created_references(&server);
+    assert_eq!(refs.len(), 2, "{}", server.describe_requests());
+    assert!(refs[0].starts_with("dsqlproxy-"), "{refs:?}");
+    assert_eq!(refs[1], format!("{}-g2", refs[0]));
+    assert!(text.contains("created health check hc-new"), "{text}");
+    assert!(
+        text.contains("HealthCheckAlreadyExists, so generation 2 was used"),
+        "{text}"
+    );
+    assert_eq!(printed_ids(&text), ["hc-new"]);
+    assert_eq!(printed_ids(&config.text()), ["hc-new"]);
+    // The new check was tagged.
+    assert!(server.requests().iter().any(|r| r.method == "POST"
+        && r.path() == "/2013-04-01/tags/healthcheck/hc-new"
+        && r.body.contains("dsql-proxy:endpoint")));
+}
+
+#[test]
+fn a_reference_conflict_that_never_ends_is_a_clear_error() {
+    let server = conflicting_route53(None);
+    let config = ConfigFile::new(ONE_ENDPOINT);
+    let out = r53_raw(&conflict_env(&server), &config, &["setup", "--write"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(
+        err.contains("cannot set up the health check of endpoint \"local\""),
+        "{err}"
+    );
+    assert!(err.contains("HealthCheckAlreadyExists"), "{err}");
+    assert!(
+        err.contains("are all taken by deleted or changed health checks"),
+        "{err}"
+    );
+    assert_eq!(created_references(&server).len(), 20);
+    assert_eq!(config.text(), ONE_ENDPOINT, "nothing written");
 }
