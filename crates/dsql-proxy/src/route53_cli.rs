@@ -251,7 +251,8 @@ async fn teardown(
     let existing = list(admin).await?;
     let mut deleted = 0;
     let mut cleared: Vec<&str> = Vec::new();
-    for endpoint in &config.endpoints {
+    let mut failure = None;
+    'endpoints: for endpoint in &config.endpoints {
         // Settings do not matter for ownership.
         let spec = spec(endpoint, 30, 3);
         let mut targets: Vec<(String, &str)> = existing
@@ -282,13 +283,17 @@ async fn teardown(
             println!("{}: no health check to delete", endpoint.name);
         }
         for (id, why) in targets {
-            let outcome = admin.delete(&id).await.with_context(|| {
-                format!(
-                    "cannot delete health check {id} of endpoint {:?}{}",
-                    endpoint.name,
-                    endpoint_hint()
-                )
-            })?;
+            let outcome = match admin.delete(&id).await {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    failure = Some(anyhow::Error::new(e).context(format!(
+                        "cannot delete health check {id} of endpoint {:?}{}",
+                        endpoint.name,
+                        endpoint_hint()
+                    )));
+                    break 'endpoints;
+                }
+            };
             match outcome {
                 Deleted::Now => {
                     deleted += 1;
@@ -304,16 +309,23 @@ async fn teardown(
         }
     }
     println!("deleted {deleted}");
+    // Also after a failure: the lines of what is gone go with it.
     if args.write && !cleared.is_empty() {
         let edits: Vec<(&str, Option<&str>)> = cleared.iter().map(|n| (*n, None)).collect();
         write_ids(config_path, &edits)?;
     }
-    Ok(())
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// Edits the config file in place (through a temporary file in the same
 /// directory, renamed over it), after checking the result still loads.
 fn write_ids(path: &Path, edits: &[(&str, Option<&str>)]) -> Result<()> {
+    // Through a symlink: edit the file it points to, keep the link.
+    let resolved = std::fs::canonicalize(path);
+    let path = resolved.as_deref().unwrap_or(path);
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let new_text = set_health_check_ids(&text, edits)
