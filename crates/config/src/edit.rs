@@ -123,3 +123,37 @@ route53 = "veto"
         assert!(set_health_check_ids("x = [", &[]).is_err());
     }
 }
+
+#[cfg(test)]
+mod shipped {
+    use super::*;
+
+    /// The shipped example: the lines are added, nothing else changes, and
+    /// the file still loads.
+    #[test]
+    fn the_shipped_proxy_toml_takes_the_ids() {
+        let text = include_str!("../../../proxy.toml");
+        let out = set_health_check_ids(
+            text,
+            &[("us-east-1", Some("id-1")), ("us-east-2", Some("id-2"))],
+        )
+        .unwrap();
+        let config = crate::Config::parse(&out).unwrap();
+        let ids: Vec<_> = config
+            .endpoints
+            .iter()
+            .map(|e| e.route53_health_check_id.as_deref())
+            .collect();
+        assert_eq!(ids, [Some("id-1"), Some("id-2")]);
+        let removed: Vec<&str> = text
+            .lines()
+            .filter(|l| !out.lines().any(|o| o == *l))
+            .collect();
+        assert!(removed.is_empty(), "{removed:?}");
+        assert_eq!(out.lines().count(), text.lines().count() + 2, "{out}");
+        assert!(
+            out.contains("priority = 1\nroute53_health_check_id = \"id-1\"\n"),
+            "{out}"
+        );
+    }
+}
