@@ -203,9 +203,14 @@ async fn setup(
         for other in existing.iter().filter(|c| c.id != check.id && spec.owns(c)) {
             println!(
                 "  note: health check {} ({}) was made for this endpoint by an earlier setup with \
-                 other settings; it is not used (`dsql-proxy route53 teardown` deletes it too)",
+                 {} settings; it is not used (`dsql-proxy route53 teardown` deletes it too)",
                 other.id,
-                describe(other)
+                describe(other),
+                if spec.matches(other) {
+                    "the same"
+                } else {
+                    "other"
+                }
             );
         }
         if let Some(old) = endpoint
