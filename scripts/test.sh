@@ -4,7 +4,8 @@
 # lint checks and every unit and integration test. Integration tests start
 # their own throwaway PostgreSQL servers, so a PostgreSQL server install
 # (initdb, pg_ctl, postgres) plus psql and pgbench must be present (and curl,
-# which deploy_manifests.rs runs as the batch Job example does).
+# which deploy_manifests.rs runs as the batch Job example does), and
+# Python 3 with moto's server (pip) for the route53 command tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +31,27 @@ fi
 # initdb refuses to run as root; the tests run servers as this user.
 if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
   useradd --system --user-group --home-dir /var/lib/postgresql --shell /bin/sh postgres
+fi
+
+# tests/tests/route53_cli.rs runs moto's server as a local Route 53.
+have_moto() {
+  python3 -c "import moto.server" >/dev/null 2>&1
+}
+if ! have_moto; then
+  if ! command -v python3 >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "==> installing Python 3 and pip (apt-get)"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends python3 python3-pip >/dev/null
+  fi
+  echo "==> installing moto[server] (pip)"
+  # A distribution's own Python may refuse user installs (PEP 668).
+  python3 -m pip install --quiet 'moto[server]' \
+    || python3 -m pip install --quiet --break-system-packages 'moto[server]'
+  if ! have_moto; then
+    echo "moto's server is required for the route53 tests: python3 -m pip install 'moto[server]'" >&2
+    exit 1
+  fi
 fi
 
 echo "==> cargo fmt --check"

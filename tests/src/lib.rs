@@ -14,6 +14,7 @@ pub mod emulator;
 pub mod fixture;
 pub mod latency;
 pub mod metrics;
+pub mod moto;
 pub mod net;
 pub mod pg;
 pub mod pki;
@@ -33,5 +34,5 @@ pub use pg::{
     APP_PASSWORD, APP_USER, MD5_PASSWORD, MD5_USER, SUPERUSER, TLS_DNS_NAMES,
 };
 pub use pki::{ServerCert, TestPki};
-pub use proxy::{proxy_binary, run_proxy_cmd, ProxyProcess};
+pub use proxy::{proxy_binary, run_proxy_cmd, run_proxy_cmd_with_env, ProxyProcess};
 pub use regions::{Region, RegionsOptions, RegionsStack};

@@ -110,6 +110,24 @@ pub fn run_proxy_cmd(args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("run dsql-proxy {args:?}: {e}"))
 }
 
+/// Like [`run_proxy_cmd`] with an AWS environment of its own: every
+/// inherited `AWS_*` variable is removed, then `env` is applied.
+pub fn run_proxy_cmd_with_env(args: &[&str], env: &[(String, String)]) -> Output {
+    let mut command = Command::new(proxy_binary());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("AWS_") {
+            command.env_remove(&key);
+        }
+    }
+    command
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run dsql-proxy {args:?}: {e}"))
+}
+
 /// A running `dsql-proxy --config <file>` with stdout+stderr captured to a
 /// log file. Dropping it SIGKILLs the process; a watchdog does the same if
 /// the test process dies without unwinding.

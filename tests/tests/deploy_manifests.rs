@@ -686,6 +686,41 @@ fn grants(path: &Path) -> BTreeMap<String, Vec<String>> {
     out
 }
 
+/// The IAM actions of the Route 53 operations a source file sends:
+/// `client.<operation>()` (also split over lines) -> `route53:<Operation>`.
+fn route53_calls(rel: &str) -> BTreeSet<String> {
+    let source = read(&root().join(rel));
+    let mut actions = BTreeSet::new();
+    for (at, _) in source.match_indices("client") {
+        let Some(rest) = source[at + "client".len()..].trim_start().strip_prefix('.') else {
+            continue;
+        };
+        let op: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+            .collect();
+        if op.is_empty() || !rest[op.len()..].starts_with("()") {
+            continue;
+        }
+        let pascal: String = op
+            .split('_')
+            .map(|word| {
+                let mut chars = word.chars();
+                chars
+                    .next()
+                    .map(|first| first.to_ascii_uppercase().to_string() + chars.as_str())
+                    .unwrap_or_default()
+            })
+            .collect();
+        actions.insert(format!("route53:{pascal}"));
+    }
+    assert!(
+        !actions.is_empty(),
+        "{rel}: no client.<operation>() calls found"
+    );
+    actions
+}
+
 #[test]
 fn iam_policies_grant_exactly_what_the_proxy_calls() {
     let iam = |f: &str| deploy(&format!("iam/{f}"));
@@ -704,6 +739,11 @@ fn iam_policies_grant_exactly_what_the_proxy_calls() {
     assert_eq!(
         route53.keys().collect::<Vec<_>>(),
         ["route53:GetHealthCheck", "route53:GetHealthCheckStatus"]
+    );
+    // ... which is what the proxy's reader calls.
+    assert_eq!(
+        route53.keys().cloned().collect::<BTreeSet<_>>(),
+        route53_calls("crates/health/src/route53.rs")
     );
     for arn in route53.values().flatten() {
         assert!(arn.starts_with("arn:aws:route53:::healthcheck/"), "{arn}");
@@ -729,6 +769,12 @@ fn iam_policies_grant_exactly_what_the_proxy_calls() {
     .map(String::from)
     .into();
     assert_eq!(setup.keys().cloned().collect::<BTreeSet<_>>(), expected);
+    // ... which is what `dsql-proxy route53 setup|teardown|status` calls.
+    assert_eq!(
+        expected,
+        route53_calls("crates/health/src/route53_admin.rs"),
+        "deploy/iam/route53-setup.json must grant exactly the calls of the route53 commands"
+    );
     // Only the actions without resource-level permissions get "*".
     for (action, resources) in dsql.iter().chain(&route53).chain(&global).chain(&setup) {
         if resources.iter().any(|r| r == "*") {

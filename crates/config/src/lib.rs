@@ -2,6 +2,7 @@
 //! overrides and a redacted rendering for `dsql-proxy check`.
 
 mod duration;
+pub mod edit;
 mod model;
 mod secret;
 

@@ -3,6 +3,7 @@
 //! signals and the session layer together; the work lives in the crates.
 
 mod admin_client;
+mod route53_cli;
 mod shutdown;
 mod status_cli;
 
@@ -88,6 +89,12 @@ enum Command {
     /// Exit 0 if a running proxy's /healthz answers 200, else 1 (for
     /// container HEALTHCHECKs; no curl needed).
     Healthcheck,
+    /// Create, delete or inspect the Route 53 health checks of the config's
+    /// endpoints (AWS credentials from the SDK's default chain).
+    Route53 {
+        #[command(subcommand)]
+        action: route53_cli::Action,
+    },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -109,9 +116,12 @@ fn main() -> ExitCode {
         _ => {}
     }
     init_logging(&cli);
-    let result = match cli.command {
+    let result = match &cli.command {
         Some(Command::Check) => check(&cli),
         Some(Command::Run) | None => run(&cli),
+        Some(Command::Route53 { action }) => {
+            load_config(&cli).and_then(|config| route53_cli::run(action, &cli.config, &config))
+        }
         Some(Command::Status | Command::Healthcheck) => Ok(()),
     };
     match result {
@@ -132,8 +142,14 @@ fn init_logging(cli: &Cli) {
         Ok(directive) => f.add_directive(directive),
         Err(_) => f,
     };
+    // The route53 commands print their own progress: only warnings log,
+    // unless a filter was asked for.
+    let level = match cli.command {
+        Some(Command::Route53 { .. }) if cli.log_level == "info" => "warn",
+        _ => cli.log_level.as_str(),
+    };
     let filter = secret_safe(
-        tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+        tracing_subscriber::EnvFilter::try_new(level)
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
     );
     let builder = tracing_subscriber::fmt()

@@ -4,12 +4,15 @@
 //! * [`probe`]: one PostgreSQL-level check (TLS, login, `SELECT 1`).
 //! * `task`: one probe task per endpoint, on a persistent connection.
 //! * [`route53`]: Route 53 health checks through `aws-sdk-route53`.
+//! * [`route53_admin`]: creating, listing and deleting the health checks
+//!   (`dsql-proxy route53`).
 //! * [`monitor`]: the task that owns all health state, applies the
 //!   selection rule and publishes tables through `TableRouter`.
 
 pub mod monitor;
 pub mod probe;
 pub mod route53;
+pub mod route53_admin;
 mod task;
 
 pub use monitor::{start, Monitor, MonitorSettings, MonitorUpdate};

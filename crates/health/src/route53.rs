@@ -13,7 +13,7 @@ use aws_sdk_route53::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_route53::Client;
 
 /// Route 53 is a global service signed for us-east-1.
-const GLOBAL_REGION: &str = "us-east-1";
+pub(crate) const GLOBAL_REGION: &str = "us-east-1";
 
 /// At most one retry: a monitor that polls again soon gains little from
 /// more, and each attempt costs a share of Route 53's per-account rate.
@@ -73,6 +73,9 @@ pub enum Route53Error {
     NoObservations,
     #[error("Route 53 did not answer within the operation timeout")]
     Timeout,
+    /// No AWS credentials could be had (`route53` commands check first).
+    #[error("no AWS credentials: {0}")]
+    Credentials(String),
 }
 
 impl Route53Error {
@@ -84,6 +87,7 @@ impl Route53Error {
             Route53Error::Transport(_) => "transport",
             Route53Error::NoObservations => "no_observations",
             Route53Error::Timeout => "timeout",
+            Route53Error::Credentials(_) => "credentials",
         }
     }
 }
@@ -251,7 +255,7 @@ fn says_always_healthy<E: ProvideErrorMetadata, R>(err: &SdkError<E, R>) -> bool
 
 /// Maps an SDK failure to the crate's error. Service errors keep Route 53's
 /// code and message (they name the check, never credentials).
-fn classify<E>(err: SdkError<E>) -> Route53Error
+pub(crate) fn classify<E>(err: SdkError<E>) -> Route53Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
@@ -291,7 +295,7 @@ where
 
 /// `err: source: source...`, for a log line. (`DisplayErrorContext` also
 /// appends the whole `Debug` form, too noisy for a log line or a metric.)
-fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut text = err.to_string();
     let mut source = err.source();
     while let Some(e) = source {
@@ -363,6 +367,7 @@ mod tests {
             Route53Error::Transport("refused".into()),
             Route53Error::NoObservations,
             Route53Error::Timeout,
+            Route53Error::Credentials("none".into()),
         ]
         .iter()
         .map(Route53Error::reason)
@@ -374,7 +379,8 @@ mod tests {
                 "api",
                 "transport",
                 "no_observations",
-                "timeout"
+                "timeout",
+                "credentials"
             ]
         );
     }
