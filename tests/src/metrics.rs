@@ -20,18 +20,31 @@ pub struct Sample {
     pub value: f64,
 }
 
-/// Every sample of one scrape.
+/// Every sample of one scrape, and the declared families.
 #[derive(Debug, Clone, Default)]
 pub struct Scrape {
     pub samples: Vec<Sample>,
+    /// `# TYPE` lines: family name -> type (`counter`, `histogram`, ...).
+    /// A labelled family nobody incremented yet has no sample, only this.
+    pub families: BTreeMap<String, String>,
 }
 
 impl Scrape {
     /// Parses a whole exposition; an unparsable line is an error naming it.
     pub fn parse(text: &str) -> Result<Scrape, String> {
         let mut samples = Vec::new();
+        let mut families = BTreeMap::new();
         for (n, line) in text.lines().enumerate() {
             let line = line.trim();
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let mut parts = rest.split_whitespace();
+                let (Some(name), Some(kind), None) = (parts.next(), parts.next(), parts.next())
+                else {
+                    return Err(format!("line {}: malformed TYPE line: {line:?}", n + 1));
+                };
+                families.insert(name.to_owned(), kind.to_owned());
+                continue;
+            }
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
@@ -39,7 +52,23 @@ impl Scrape {
                 parse_sample(line).map_err(|e| format!("line {}: {e}: {line:?}", n + 1))?;
             samples.push(sample);
         }
-        Ok(Scrape { samples })
+        Ok(Scrape { samples, families })
+    }
+
+    /// The declared family a sample or PromQL series name belongs to
+    /// (`x_bucket`, `x_sum` and `x_count` belong to histogram or summary `x`).
+    pub fn family_of<'a>(&self, name: &'a str) -> Option<&'a str> {
+        if self.families.contains_key(name) {
+            return Some(name);
+        }
+        ["_bucket", "_sum", "_count"].iter().find_map(|suffix| {
+            let base = name.strip_suffix(suffix)?;
+            matches!(
+                self.families.get(base).map(String::as_str),
+                Some("histogram" | "summary")
+            )
+            .then_some(base)
+        })
     }
 
     /// The value of the sample named `name` whose labels include every
@@ -208,6 +237,25 @@ dsql_proxy_h_bucket{le="+Inf"} 7
 weird{v="q\"uo\\te\nnl",w="a,b}"} -Inf
 nan NaN
 "#;
+
+    #[test]
+    fn type_lines_declare_families_even_without_samples() {
+        let text = "# HELP a_total x\n# TYPE a_total counter\n\
+                    # TYPE h histogram\nh_bucket{le=\"+Inf\"} 1\nh_sum 0.5\nh_count 1\n";
+        let s = Scrape::parse(text).unwrap();
+        assert_eq!(
+            s.families.get("a_total").map(String::as_str),
+            Some("counter")
+        );
+        assert_eq!(s.family_of("a_total"), Some("a_total"));
+        assert_eq!(s.family_of("h_bucket"), Some("h"));
+        assert_eq!(
+            s.family_of("a_total_count"),
+            None,
+            "counters have no _count"
+        );
+        assert!(Scrape::parse("# TYPE broken\n").is_err());
+    }
 
     #[test]
     fn parses_labels_values_and_escapes() {

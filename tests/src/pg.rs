@@ -117,6 +117,17 @@ pub struct PgServer {
 impl PgServer {
     /// Creates, starts and bootstraps a server. Panics with the server log
     /// on any failure; anything already started is cleaned up on unwind.
+    /// A TLS + SCRAM server whose certificate `pki` issued, so one CA file
+    /// covers several servers (the usual shape of a multi-Region test).
+    pub fn start_tls_scram(pki: &Arc<TestPki>) -> PgServer {
+        PgServer::start(PgOptions {
+            tls: true,
+            auth: AuthMethod::ScramSha256,
+            pki: Some(Arc::clone(pki)),
+            ..PgOptions::default()
+        })
+    }
+
     pub fn start(opts: PgOptions) -> PgServer {
         let bin_dir = server_bin_dir().to_path_buf();
         let dir = tempfile::Builder::new()

@@ -10,8 +10,8 @@ use tokio_postgres::Client;
 
 use crate::fixture::client_config;
 use crate::{
-    connect_with, free_addr, AuthMethod, LatencyRelay, PgOptions, PgServer, ProxyProcess, TestPki,
-    APP_DB, APP_PASSWORD, APP_USER,
+    connect_with, free_addr, LatencyRelay, PgServer, ProxyProcess, TestPki, APP_DB, APP_PASSWORD,
+    APP_USER,
 };
 
 /// One simulated Region.
@@ -67,12 +67,7 @@ impl RegionsStack {
             .regions
             .iter()
             .map(|(name, delay)| {
-                let pg = PgServer::start(PgOptions {
-                    tls: true,
-                    auth: AuthMethod::ScramSha256,
-                    pki: Some(Arc::clone(&pki)),
-                    ..PgOptions::default()
-                });
+                let pg = PgServer::start_tls_scram(&pki);
                 let relay = LatencyRelay::start(pg.addr(), *delay);
                 Region {
                     name: (*name).to_owned(),

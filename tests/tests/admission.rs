@@ -256,15 +256,10 @@ const BUSY_ROLE: &str = "busy_role";
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_busy_endpoint_is_tried_last_without_being_marked_down() {
     let pki = Arc::new(TestPki::new());
-    let server = || {
-        PgServer::start(PgOptions {
-            tls: true,
-            auth: AuthMethod::ScramSha256,
-            pki: Some(Arc::clone(&pki)),
-            ..PgOptions::default()
-        })
-    };
-    let (a, b) = (server(), server());
+    let (a, b) = (
+        PgServer::start_tls_scram(&pki),
+        PgServer::start_tls_scram(&pki),
+    );
     a.superuser_sql(&format!(
         "create role {BUSY_ROLE} login connection limit 1 password '{APP_PASSWORD}'"
     ));

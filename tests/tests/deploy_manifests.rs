@@ -16,6 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dsql_proxy_tests::dsql_stack::isolated_aws_env;
+use dsql_proxy_tests::metrics::scrape;
 use dsql_proxy_tests::route53::FakeRoute53;
 use dsql_proxy_tests::{
     connect_with, fixture, free_addr, proxy_toml, run_proxy_cmd, AuthMethod, PgOptions, PgServer,
@@ -515,54 +516,6 @@ fn job_asks_the_proxy_to_quit_whatever_the_outcome() {
     assert!(trap.contains("-X POST") && trap.contains(&url), "{trap}");
 }
 
-/// `(family name -> type)` of a Prometheus text exposition, checking that
-/// every sample belongs to a declared family and has a numeric value.
-fn parse_exposition(text: &str) -> BTreeMap<String, String> {
-    let mut families = BTreeMap::new();
-    for line in text.lines().filter(|l| !l.is_empty()) {
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let mut parts = rest.split_whitespace();
-            let (Some(name), Some(kind), None) = (parts.next(), parts.next(), parts.next()) else {
-                panic!("malformed TYPE line: {line}");
-            };
-            families.insert(name.to_owned(), kind.to_owned());
-            continue;
-        }
-        if line.starts_with('#') {
-            continue;
-        }
-        let name_end = line
-            .find(['{', ' '])
-            .unwrap_or_else(|| panic!("malformed sample: {line}"));
-        let name = &line[..name_end];
-        let value = line.rsplit(' ').next().unwrap_or_default();
-        assert!(
-            value.parse::<f64>().is_ok() || ["+Inf", "-Inf", "NaN"].contains(&value),
-            "sample value of {line}"
-        );
-        assert!(
-            family_of(name, &families).is_some(),
-            "sample {name} belongs to no declared family"
-        );
-    }
-    families
-}
-
-/// The family a sample or PromQL series name belongs to.
-fn family_of<'a>(name: &'a str, families: &BTreeMap<String, String>) -> Option<&'a str> {
-    if families.contains_key(name) {
-        return Some(name);
-    }
-    ["_bucket", "_sum", "_count"].iter().find_map(|suffix| {
-        let base = name.strip_suffix(suffix)?;
-        matches!(
-            families.get(base).map(String::as_str),
-            Some("histogram" | "summary")
-        )
-        .then_some(base)
-    })
-}
-
 /// Every `dsql_proxy_*` identifier in a PromQL expression.
 fn metric_names(expr: &str) -> Vec<&str> {
     let is_ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
@@ -792,31 +745,6 @@ fn iam_policies_grant_exactly_what_the_proxy_calls() {
     }
 }
 
-/// One HTTP/1.1 request with `Connection: close`; returns status and body.
-fn http_get_text(addr: SocketAddr, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
-        return (0, String::new());
-    };
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("set timeout");
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    let mut out = String::new();
-    if s.write_all(request.as_bytes()).is_err() || s.read_to_string(&mut out).is_err() {
-        return (0, String::new());
-    }
-    let status = out
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
-}
-
 /// Every metric the dashboard and the alert rules query is a family the
 /// real proxy exports; the Job's `/quitquitquit` call stops it.
 ///
@@ -912,16 +840,21 @@ async fn dashboard_and_alert_metrics_are_exported_by_the_real_proxy() {
 
     let deadline = Instant::now() + Duration::from_secs(20);
     let (families, missing) = loop {
-        let (status, body) = http_get_text(admin, "/metrics");
-        assert_eq!(status, 200, "{}", proxy.logs());
-        let families = parse_exposition(&body);
+        let scrape = scrape(admin);
+        for sample in &scrape.samples {
+            assert!(
+                scrape.family_of(&sample.name).is_some(),
+                "sample {} belongs to no declared family",
+                sample.name
+            );
+        }
         let missing: Vec<String> = referenced
             .iter()
-            .filter(|(name, _)| family_of(name, &families).is_none())
+            .filter(|(name, _)| scrape.family_of(name).is_none())
             .map(|(name, source)| format!("{name} (in {source})"))
             .collect();
         if missing.is_empty() || Instant::now() > deadline {
-            break (families, missing);
+            break (scrape.families, missing);
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     };

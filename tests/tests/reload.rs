@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 use dsql_proxy_tests::fixture::client_config;
 use dsql_proxy_tests::process::SIGHUP;
 use dsql_proxy_tests::{
-    connect_with, free_addr, AuthMethod, PgOptions, PgServer, ProxyProcess, TestPki, APP_DB,
-    APP_PASSWORD, APP_USER,
+    connect_with, free_addr, PgServer, ProxyProcess, TestPki, APP_DB, APP_PASSWORD, APP_USER,
 };
 use tokio_postgres::Client;
 
@@ -29,15 +28,10 @@ struct Servers {
 impl Servers {
     fn start() -> Servers {
         let pki = Arc::new(TestPki::new());
-        let server = || {
-            PgServer::start(PgOptions {
-                tls: true,
-                auth: AuthMethod::ScramSha256,
-                pki: Some(Arc::clone(&pki)),
-                ..PgOptions::default()
-            })
-        };
-        let (a, b) = (server(), server());
+        let (a, b) = (
+            PgServer::start_tls_scram(&pki),
+            PgServer::start_tls_scram(&pki),
+        );
         Servers { a, b, pki }
     }
 }
