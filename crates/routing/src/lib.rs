@@ -11,6 +11,7 @@ pub mod health;
 pub mod policy;
 pub mod route53;
 mod table;
+pub mod writer;
 
 use std::sync::Arc;
 
@@ -21,7 +22,7 @@ use tokio::sync::{mpsc, watch};
 pub use endpoint::{Endpoint, EndpointId};
 pub use health::{FailureKind, Liveness, PassiveSignal, ProbeOutcome};
 pub use policy::{SelectionPolicy, SelectionReason};
-pub use table::{endpoints_from_configs, EndpointStatus, Route53Status, RoutingTable};
+pub use table::{endpoints_from_configs, EndpointStatus, Roles, Route53Status, RoutingTable};
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum RouteError {
@@ -49,6 +50,18 @@ pub trait Router: Send + Sync + 'static {
     fn watch_down(&self, _id: EndpointId) -> Option<DownWatch> {
         None
     }
+
+    /// Resolves when sessions of this intent on `id` must leave because
+    /// its role changed: read-write sessions when it stops being the writer
+    /// or is fenced, read-only ones when it is fenced.
+    fn watch_role(&self, _id: EndpointId, _read_only: bool) -> Option<DownWatch> {
+        None
+    }
+
+    /// Changes whenever a new table is published.
+    fn watch_table(&self) -> Option<watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// A passive signal on its way to the health monitor.
@@ -59,19 +72,30 @@ pub struct TableRouter {
     table: ArcSwap<RoutingTable>,
     /// One per endpoint, indexed by id.
     down: Vec<watch::Sender<u64>>,
+    /// Per endpoint: bumped when it stops being the writer or is fenced.
+    writer_lost: Vec<watch::Sender<u64>>,
+    /// Per endpoint: bumped when it is fenced (every session leaves).
+    fenced: Vec<watch::Sender<u64>>,
+    published: watch::Sender<u64>,
     reports: Option<mpsc::Sender<Report>>,
 }
 
 impl TableRouter {
     pub fn new(table: RoutingTable) -> Self {
-        let down = table
-            .endpoints()
-            .iter()
-            .map(|_| watch::Sender::new(0))
-            .collect();
+        let watches = || -> Vec<watch::Sender<u64>> {
+            table
+                .endpoints()
+                .iter()
+                .map(|_| watch::Sender::new(0))
+                .collect()
+        };
+        let (down, writer_lost, fenced) = (watches(), watches(), watches());
         Self {
             table: ArcSwap::from_pointee(table),
             down,
+            writer_lost,
+            fenced,
+            published: watch::Sender::new(0),
             reports: None,
         }
     }
@@ -85,6 +109,7 @@ impl TableRouter {
     /// Replaces the table; sessions already routed are unaffected.
     pub fn publish(&self, table: RoutingTable) {
         self.table.store(Arc::new(table));
+        self.published.send_modify(|n| *n += 1);
     }
 
     pub fn snapshot(&self) -> Arc<RoutingTable> {
@@ -94,6 +119,22 @@ impl TableRouter {
     /// Wakes everything watching `id` for a down event.
     pub fn signal_down(&self, id: EndpointId) {
         if let Some(tx) = self.down.get(id.index()) {
+            tx.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Tells read-write sessions on `id` to leave: it is no longer the
+    /// writer.
+    pub fn signal_writer_lost(&self, id: EndpointId) {
+        if let Some(tx) = self.writer_lost.get(id.index()) {
+            tx.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Tells every session on `id` to leave: it is a fenced stale writer.
+    pub fn signal_fenced(&self, id: EndpointId) {
+        self.signal_writer_lost(id);
+        if let Some(tx) = self.fenced.get(id.index()) {
             tx.send_modify(|n| *n += 1);
         }
     }
@@ -122,6 +163,19 @@ impl Router for TableRouter {
 
     fn watch_down(&self, id: EndpointId) -> Option<DownWatch> {
         self.down.get(id.index()).map(|tx| tx.subscribe())
+    }
+
+    fn watch_role(&self, id: EndpointId, read_only: bool) -> Option<DownWatch> {
+        let senders = if read_only {
+            &self.fenced
+        } else {
+            &self.writer_lost
+        };
+        senders.get(id.index()).map(|tx| tx.subscribe())
+    }
+
+    fn watch_table(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.published.subscribe())
     }
 }
 
@@ -170,5 +224,23 @@ mod tests {
         assert!(!w.has_changed().unwrap());
         router.signal_down(EndpointId(0));
         w.changed().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn fencing_reaches_both_intents_and_writer_loss_only_writers() {
+        let router = TableRouter::new(RoutingTable::from_configs(&[config("a", 1)]));
+        let a = EndpointId(0);
+        let (mut rw, ro) = (
+            router.watch_role(a, false).unwrap(),
+            router.watch_role(a, true).unwrap(),
+        );
+        let mut published = router.watch_table().unwrap();
+        router.signal_writer_lost(a);
+        assert!(rw.has_changed().unwrap() && !ro.has_changed().unwrap());
+        rw.mark_unchanged();
+        router.signal_fenced(a);
+        assert!(rw.has_changed().unwrap() && ro.has_changed().unwrap());
+        router.publish(RoutingTable::from_configs(&[config("a", 1)]));
+        published.changed().await.unwrap();
     }
 }
