@@ -232,6 +232,7 @@ async fn serve(config: Config) -> Result<()> {
     info!(
         address = %proxy.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         unix_socket = %proxy.unix_socket_path().map(|p| p.display().to_string()).unwrap_or_default(),
+        read_only = %proxy.read_only_addr().map(|a| a.to_string()).unwrap_or_default(),
         endpoints = config.endpoints.len(),
         backend_tls = ?config.backend.tls,
         "dsql-proxy listening"
@@ -315,18 +316,21 @@ async fn start_monitor(
     credentials: Arc<dyn CredentialSource>,
     metrics: Arc<Metrics>,
 ) -> dsql_proxy_health::Monitor {
+    let global = config.backend.kind == dsql_proxy_config::BackendKind::AuroraGlobal;
     let probes: Vec<Arc<PgProbe>> = router
         .snapshot()
         .endpoints()
         .iter()
         .map(|endpoint| {
-            Arc::new(PgProbe::new(
+            let probe = PgProbe::new(
                 Arc::clone(endpoint),
                 backend.clone(),
                 Arc::clone(&credentials),
                 &config.routing.probe_user,
                 &config.routing.probe_database,
-            ))
+            );
+            // aurora-global: every probe also learns the endpoint's role.
+            Arc::new(if global { probe.with_roles() } else { probe })
         })
         .collect();
     let route53: Option<Arc<dyn HealthCheckSource>> = if config
@@ -343,13 +347,12 @@ async fn start_monitor(
     } else {
         None
     };
-    dsql_proxy_health::start(
-        router,
-        reports,
-        probes,
-        route53,
-        MonitorSettings::from_config(&config.routing),
-        metrics,
-    )
-    .await
+    let mut settings = MonitorSettings::from_config(&config.routing);
+    if global {
+        settings.max_replica_lag = Some(config.routing.max_replica_lag.get());
+        if let Some(id) = &config.routing.global_cluster_id {
+            warn!(global_cluster_id = %id, "the RDS control-plane cross-check is not implemented yet; the writer is decided from probes alone");
+        }
+    }
+    dsql_proxy_health::start(router, reports, probes, route53, settings, metrics).await
 }

@@ -9,6 +9,7 @@
 
 pub mod monitor;
 pub mod probe;
+mod roles;
 pub mod route53;
 mod task;
 

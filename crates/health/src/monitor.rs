@@ -22,6 +22,7 @@ use tokio::time::MissedTickBehavior;
 use tracing::{debug, info, warn};
 
 use crate::probe::Probe;
+use crate::roles::{EndpointView, RoleSignal, RoleState};
 use crate::route53::HealthCheckSource;
 use crate::task::ProbeTask;
 use crate::Event;
@@ -35,6 +36,8 @@ pub struct MonitorSettings {
     pub policy: SelectionPolicy,
     pub route53_poll_interval: Duration,
     pub route53_max_staleness: Duration,
+    /// `kind = "aurora-global"`: track roles, with this replica lag bound.
+    pub max_replica_lag: Option<Duration>,
 }
 
 impl MonitorSettings {
@@ -54,6 +57,7 @@ impl MonitorSettings {
             },
             route53_poll_interval: c.route53_poll_interval.get(),
             route53_max_staleness: c.route53_max_staleness.get(),
+            max_replica_lag: None,
         }
     }
 }
@@ -173,6 +177,7 @@ struct MonitorState {
     generation: u64,
     route_changes: u64,
     metrics: Arc<Metrics>,
+    roles: Option<RoleState>,
 }
 
 impl MonitorState {
@@ -183,7 +188,7 @@ impl MonitorState {
         settings: MonitorSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let endpoints = endpoints
+        let endpoints: Vec<EndpointState> = endpoints
             .into_iter()
             .zip(wakes)
             .map(|(endpoint, wake)| EndpointState {
@@ -209,7 +214,12 @@ impl MonitorState {
                 route53_logged: None,
             })
             .collect();
+        let roles = settings.max_replica_lag.map(|lag| {
+            let list: Vec<Arc<Endpoint>> = endpoints.iter().map(|s| Arc::clone(&s.endpoint)).collect();
+            RoleState::new(&list, lag, Arc::clone(&metrics))
+        });
         Self {
+            roles,
             router,
             endpoints,
             selector: Selector::default(),
@@ -288,6 +298,12 @@ impl MonitorState {
                     _ => {}
                 }
                 let failed = matches!(outcome, ProbeOutcome::Failure { .. });
+                let role_changed = match (&mut self.roles, &outcome) {
+                    (Some(roles), ProbeOutcome::Success { role: Some(r), .. }) => {
+                        roles.observe(id, r.clone())
+                    }
+                    _ => false,
+                };
                 let transition = state
                     .health
                     .observe(outcome, std::time::Instant::now(), rules);
@@ -302,7 +318,7 @@ impl MonitorState {
                     warn!(endpoint = %state.endpoint.name, "probe confirms the endpoint is down; closing its sessions");
                     self.router.signal_down(id);
                 }
-                self.on_transition(id, transition)
+                self.on_transition(id, transition) || role_changed
             }
             Event::Route53(id, result) => {
                 let now = std::time::Instant::now();
@@ -482,7 +498,32 @@ impl MonitorState {
         let mut table =
             RoutingTable::from_selection(endpoints, status, &selection, self.generation);
         table.route_changes_total = self.route_changes;
+        let signals = match &mut self.roles {
+            Some(roles) => {
+                let views: Vec<EndpointView<'_>> = self
+                    .endpoints
+                    .iter()
+                    .map(|s| EndpointView {
+                        endpoint: &s.endpoint,
+                        reachable: s.health.liveness() == Liveness::Up,
+                        latency: s.health.latency(),
+                    })
+                    .collect();
+                let (r, signals) = roles.evaluate(&views);
+                table.roles = Some(Arc::new(r));
+                signals
+            }
+            None => Vec::new(),
+        };
         self.router.publish(table);
+        // After the publish, so sessions that reconnect at once find the
+        // new writer.
+        for signal in signals {
+            match signal {
+                RoleSignal::Fenced(id) => self.router.signal_fenced(id),
+                RoleSignal::WriterLost(id) => self.router.signal_writer_lost(id),
+            }
+        }
     }
 }
 

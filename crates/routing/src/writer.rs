@@ -54,6 +54,25 @@ pub enum NoWriter {
     Unreachable(EndpointId),
 }
 
+impl NoWriter {
+    /// In words, with endpoint names from `endpoints` (indexed by id).
+    pub fn describe<E: std::ops::Deref<Target = crate::Endpoint>>(&self, endpoints: &[E]) -> String {
+        let name = |id: EndpointId| {
+            endpoints
+                .get(id.index())
+                .map_or_else(|| format!("#{}", id.0), |e| e.name.clone())
+        };
+        match self {
+            Self::NoneWritable => "no endpoint accepts writes".to_owned(),
+            Self::SplitBrain(ids) => format!(
+                "{} all accept writes and none is proven newer (split brain)",
+                ids.iter().map(|&id| name(id)).collect::<Vec<_>>().join(", ")
+            ),
+            Self::Unreachable(id) => format!("the newest writer {} does not answer probes", name(*id)),
+        }
+    }
+}
+
 /// The result of one evaluation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WriterDecision {

@@ -23,8 +23,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use error::SessionError;
+pub use session::{GlobalSettings, Intent};
 
-use dsql_proxy_config::{ClientAuthMethod, Config, OnEndpointDown};
+use dsql_proxy_config::{BackendKind, ClientAuthMethod, Config, OnEndpointDown};
 use dsql_proxy_credentials::CredentialSource;
 use dsql_proxy_metrics::Metrics;
 use dsql_proxy_protocol::scram::{ScramVerifier, DEFAULT_ITERATIONS};
@@ -50,6 +51,8 @@ pub struct ProxyContext {
     /// remain to be tried.
     pub attempt_timeout: Duration,
     pub on_endpoint_down: OnEndpointDown,
+    /// Set for `kind = "aurora-global"`: sessions are routed by role.
+    pub global: Option<GlobalSettings>,
     pub router: Arc<dyn Router>,
     pub credentials: Arc<dyn CredentialSource>,
     pub cancels: Arc<CancelRegistry>,
@@ -113,6 +116,9 @@ impl ProxyContext {
             default_application_name: config.backend.default_application_name.clone(),
             attempt_timeout: config.routing.attempt_timeout.get(),
             on_endpoint_down: config.routing.on_endpoint_down,
+            global: (config.backend.kind == BackendKind::AuroraGlobal).then(|| GlobalSettings {
+                writer_wait: config.routing.writer_wait.get(),
+            }),
             router,
             credentials,
             cancels: Arc::new(CancelRegistry::default()),
@@ -129,11 +135,14 @@ pub struct BoundProxy {
 
 impl BoundProxy {
     pub async fn bind(ctx: ProxyContext, config: &Config) -> Result<Self, SessionError> {
-        let listeners = Listeners::bind(
+        let mut listeners = Listeners::bind(
             config.listen.address,
             config.listen.unix_socket_dir.as_deref(),
         )
         .await?;
+        if let Some(address) = config.listen.read_only_address {
+            listeners.bind_read_only(address).await?;
+        }
         Ok(Self {
             ctx: Arc::new(ctx),
             listeners,
@@ -142,6 +151,11 @@ impl BoundProxy {
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
         self.listeners.local_addr()
+    }
+
+    /// The read-only listener's address, when there is one.
+    pub fn read_only_addr(&self) -> Option<SocketAddr> {
+        self.listeners.read_only.as_ref()?.local_addr().ok()
     }
 
     pub fn unix_socket_path(&self) -> Option<&std::path::Path> {

@@ -23,9 +23,12 @@ use crate::relay::{Relay, RelayEnd};
 use crate::stream::Transport;
 use crate::{ProxyContext, SessionError};
 
+pub(crate) mod role;
+pub use role::{GlobalSettings, Intent};
+
 /// Runs one accepted connection to the end. Never panics on peer input and
 /// always logs one line when a session (not a cancel) ends.
-pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
+pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, intent: Intent) {
     let started = Instant::now();
     let deadline = Deadline::after(ctx.startup_timeout);
     let hello = match frontend::open(transport, &peer, &ctx.frontend, deadline).await {
@@ -84,7 +87,16 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
         password: password.as_ref(),
         params: &params,
     };
-    let (endpoint, backend) = match connect_any(&ctx, &table, &login).await {
+    let connected = match &ctx.global {
+        Some(global) => {
+            let intent = Intent::for_startup(intent, &startup);
+            role::connect(&ctx, global, intent, &login).await
+        }
+        None => connect_any(&ctx, &table, &login)
+            .await
+            .map(|(e, b)| (e, b, None)),
+    };
+    let (endpoint, backend, mut role_watch) = match connected {
         Ok(connected) => connected,
         Err(err) => {
             let err = explain_limits(err);
@@ -158,23 +170,32 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
         OnEndpointDown::Keep => None,
     };
     let mut relay = Relay::new(&mut stream, &mut backend_stream);
-    let end = relay_until_evicted(&mut relay, down.as_mut()).await;
-    if let Some(end) = &end {
+    let end = relay_until_evicted(&mut relay, down.as_mut(), role_watch.as_mut()).await;
+    let mut evicted_for = "endpoint_down";
+    if let Ok(end) = &end {
         if let Some(detail) = backend_broke(end, &relay) {
             ctx.router
                 .report(endpoint.id, PassiveSignal::SessionBroken { detail });
         }
     } else {
-        // The endpoint went down: end the session the way PostgreSQL ends
-        // one on shutdown, so pools reconnect (to a healthy endpoint) at
-        // once instead of waiting on a dead socket.
-        let message = PgError::fatal(
-            sqlstate::ADMIN_SHUTDOWN,
-            format!(
-                "dsql-proxy: endpoint {} is unavailable; reconnect",
-                endpoint.name
+        // The endpoint went down or its role changed: end the session the
+        // way PostgreSQL ends one on shutdown, so pools reconnect (to a
+        // healthy endpoint, the new writer) at once instead of waiting on a
+        // dead socket or writing to a stale writer.
+        let message = match end {
+            Err(Evicted::Role) => {
+                let (message, reason) = role::eviction(&ctx, &endpoint);
+                evicted_for = reason;
+                message
+            }
+            _ => PgError::fatal(
+                sqlstate::ADMIN_SHUTDOWN,
+                format!(
+                    "dsql-proxy: endpoint {} is unavailable; reconnect",
+                    endpoint.name
+                ),
             ),
-        );
+        };
         let flushed = tokio::time::timeout(EVICTION_FLUSH, relay.flush_downstream()).await;
         if matches!(flushed, Ok(Ok(()))) && relay.downstream.at_boundary() {
             let mut buf = BytesMut::new();
@@ -183,7 +204,7 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
         }
     }
     let stats = relay.stats();
-    let reason = end.as_ref().map_or("endpoint_down", |e| e.reason());
+    let reason = end.as_ref().map_or(evicted_for, |e| e.reason());
     drop(relay);
     active.dec();
     let m = &ctx.metrics;
@@ -213,27 +234,47 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
 /// How long the proxy spends telling a client its session is over.
 const EVICTION_FLUSH: Duration = Duration::from_secs(1);
 
-/// Relays until the session ends (`Some`) or `down` fires (`None`).
+/// Why a session was told to leave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Evicted {
+    /// Probes confirmed the endpoint down.
+    Down,
+    /// The endpoint stopped being the writer, or was fenced.
+    Role,
+}
+
+/// Relays until the session ends (`Ok`) or a watch fires (`Err`).
 async fn relay_until_evicted<C, B>(
     relay: &mut Relay<'_, C, B>,
     down: Option<&mut DownWatch>,
-) -> Option<RelayEnd>
+    role: Option<&mut DownWatch>,
+) -> Result<RelayEnd, Evicted>
 where
     C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
 {
-    let Some(down) = down else {
-        return Some(relay.await);
-    };
-    tokio::select! {
-        biased;
-        end = &mut *relay => Some(end),
-        changed = down.changed() => match changed {
-            Ok(()) => None,
-            // The router is gone (shutdown): relay on without it.
-            Err(_) => Some(relay.await),
-        },
+    if down.is_none() && role.is_none() {
+        return Ok(relay.await);
     }
+    tokio::select! {
+        // A role change goes first: once a stale writer is fenced, not one
+        // more client byte may reach it.
+        biased;
+        () = fired(role) => Err(Evicted::Role),
+        end = &mut *relay => Ok(end),
+        () = fired(down) => Err(Evicted::Down),
+    }
+}
+
+/// Resolves when `watch` fires; never for none, or a closed one (the
+/// router is gone at shutdown).
+async fn fired(watch: Option<&mut DownWatch>) {
+    if let Some(w) = watch {
+        if w.changed().await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
 }
 
 /// A backend connection that broke without the server saying why: a reset,
@@ -250,7 +291,7 @@ fn backend_broke<C: ?Sized, B: ?Sized>(end: &RelayEnd, relay: &Relay<'_, C, B>) 
 }
 
 /// What a session authenticates to the backend with.
-struct Login<'a> {
+pub(crate) struct Login<'a> {
     user: &'a str,
     password: Option<&'a Secret>,
     params: &'a [StartupParam],
@@ -497,9 +538,13 @@ fn backend_parameters(startup: &StartupMessage, ctx: &ProxyContext) -> Vec<Start
         .params
         .iter()
         .filter(|p| {
-            !ctx.drop_parameters
-                .iter()
-                .any(|d| d.eq_ignore_ascii_case(&p.name))
+            // target_session_attrs is a client-side setting (role routing
+            // reads it), never a server parameter.
+            !p.name.eq_ignore_ascii_case("target_session_attrs")
+                && !ctx
+                    .drop_parameters
+                    .iter()
+                    .any(|d| d.eq_ignore_ascii_case(&p.name))
         })
         .cloned()
         .collect();

@@ -1,0 +1,196 @@
+//! The connect path under `kind = "aurora-global"`: read-write sessions go
+//! only to the current writer (waiting up to `writer_wait` for one during
+//! a failover window), read-only sessions to the nearest replica within the
+//! lag bound, else the writer. The watch returned with the connection fires
+//! when the session must leave because the endpoint's role changed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use dsql_proxy_protocol::{messages, sqlstate, PgError, StartupMessage};
+use dsql_proxy_routing::{DownWatch, Endpoint, FailureKind, PassiveSignal, RoutingTable};
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::{connect_one, Login};
+use crate::backend::BackendSession;
+use crate::io::send;
+use crate::{ProxyContext, SessionError};
+
+/// What a client session is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intent {
+    ReadWrite,
+    ReadOnly,
+}
+
+impl Intent {
+    /// The listener's intent, unless the client's startup packet carries
+    /// `target_session_attrs` asking for a standby (libpq and most drivers
+    /// evaluate that setting themselves and never send it; a client that
+    /// does send it gets it honoured here).
+    pub fn for_startup(listener: Intent, startup: &StartupMessage) -> Intent {
+        match startup.param("target_session_attrs").as_deref() {
+            Some("read-only" | "standby" | "prefer-standby") => Intent::ReadOnly,
+            _ => listener,
+        }
+    }
+}
+
+/// Settings the role-aware connect path needs.
+#[derive(Debug, Clone)]
+pub struct GlobalSettings {
+    pub writer_wait: Duration,
+}
+
+/// A connected backend and the watch that ends the session on a role
+/// change.
+pub(crate) type RoleConnection = (Arc<Endpoint>, BackendSession, Option<DownWatch>);
+
+pub(crate) async fn connect(
+    ctx: &ProxyContext,
+    global: &GlobalSettings,
+    intent: Intent,
+    login: &Login<'_>,
+) -> Result<RoleConnection, SessionError> {
+    let deadline = Instant::now() + global.writer_wait;
+    let mut published = ctx.router.watch_table();
+    let mut last_error: Option<SessionError> = None;
+    loop {
+        if let Some(p) = published.as_mut() {
+            p.mark_unchanged();
+        }
+        let table = ctx.router.route().map_err(|e| {
+            SessionError::Rejected(PgError::fatal(
+                sqlstate::CANNOT_CONNECT_NOW,
+                format!("dsql-proxy has no endpoint to route to: {e}"),
+            ))
+        })?;
+        for endpoint in candidates(&table, intent) {
+            let read_only = intent == Intent::ReadOnly;
+            let role_watch = ctx.router.watch_role(endpoint.id, read_only);
+            let budget = ctx.backend.connect_timeout;
+            let down = ctx.router.watch_down(endpoint.id);
+            match connect_one(ctx, &endpoint, login, budget, budget, down).await {
+                Ok(backend) => {
+                    if role_watch
+                        .as_ref()
+                        .is_some_and(|w| w.has_changed().unwrap_or(false))
+                    {
+                        // Its role changed while we connected: route again.
+                        debug!(endpoint = %endpoint.name, "role changed during connect; routing again");
+                        terminate(backend).await;
+                        continue;
+                    }
+                    return Ok((endpoint, backend, role_watch));
+                }
+                Err(err) => {
+                    let Some(kind) = err.failover_kind() else {
+                        return Err(err);
+                    };
+                    if kind != FailureKind::Busy {
+                        ctx.router.report(
+                            endpoint.id,
+                            PassiveSignal::ConnectFailed {
+                                kind,
+                                detail: err.to_string(),
+                            },
+                        );
+                    }
+                    last_error = Some(err);
+                }
+            }
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(nowhere(&table, intent, global, last_error));
+        }
+        // Wait for the next table (a probe round at the latest).
+        match published.as_mut() {
+            Some(p) => {
+                let _ = tokio::time::timeout_at(deadline, p.changed()).await;
+            }
+            None => tokio::time::sleep_until(deadline).await,
+        }
+    }
+}
+
+/// The endpoints to try, best first.
+fn candidates(table: &RoutingTable, intent: Intent) -> Vec<Arc<Endpoint>> {
+    let Some(roles) = &table.roles else {
+        return Vec::new();
+    };
+    let ids = match intent {
+        Intent::ReadWrite => roles.writer().into_iter().collect(),
+        Intent::ReadOnly => roles.read_order.clone(),
+    };
+    ids.into_iter()
+        .filter_map(|id| table.endpoints().get(id.index()).cloned())
+        .collect()
+}
+
+/// The client's error when no endpoint of the right role took the session
+/// within `writer_wait`.
+fn nowhere(
+    table: &RoutingTable,
+    intent: Intent,
+    global: &GlobalSettings,
+    last_error: Option<SessionError>,
+) -> SessionError {
+    let why = match table.roles.as_ref().map(|r| &r.writer) {
+        Some(Ok(_)) => match &last_error {
+            Some(e) => format!("the writer {} did not take the session: {e}", table.writer_name()),
+            None => "the writer changed while connecting".to_owned(),
+        },
+        Some(Err(no_writer)) => no_writer.describe(table.endpoints()),
+        None => "endpoint roles are not known yet".to_owned(),
+    };
+    let what = match intent {
+        Intent::ReadWrite => "no writer",
+        Intent::ReadOnly => "no replica within max_replica_lag and no writer",
+    };
+    SessionError::Rejected(PgError::fatal(
+        sqlstate::CANNOT_CONNECT_NOW,
+        format!(
+            "dsql-proxy: {what} within writer_wait ({:?}): {why}; retry later",
+            global.writer_wait
+        ),
+    ))
+}
+
+/// Ends a backend session that will not be used.
+async fn terminate(backend: BackendSession) {
+    let mut stream = backend.stream;
+    let mut buf = BytesMut::new();
+    messages::terminate(&mut buf);
+    let _ = tokio::time::timeout(Duration::from_secs(1), send(&mut stream, &buf)).await;
+}
+
+/// The FATAL a session gets when its endpoint's role changed.
+pub(crate) fn eviction(ctx: &ProxyContext, endpoint: &Endpoint) -> (PgError, &'static str) {
+    let table = ctx.router.route().ok();
+    let roles = table.as_ref().and_then(|t| t.roles.as_ref());
+    let fenced = roles.is_some_and(|r| r.is_fenced(endpoint.id));
+    let writer = table.as_ref().and_then(|t| {
+        let id = t.roles.as_ref()?.writer()?;
+        t.endpoints().get(id.index()).cloned()
+    });
+    let to = match &writer {
+        Some(w) => format!("{} (Region {})", w.name, w.region_label()),
+        None => "none known yet".to_owned(),
+    };
+    if fenced {
+        let message = format!(
+            "dsql-proxy: endpoint {} is a stale writer and was fenced; the writer is {to}; reconnect",
+            endpoint.name
+        );
+        (PgError::fatal(sqlstate::ADMIN_SHUTDOWN, message), "fenced")
+    } else {
+        let message = format!(
+            "dsql-proxy: writer moved from {} to {to}; reconnect",
+            endpoint.name
+        );
+        (PgError::fatal(sqlstate::ADMIN_SHUTDOWN, message), "writer_moved")
+    }
+}
