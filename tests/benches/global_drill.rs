@@ -65,7 +65,11 @@ struct RunResult {
 fn run_once(rt: &tokio::runtime::Runtime) -> RunResult {
     let stack = GlobalStack::start(GlobalOptions::default());
     let (old, new) = (stack.servers[0].port(), stack.servers[1].port());
-    assert!(stack.wait_for_writer("east", Duration::from_secs(10)), "{}", stack.proxy.logs());
+    assert!(
+        stack.wait_for_writer("east", Duration::from_secs(10)),
+        "{}",
+        stack.proxy.logs()
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let cfg = client_config(stack.listen, APP_USER, APP_DB);
     let writer = {
@@ -100,7 +104,11 @@ fn run_once(rt: &tokio::runtime::Runtime) -> RunResult {
     let t0_wall = SystemTime::now();
     let t0 = Instant::now();
     stack.servers[1].promote();
-    assert!(stack.wait_for_writer("west", Duration::from_secs(10)), "{}", stack.proxy.logs());
+    assert!(
+        stack.wait_for_writer("west", Duration::from_secs(10)),
+        "{}",
+        stack.proxy.logs()
+    );
     let detection = t0.elapsed();
     let detected_wall = SystemTime::now();
     std::thread::sleep(AFTER);
@@ -112,7 +120,9 @@ fn run_once(rt: &tokio::runtime::Runtime) -> RunResult {
             .unwrap_or(0.0)
     };
     let count = |sql: String| -> u64 {
-        sql_in(&stack.servers[0], APP_DB, &sql).parse().unwrap_or(u64::MAX)
+        sql_in(&stack.servers[0], APP_DB, &sql)
+            .parse()
+            .unwrap_or(u64::MAX)
     };
     let after_detection = count(format!(
         "select count(*) from writes where at > to_timestamp({})",

@@ -51,7 +51,11 @@ pub struct GlobalStack {
 
 impl GlobalStack {
     pub fn start(opts: GlobalOptions) -> GlobalStack {
-        assert!(opts.standbys < REGIONS.len(), "at most {} standbys", REGIONS.len() - 1);
+        assert!(
+            opts.standbys < REGIONS.len(),
+            "at most {} standbys",
+            REGIONS.len() - 1
+        );
         let primary = PgServer::start(PgOptions::default());
         sql_in(&primary, APP_DB, WRITES_TABLE);
         let mut servers = vec![primary];

@@ -34,7 +34,12 @@ impl Replication for PgServer {
 
     fn promote(&self) {
         let done = self.superuser_sql("select pg_promote(true, 60)");
-        assert_eq!(done, "t", "pg_promote did not finish\n{}", self.log_contents());
+        assert_eq!(
+            done,
+            "t",
+            "pg_promote did not finish\n{}",
+            self.log_contents()
+        );
     }
 
     fn pause_replay(&self) {

@@ -12,7 +12,9 @@ use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
 type ConnectionTask = JoinHandle<Result<(), tokio_postgres::Error>>;
 
-async fn open(addr: std::net::SocketAddr) -> Result<(Client, ConnectionTask), tokio_postgres::Error> {
+async fn open(
+    addr: std::net::SocketAddr,
+) -> Result<(Client, ConnectionTask), tokio_postgres::Error> {
     let (client, conn) = client_config(addr, APP_USER, APP_DB).connect(NoTls).await?;
     Ok((client, tokio::spawn(conn)))
 }
@@ -65,7 +67,11 @@ fn epoch(t: SystemTime) -> f64 {
 async fn writes_follow_a_promotion_and_the_old_primary_is_fenced() {
     let stack = GlobalStack::start(GlobalOptions::default());
     let (primary, standby) = (&stack.servers[0], &stack.servers[1]);
-    assert!(stack.wait_for_writer("east", Duration::from_secs(10)), "{}", stack.proxy.logs());
+    assert!(
+        stack.wait_for_writer("east", Duration::from_secs(10)),
+        "{}",
+        stack.proxy.logs()
+    );
 
     let (client, _) = open(stack.listen).await.expect("connect");
     assert_eq!(write(&client, "before").await.unwrap(), primary.port());
@@ -133,12 +139,23 @@ async fn writes_follow_a_promotion_and_the_old_primary_is_fenced() {
         ),
     );
     assert_eq!(late, "0", "writes reached the old primary after detection");
-    let on_new: Vec<_> = results.iter().filter(|r| *r == &Ok(standby.port())).collect();
-    assert!(!on_new.is_empty(), "no write reached the new writer: {results:?}");
-    // Once a write landed on the new writer, none went back.
-    let first_new = results.iter().position(|r| *r == Ok(standby.port())).unwrap();
+    let on_new: Vec<_> = results
+        .iter()
+        .filter(|r| *r == &Ok(standby.port()))
+        .collect();
     assert!(
-        results[first_new..].iter().all(|r| *r != Ok(primary.port())),
+        !on_new.is_empty(),
+        "no write reached the new writer: {results:?}"
+    );
+    // Once a write landed on the new writer, none went back.
+    let first_new = results
+        .iter()
+        .position(|r| *r == Ok(standby.port()))
+        .unwrap();
+    assert!(
+        results[first_new..]
+            .iter()
+            .all(|r| *r != Ok(primary.port())),
         "{results:?}"
     );
 
@@ -166,7 +183,7 @@ async fn writes_follow_a_promotion_and_the_old_primary_is_fenced() {
     assert_eq!(stack.metric("writer", east), Some(0.0));
     assert_eq!(stack.metric("writer_changes_total", ""), Some(1.0));
     let status = stack.admin_get("/status");
-    assert!(status.contains("\"fenced\":true"), "{status}");
+    assert!(status.contains("\"fenced\": true"), "{status}");
     eprintln!(
         "promotion seen by the test after {detection:?}; writes during the switch: {} ok on the new writer, {} errors",
         on_new.len(),
@@ -181,7 +198,11 @@ async fn read_only_sessions_leave_a_replica_that_lags_too_far() {
         ..GlobalOptions::default()
     });
     let (primary, standby) = (&stack.servers[0], &stack.servers[1]);
-    assert!(stack.wait_for_writer("east", Duration::from_secs(10)), "{}", stack.proxy.logs());
+    assert!(
+        stack.wait_for_writer("east", Duration::from_secs(10)),
+        "{}",
+        stack.proxy.logs()
+    );
     let read_port = || async {
         let (c, _) = open(stack.read_only).await.expect("connect read-only");
         port_of(&c).await
@@ -200,7 +221,11 @@ async fn read_only_sessions_leave_a_replica_that_lags_too_far() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(moved, "read-only sessions stayed on a paused replica\n{}", stack.proxy.logs());
+    assert!(
+        moved,
+        "read-only sessions stayed on a paused replica\n{}",
+        stack.proxy.logs()
+    );
     let lag = stack
         .metric("replica_lag_seconds", "endpoint=\"west\",region=\"west\"")
         .expect("lag metric");
@@ -216,7 +241,10 @@ async fn read_only_sessions_leave_a_replica_that_lags_too_far() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(back, "read-only sessions did not return to the caught-up replica");
+    assert!(
+        back,
+        "read-only sessions did not return to the caught-up replica"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,13 +258,19 @@ async fn without_a_writer_sessions_wait_then_fail_clearly() {
     let (west, south) = (&stack.servers[1], &stack.servers[2]);
 
     let started = Instant::now();
-    let err = open(stack.listen).await.err().expect("a session without a writer");
+    let err = open(stack.listen)
+        .await
+        .err()
+        .expect("a session without a writer");
     let waited = started.elapsed();
     let text = describe(&err);
     assert!(text.starts_with("57P03"), "{text}");
     assert!(text.contains("no writer within writer_wait"), "{text}");
     assert!(text.contains("no endpoint accepts writes"), "{text}");
-    assert!(waited >= Duration::from_millis(1800), "failed after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(1800),
+        "failed after {waited:?}"
+    );
     assert!(waited < Duration::from_secs(15), "failed after {waited:?}");
 
     // Reads still work, on a replica.
@@ -258,6 +292,9 @@ async fn without_a_writer_sessions_wait_then_fail_clearly() {
         .expect("task")
         .unwrap_or_else(|e| panic!("{}\n{}", describe(&e), stack.proxy.logs()));
     assert_eq!(port, west.port());
-    assert!(waited >= Duration::from_millis(400), "served after {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(400),
+        "served after {waited:?}"
+    );
     assert!(stack.metric("no_writer_seconds_total", "").unwrap_or(0.0) > 1.0);
 }

@@ -215,7 +215,8 @@ impl MonitorState {
             })
             .collect();
         let roles = settings.max_replica_lag.map(|lag| {
-            let list: Vec<Arc<Endpoint>> = endpoints.iter().map(|s| Arc::clone(&s.endpoint)).collect();
+            let list: Vec<Arc<Endpoint>> =
+                endpoints.iter().map(|s| Arc::clone(&s.endpoint)).collect();
             RoleState::new(&list, lag, Arc::clone(&metrics))
         });
         Self {

@@ -49,7 +49,11 @@ pub(crate) struct RoleState {
 }
 
 impl RoleState {
-    pub fn new(endpoints: &[Arc<Endpoint>], max_replica_lag: Duration, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        endpoints: &[Arc<Endpoint>],
+        max_replica_lag: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let gauges = endpoints
             .iter()
             .map(|e| {
@@ -105,7 +109,10 @@ impl RoleState {
             .map(|v| RoleInput {
                 id: v.endpoint.id,
                 reachable: v.reachable,
-                role: self.observed.get(v.endpoint.id.index()).and_then(Option::as_ref),
+                role: self
+                    .observed
+                    .get(v.endpoint.id.index())
+                    .and_then(Option::as_ref),
             })
             .collect();
         let decision = self.tracker.evaluate(&inputs);
@@ -125,7 +132,10 @@ impl RoleState {
             signals.push(RoleSignal::Fenced(id));
         }
         for &id in &decision.released {
-            info!(endpoint = name(id), "fenced endpoint is read-only now; released");
+            info!(
+                endpoint = name(id),
+                "fenced endpoint is read-only now; released"
+            );
         }
         if let Some(previous) = decision.moved_from {
             let to = decision.writer.as_ref().ok().map(|&w| name(w));
@@ -133,7 +143,11 @@ impl RoleState {
                 Some(old) => {
                     self.writer_changes += 1;
                     self.metrics.writer_changes_total.inc();
-                    warn!(from = name(old), to = to.unwrap_or("none"), "writer changed");
+                    warn!(
+                        from = name(old),
+                        to = to.unwrap_or("none"),
+                        "writer changed"
+                    );
                     if !decision.newly_fenced.contains(&old) {
                         signals.push(RoleSignal::WriterLost(old));
                     }
@@ -162,7 +176,10 @@ impl RoleState {
         let replicas: Vec<ReplicaInput> = views
             .iter()
             .map(|v| {
-                let role = self.observed.get(v.endpoint.id.index()).and_then(Option::as_ref);
+                let role = self
+                    .observed
+                    .get(v.endpoint.id.index())
+                    .and_then(Option::as_ref);
                 ReplicaInput {
                     id: v.endpoint.id,
                     reachable: v.reachable,

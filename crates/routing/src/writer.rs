@@ -56,7 +56,10 @@ pub enum NoWriter {
 
 impl NoWriter {
     /// In words, with endpoint names from `endpoints` (indexed by id).
-    pub fn describe<E: std::ops::Deref<Target = crate::Endpoint>>(&self, endpoints: &[E]) -> String {
+    pub fn describe<E: std::ops::Deref<Target = crate::Endpoint>>(
+        &self,
+        endpoints: &[E],
+    ) -> String {
         let name = |id: EndpointId| {
             endpoints
                 .get(id.index())
@@ -66,9 +69,14 @@ impl NoWriter {
             Self::NoneWritable => "no endpoint accepts writes".to_owned(),
             Self::SplitBrain(ids) => format!(
                 "{} all accept writes and none is proven newer (split brain)",
-                ids.iter().map(|&id| name(id)).collect::<Vec<_>>().join(", ")
+                ids.iter()
+                    .map(|&id| name(id))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
-            Self::Unreachable(id) => format!("the newest writer {} does not answer probes", name(*id)),
+            Self::Unreachable(id) => {
+                format!("the newest writer {} does not answer probes", name(*id))
+            }
         }
     }
 }

@@ -140,7 +140,10 @@ fn nowhere(
 ) -> SessionError {
     let why = match table.roles.as_ref().map(|r| &r.writer) {
         Some(Ok(_)) => match &last_error {
-            Some(e) => format!("the writer {} did not take the session: {e}", table.writer_name()),
+            Some(e) => format!(
+                "the writer {} did not take the session: {e}",
+                table.writer_name()
+            ),
             None => "the writer changed while connecting".to_owned(),
         },
         Some(Err(no_writer)) => no_writer.describe(table.endpoints()),
@@ -191,6 +194,9 @@ pub(crate) fn eviction(ctx: &ProxyContext, endpoint: &Endpoint) -> (PgError, &'s
             "dsql-proxy: writer moved from {} to {to}; reconnect",
             endpoint.name
         );
-        (PgError::fatal(sqlstate::ADMIN_SHUTDOWN, message), "writer_moved")
+        (
+            PgError::fatal(sqlstate::ADMIN_SHUTDOWN, message),
+            "writer_moved",
+        )
     }
 }
