@@ -63,10 +63,14 @@ fi
 ulimit -n 8192 2>/dev/null || ulimit -n 4096 2>/dev/null || true
 
 # ------------------------------------------------------------------ build
-# The harness runs target/debug/dsql-proxy (it builds it itself if needed);
-# building it first keeps that out of the drill's own output and timing.
-echo "== building dsql-proxy (debug: the binary the test harness runs)"
-(cd "$ROOT" && cargo build -p dsql-proxy --bin dsql-proxy --quiet) || die "build of dsql-proxy failed"
+# The drill runs the release build of the proxy (what users run): the
+# harness takes it from DSQL_PROXY_BIN instead of building a debug one.
+echo "== building dsql-proxy (release)"
+(cd "$ROOT" && cargo build --release -p dsql-proxy --bin dsql-proxy --quiet) || die "build of dsql-proxy failed"
+target_dir="${CARGO_TARGET_DIR:-$ROOT/target}"
+[[ "$target_dir" = /* ]] || target_dir="$ROOT/$target_dir"
+export DSQL_PROXY_BIN="$target_dir/release/dsql-proxy"
+[[ -x "$DSQL_PROXY_BIN" ]] || die "no release binary at $DSQL_PROXY_BIN"
 echo "== building the drill (cargo bench profile)"
 (cd "$ROOT" && cargo bench -p dsql-proxy-tests --bench failover_drill --no-run --quiet) ||
     die "build of the drill failed"

@@ -28,9 +28,21 @@ fn workspace_root() -> PathBuf {
 /// Target dir: `CARGO_TARGET_DIR` (relative paths are taken from the
 /// workspace root) or `<workspace>/target`; passed explicitly with
 /// `--target-dir` so the returned path is where cargo really put it.
+///
+/// `DSQL_PROXY_BIN` names a prebuilt binary instead (the benchmarks run the
+/// release build that way); nothing is built then.
 pub fn proxy_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("DSQL_PROXY_BIN") {
+            let bin = PathBuf::from(bin);
+            assert!(
+                bin.is_file(),
+                "DSQL_PROXY_BIN={} is not a file",
+                bin.display()
+            );
+            return bin;
+        }
         let root = workspace_root();
         let target_dir = match std::env::var_os("CARGO_TARGET_DIR") {
             Some(dir) => root.join(dir),

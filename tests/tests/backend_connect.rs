@@ -58,6 +58,29 @@ async fn verify_full_checks_the_certificate_name() {
     ca_only.connect(APP_USER, APP_DB).await;
 }
 
+/// `toml` with the `[admin]` section's address replaced by a free one.
+fn with_fresh_admin_address(toml: &str) -> String {
+    let mut in_admin = false;
+    let mut out = String::with_capacity(toml.len());
+    for line in toml.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('[') {
+            in_admin = trimmed == "[admin]";
+        }
+        if in_admin && trimmed.starts_with("address") {
+            out.push_str(&format!("address = \"{}\"", dsql_proxy_tests::free_addr()));
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    assert!(
+        out.contains("[admin]"),
+        "the fixture config has an [admin] section"
+    );
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn require_encrypts_without_trusting_and_verify_rejects_unknown_cas() {
     // A proxy with an unrelated CA: verify-full must refuse, require must not.
@@ -77,6 +100,8 @@ async fn require_encrypts_without_trusting_and_verify_rejects_unknown_cas() {
     let toml = toml
         .replace(&pg_ca, &ca)
         .replace(&strict.listen.to_string(), &listen.to_string());
+    // Each copy needs its own admin port: the original proxy keeps running.
+    let toml = with_fresh_admin_address(&toml);
     let proxy = dsql_proxy_tests::ProxyProcess::start_with(&toml, listen);
     let cfg = dsql_proxy_tests::fixture::client_config(listen, APP_USER, APP_DB);
     let err = dsql_proxy_tests::connect_with(&cfg, None)
@@ -91,7 +116,8 @@ async fn require_encrypts_without_trusting_and_verify_rejects_unknown_cas() {
 
     let lax_toml = toml.replace("tls = \"verify-full\"", "tls = \"require\"");
     let listen2 = dsql_proxy_tests::free_addr();
-    let lax_toml = lax_toml.replace(&listen.to_string(), &listen2.to_string());
+    let lax_toml =
+        with_fresh_admin_address(&lax_toml.replace(&listen.to_string(), &listen2.to_string()));
     let _lax = dsql_proxy_tests::ProxyProcess::start_with(&lax_toml, listen2);
     let cfg = dsql_proxy_tests::fixture::client_config(listen2, APP_USER, APP_DB);
     let client = dsql_proxy_tests::connect_with(&cfg, None).await.unwrap();

@@ -461,6 +461,14 @@ async fn rotated_shared_credentials_file_is_used_without_restart() {
             logs(&stack, &[])
         );
     }
+    // The emulator logs "session started" as it relays the login, which can
+    // reach the client first: give its log a moment to catch up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while sessions_signed_by(&stack, &new.access_key_id, false) == 0
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
         sessions_signed_by(&stack, &new.access_key_id, false) >= 1,
         "{}",

@@ -583,9 +583,10 @@ async fn a_frozen_server_fails_over_without_errors() {
     let logs = stack.proxy.logs();
     let (switched, worst) =
         check_failover(&attempts, fault_start, fault_done, "fast", "slow", &logs);
-    // Probes time out after 1s and mark the Region down after 3 misses;
-    // connects that hung on it meanwhile move on then (or at the 2s
-    // attempt_timeout) and still need a TLS + SCRAM handshake with slow
+    // The first connect that hangs on it gives up after its per-attempt
+    // limit (500 ms here) and demotes it; the probes confirm (and close its
+    // sessions) a little later. Connects that hung meanwhile move on after
+    // their own 500 ms and still need a TLS + SCRAM handshake with slow
     // (about 6 round trips of 60ms). The worst connect is one of those
     // that hung: it must be well short of the 5s connect_timeout (a debug
     // build doing ~30 TLS + SCRAM handshakes at once on a small CI box is
@@ -614,9 +615,10 @@ async fn a_network_partition_fails_over_without_errors() {
     let logs = stack.proxy.logs();
     let (switched, worst) =
         check_failover(&attempts, fault_start, fault_done, "fast", "slow", &logs);
-    // Probes time out after 1s and mark the Region down after 3 misses;
-    // connects that hung on it meanwhile move on then (or at the 2s
-    // attempt_timeout) and still need a TLS + SCRAM handshake with slow
+    // The first connect that hangs on it gives up after its per-attempt
+    // limit (500 ms here) and demotes it; the probes confirm (and close its
+    // sessions) a little later. Connects that hung meanwhile move on after
+    // their own 500 ms and still need a TLS + SCRAM handshake with slow
     // (about 6 round trips of 60ms). The worst connect is one of those
     // that hung: it must be well short of the 5s connect_timeout (a debug
     // build doing ~30 TLS + SCRAM handshakes at once on a small CI box is

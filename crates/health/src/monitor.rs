@@ -316,7 +316,7 @@ impl MonitorState {
                     && !state.evicted
                 {
                     state.evicted = true;
-                    warn!(endpoint = %state.endpoint.name, "probe confirms the endpoint is down; closing its sessions");
+                    warn!(endpoint = %state.endpoint.name, "endpoint marked down: a probe confirmed the demotion; closing its sessions");
                     self.router.signal_down(id);
                 }
                 self.on_transition(id, transition) || role_changed

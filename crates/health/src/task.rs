@@ -51,8 +51,12 @@ impl<P: Probe> ProbeTask<P> {
                         return;
                     }
                 }
-                _ = ticker.tick() => {
-                    let now = Instant::now();
+                scheduled = ticker.tick() => {
+                    // The tick's own instant, not the time this task got to
+                    // run: silence is then measured on the probe's schedule
+                    // and a timeout is reported on the first tick at or past
+                    // `timeout`, however late the runtime polled us.
+                    let now = scheduled;
                     if silent_since.is_some_and(|s| now - s >= self.timeout) {
                         let outcome = ProbeOutcome::Failure {
                             kind: FailureKind::Timeout,

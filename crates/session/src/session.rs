@@ -319,7 +319,8 @@ async fn connect_any(
         let limit = if last {
             remaining
         } else {
-            remaining.min(ctx.attempt_timeout)
+            let probed = table.status(endpoint.id).and_then(|s| s.connect_time);
+            remaining.min(attempt_limit(ctx.attempt_timeout, probed))
         };
         let down = if last {
             None
@@ -377,6 +378,28 @@ async fn connect_any(
         }
     }
     Err(all_failed(failures))
+}
+
+/// An attempt that has taken this many times the endpoint's usual connect
+/// time (as the probes measure it) is treated as hung.
+const ATTEMPT_LIMIT_FACTOR: u32 = 4;
+/// Never cut an attempt shorter than this: a cold server, a busy proxy or a
+/// token refresh can make one connect several times slower than usual.
+const ATTEMPT_LIMIT_FLOOR: Duration = Duration::from_millis(500);
+
+/// How long one attempt may take while other endpoints remain: a few times
+/// the probe-measured connect time, at least [`ATTEMPT_LIMIT_FLOOR`], at most
+/// `attempt_timeout` (also the limit when the probes have not measured it).
+/// A hung Region then costs a new session about half a second instead of
+/// the full `attempt_timeout`.
+fn attempt_limit(attempt_timeout: Duration, probed_connect: Option<Duration>) -> Duration {
+    match probed_connect {
+        Some(usual) => usual
+            .saturating_mul(ATTEMPT_LIMIT_FACTOR)
+            .max(ATTEMPT_LIMIT_FLOOR)
+            .min(attempt_timeout),
+        None => attempt_timeout,
+    }
 }
 
 fn request<'a>(endpoint: &'a Endpoint, login: &'a Login<'a>) -> CredentialRequest<'a> {
@@ -574,5 +597,27 @@ pub(crate) async fn cancel_request(ctx: &ProxyContext, key: dsql_proxy_protocol:
         Err(e) => {
             warn!(endpoint = %target.endpoint.name, error = %e, "cancel request could not be forwarded")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CAP: Duration = Duration::from_secs(2);
+
+    #[test]
+    fn attempt_limit_scales_with_the_probed_connect_time_within_floor_and_cap() {
+        let ms = Duration::from_millis;
+        // Unmeasured: the configured cap.
+        assert_eq!(attempt_limit(CAP, None), CAP);
+        // A fast local endpoint: the floor, not 4 x 3 ms.
+        assert_eq!(attempt_limit(CAP, Some(ms(3))), ATTEMPT_LIMIT_FLOOR);
+        // A distant one: four times its usual connect.
+        assert_eq!(attempt_limit(CAP, Some(ms(300))), ms(1200));
+        // A slow one never gets more than the cap.
+        assert_eq!(attempt_limit(CAP, Some(ms(900))), CAP);
+        // A cap below the floor wins: the operator asked for it.
+        assert_eq!(attempt_limit(ms(200), Some(ms(3))), ms(200));
     }
 }
