@@ -258,10 +258,9 @@ async fn without_a_writer_sessions_wait_then_fail_clearly() {
     let (west, south) = (&stack.servers[1], &stack.servers[2]);
 
     let started = Instant::now();
-    let err = open(stack.listen)
-        .await
-        .err()
-        .expect("a session without a writer");
+    let Err(err) = open(stack.listen).await else {
+        panic!("a session was served without a writer");
+    };
     let waited = started.elapsed();
     let text = describe(&err);
     assert!(text.starts_with("57P03"), "{text}");
