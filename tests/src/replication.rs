@@ -18,7 +18,10 @@ pub trait Replication {
     /// as soon as the primary writes.
     fn pause_replay(&self);
     fn resume_replay(&self);
-    /// The server's current WAL insert position (a primary).
+    /// The server's current WAL insert position (a primary): with
+    /// `synchronous_commit = off` (the harness's setting) a commit may not
+    /// be written yet, so the write position (`pg_current_wal_lsn()`) can
+    /// still be before it.
     fn current_lsn(&self) -> String;
     /// Waits until this standby has replayed `lsn`; panics after `timeout`.
     fn wait_replayed(&self, lsn: &str, timeout: Duration);
@@ -51,7 +54,7 @@ impl Replication for PgServer {
     }
 
     fn current_lsn(&self) -> String {
-        self.superuser_sql("select pg_current_wal_lsn()")
+        self.superuser_sql("select pg_current_wal_insert_lsn()")
     }
 
     fn wait_replayed(&self, lsn: &str, timeout: Duration) {

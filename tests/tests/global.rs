@@ -209,8 +209,15 @@ async fn read_only_sessions_leave_a_replica_that_lags_too_far() {
     };
     assert_eq!(read_port().await, standby.port());
 
-    standby.pause_replay();
+    // A replica of a working primary has replayed a transaction: its lag is
+    // then measured from that transaction's commit time. (A standby that has
+    // replayed none since it started has no such time: its lag is unknown,
+    // which also keeps read-only sessions off it, but is not what this test
+    // is about.)
     let (client, _) = open(stack.listen).await.expect("connect");
+    assert_eq!(write(&client, "replayed").await.unwrap(), primary.port());
+    standby.wait_replayed(&primary.current_lsn(), Duration::from_secs(10));
+    standby.pause_replay();
     let deadline = Instant::now() + Duration::from_secs(15);
     let mut moved = false;
     while Instant::now() < deadline {

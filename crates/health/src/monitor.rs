@@ -525,6 +525,9 @@ impl MonitorState {
                 RoleSignal::WriterLost(id) => self.router.signal_writer_lost(id),
             }
         }
+        if let Some(roles) = &self.roles {
+            roles.update_gauges();
+        }
     }
 }
 

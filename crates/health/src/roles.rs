@@ -192,11 +192,6 @@ impl RoleState {
             })
             .collect();
         let read_order = read_only_order(&replicas, writer, self.max_replica_lag);
-        for (i, g) in self.gauges.iter().enumerate() {
-            let id = EndpointId(i as u32);
-            g.writer.set(i64::from(writer == Some(id)));
-            g.fenced.set(i64::from(self.tracker.is_fenced(id)));
-        }
         let roles = Roles {
             writer: decision.writer,
             fenced: self.tracker.fenced().to_vec(),
@@ -205,5 +200,18 @@ impl RoleState {
             writer_changes_total: self.writer_changes,
         };
         (roles, signals)
+    }
+
+    /// Sets the writer and fenced gauges from the last evaluation. Called
+    /// after the table is published and sessions are signalled, so a
+    /// scraper that sees the new writer never sees it before the sessions
+    /// on the old one were told to leave.
+    pub fn update_gauges(&self) {
+        let writer = self.tracker.writer();
+        for (i, g) in self.gauges.iter().enumerate() {
+            let id = EndpointId(i as u32);
+            g.writer.set(i64::from(writer == Some(id)));
+            g.fenced.set(i64::from(self.tracker.is_fenced(id)));
+        }
     }
 }
