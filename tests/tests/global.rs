@@ -304,3 +304,56 @@ async fn without_a_writer_sessions_wait_then_fail_clearly() {
     );
     assert!(stack.metric("no_writer_seconds_total", "").unwrap_or(0.0) > 1.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_startup_packet_asking_for_a_standby_gets_a_replica_on_the_main_listener() {
+    use dsql_proxy_tests::wire;
+    const T: Duration = Duration::from_secs(10);
+    let stack = GlobalStack::start(GlobalOptions::default());
+    let (primary, standby) = (&stack.servers[0], &stack.servers[1]);
+    assert!(
+        stack.wait_for_writer("east", Duration::from_secs(10)),
+        "{}",
+        stack.proxy.logs()
+    );
+    // libpq evaluates target_session_attrs itself and never sends it; a
+    // client that does put it in the startup packet is routed by it (and
+    // the server never sees it: it is not a server parameter).
+    let stack = &stack;
+    let session_port = |attrs: Option<&'static str>| async move {
+        let mut s = tokio::net::TcpStream::connect(stack.listen)
+            .await
+            .expect("connect");
+        let mut params = vec![("user", APP_USER), ("database", APP_DB)];
+        params.extend(attrs.map(|a| ("target_session_attrs", a)));
+        let packet = wire::startup_message(0x0003_0000, &params);
+        let resp = wire::startup(&mut s, &packet, T)
+            .await
+            .unwrap_or_else(|e| panic!("startup with {attrs:?}: {e}\n{}", stack.proxy.logs()));
+        let hot_standby = resp.parameters().get("in_hot_standby").cloned();
+        let msgs = wire::simple_query(&mut s, "select current_setting('port')", T)
+            .await
+            .expect("query");
+        let port: u16 = wire::rows(&msgs)[0][0]
+            .as_deref()
+            .expect("port")
+            .parse()
+            .expect("port");
+        (port, hot_standby)
+    };
+    for attrs in ["read-only", "standby", "prefer-standby"] {
+        assert_eq!(
+            session_port(Some(attrs)).await,
+            (standby.port(), Some("on".to_owned())),
+            "target_session_attrs={attrs}"
+        );
+    }
+    assert_eq!(
+        session_port(Some("read-write")).await,
+        (primary.port(), Some("off".to_owned()))
+    );
+    assert_eq!(
+        session_port(None).await,
+        (primary.port(), Some("off".to_owned()))
+    );
+}

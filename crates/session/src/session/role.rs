@@ -13,7 +13,7 @@ use dsql_proxy_routing::{DownWatch, Endpoint, FailureKind, PassiveSignal, Routin
 use tokio::time::Instant;
 use tracing::debug;
 
-use super::{connect_one, Login};
+use super::{attempt_limit, connect_one, Login};
 use crate::backend::BackendSession;
 use crate::io::send;
 use crate::{ProxyContext, SessionError};
@@ -67,13 +67,28 @@ pub(crate) async fn connect(
                 format!("dsql-proxy has no endpoint to route to: {e}"),
             ))
         })?;
-        for endpoint in candidates(&table, intent) {
+        let candidates = candidates(&table, intent);
+        let total = candidates.len();
+        for (tried, endpoint) in candidates.into_iter().enumerate() {
             let read_only = intent == Intent::ReadOnly;
             let role_watch = ctx.router.watch_role(endpoint.id, read_only);
             let budget = ctx.backend.connect_timeout;
+            // A hung replica must leave time for the next candidate (main's
+            // per-attempt limit); the last one gets the whole budget.
+            let limit = if tried + 1 == total {
+                budget
+            } else {
+                let probed = table.status(endpoint.id).and_then(|s| s.connect_time);
+                budget.min(attempt_limit(ctx.attempt_timeout, probed))
+            };
             let down = ctx.router.watch_down(endpoint.id);
-            match connect_one(ctx, &endpoint, login, budget, budget, down).await {
+            let attempt_started = Instant::now();
+            match connect_one(ctx, &endpoint, login, limit, budget, down).await {
                 Ok(backend) => {
+                    ctx.metrics
+                        .backend_connect_seconds
+                        .with_label_values(&[endpoint.name.as_str(), endpoint.region_label()])
+                        .observe(attempt_started.elapsed().as_secs_f64());
                     if role_watch
                         .as_ref()
                         .is_some_and(|w| w.has_changed().unwrap_or(false))
