@@ -318,6 +318,9 @@ impl MonitorState {
                     state.evicted = true;
                     warn!(endpoint = %state.endpoint.name, "endpoint marked down: a probe confirmed the demotion; closing its sessions");
                     self.router.signal_down(id);
+                    // Under aurora-global a confirmed-down writer is no
+                    // longer the writer: publish the roles now.
+                    return self.roles.is_some();
                 }
                 self.on_transition(id, transition) || role_changed
             }
@@ -387,12 +390,14 @@ impl MonitorState {
                     .map(|(k, d)| format!("{}: {d}", k.as_str()))
                     .unwrap_or_default();
                 warn!(endpoint = %state.endpoint.name, %cause, "endpoint marked down");
-                // Publish before waking sessions, so those that reconnect
-                // at once are routed elsewhere.
-                self.publish(false);
+                // Probe-confirmed: its sessions are told to leave (the
+                // writer rule reads this too, so set it before publishing).
                 if let Some(state) = self.endpoints.get_mut(id.index()) {
                     state.evicted = true;
                 }
+                // Publish before waking sessions, so those that reconnect
+                // at once are routed elsewhere.
+                self.publish(false);
                 self.router.signal_down(id);
                 false
             }
@@ -507,6 +512,13 @@ impl MonitorState {
                     .map(|s| EndpointView {
                         endpoint: &s.endpoint,
                         reachable: s.health.liveness() == Liveness::Up,
+                        writer_reachable: match s.health.liveness() {
+                            Liveness::Up => true,
+                            // Demoted by the data path, not yet confirmed
+                            // by a probe.
+                            Liveness::Down => !s.evicted,
+                            Liveness::Unknown => false,
+                        },
                         latency: s.health.latency(),
                     })
                     .collect();

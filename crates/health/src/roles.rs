@@ -25,7 +25,14 @@ pub(crate) enum RoleSignal {
 /// One endpoint as the monitor sees it when it evaluates roles.
 pub(crate) struct EndpointView<'a> {
     pub endpoint: &'a Endpoint,
+    /// Up by the probes: may take read-only sessions.
     pub reachable: bool,
+    /// Not confirmed down by the probes: may stay (or become) the writer.
+    /// A demotion by the data path alone (one broken or refused
+    /// connection) moves read-only sessions to other replicas, but the
+    /// writer has no stand-in, so it keeps its sessions and keeps taking
+    /// new ones until a probe agrees it is down.
+    pub writer_reachable: bool,
     pub latency: Option<Duration>,
 }
 
@@ -108,7 +115,7 @@ impl RoleState {
             .iter()
             .map(|v| RoleInput {
                 id: v.endpoint.id,
-                reachable: v.reachable,
+                reachable: v.writer_reachable,
                 role: self
                     .observed
                     .get(v.endpoint.id.index())
