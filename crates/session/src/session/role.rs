@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use dsql_proxy_protocol::{messages, sqlstate, PgError, StartupMessage};
-use dsql_proxy_routing::{DownWatch, Endpoint, FailureKind, PassiveSignal, RoutingTable};
+use dsql_proxy_routing::{
+    DownWatch, Endpoint, EndpointId, FailureKind, PassiveSignal, RoutingTable,
+};
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -89,11 +91,19 @@ pub(crate) async fn connect(
                         .backend_connect_seconds
                         .with_label_values(&[endpoint.name.as_str(), endpoint.region_label()])
                         .observe(attempt_started.elapsed().as_secs_f64());
-                    if role_watch
+                    // Its role changed while we connected: route again.
+                    // The watch catches a signal sent after we subscribed;
+                    // one sent before (between our table load and the
+                    // subscription) followed a publish, which the table
+                    // read now shows.
+                    let signalled = role_watch
                         .as_ref()
-                        .is_some_and(|w| w.has_changed().unwrap_or(false))
-                    {
-                        // Its role changed while we connected: route again.
+                        .is_some_and(|w| w.has_changed().unwrap_or(false));
+                    let still_fits = ctx
+                        .router
+                        .route()
+                        .is_ok_and(|now| fits(&now, endpoint.id, intent));
+                    if signalled || !still_fits {
                         debug!(endpoint = %endpoint.name, "role changed during connect; routing again");
                         terminate(backend).await;
                         continue;
@@ -128,6 +138,18 @@ pub(crate) async fn connect(
             }
             None => tokio::time::sleep_until(deadline).await,
         }
+    }
+}
+
+/// Whether `id` may still take a session of this intent under `table`:
+/// the writer for read-write, not fenced for read-only.
+fn fits(table: &RoutingTable, id: EndpointId, intent: Intent) -> bool {
+    let Some(roles) = &table.roles else {
+        return false;
+    };
+    match intent {
+        Intent::ReadWrite => roles.writer() == Some(id),
+        Intent::ReadOnly => !roles.is_fenced(id),
     }
 }
 
