@@ -237,3 +237,74 @@ pub(crate) fn eviction(ctx: &ProxyContext, endpoint: &Endpoint) -> (PgError, &'s
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dsql_proxy_config::EndpointConfig;
+    use dsql_proxy_routing::writer::NoWriter;
+    use dsql_proxy_routing::Roles;
+
+    fn table(writer: Result<EndpointId, NoWriter>, fenced: [bool; 3]) -> RoutingTable {
+        let configs: Vec<EndpointConfig> = ["east", "west", "south"]
+            .iter()
+            .map(|name| EndpointConfig {
+                name: (*name).into(),
+                region: Some((*name).into()),
+                host: format!("{name}.example"),
+                port: 5432,
+                connect_address: None,
+                priority: 1,
+                route53_health_check_id: None,
+            })
+            .collect();
+        let mut t = RoutingTable::from_configs(&configs);
+        let read_order = [EndpointId(2), EndpointId(1)]
+            .into_iter()
+            .filter(|id| !fenced[id.index()])
+            .chain(writer.as_ref().ok().copied())
+            .collect();
+        t.roles = Some(Arc::new(Roles {
+            writer,
+            fenced: fenced.to_vec(),
+            read_order,
+            observed: vec![None; 3],
+            writer_changes_total: 0,
+        }));
+        t
+    }
+
+    fn names(endpoints: Vec<Arc<Endpoint>>) -> Vec<String> {
+        endpoints.iter().map(|e| e.name.clone()).collect()
+    }
+
+    #[test]
+    fn read_write_goes_only_to_the_writer_and_read_only_follows_the_read_order() {
+        let (east, west) = (EndpointId(0), EndpointId(1));
+        let t = table(Ok(east), [false; 3]);
+        assert_eq!(names(candidates(&t, Intent::ReadWrite)), ["east"]);
+        assert_eq!(
+            names(candidates(&t, Intent::ReadOnly)),
+            ["south", "west", "east"]
+        );
+        assert!(fits(&t, east, Intent::ReadWrite) && !fits(&t, west, Intent::ReadWrite));
+        assert!(fits(&t, west, Intent::ReadOnly));
+
+        // West promoted, east fenced: nothing may stay on east.
+        let t = table(Ok(west), [true, false, false]);
+        assert_eq!(names(candidates(&t, Intent::ReadWrite)), ["west"]);
+        assert!(!fits(&t, east, Intent::ReadWrite) && !fits(&t, east, Intent::ReadOnly));
+
+        // No writer: read-write sessions have nothing to try (they wait).
+        let t = table(Err(NoWriter::NoneWritable), [false; 3]);
+        assert!(candidates(&t, Intent::ReadWrite).is_empty());
+        assert!(!fits(&t, east, Intent::ReadWrite));
+        assert_eq!(names(candidates(&t, Intent::ReadOnly)), ["south", "west"]);
+
+        // A table without roles (not aurora-global): nothing fits.
+        let mut t = table(Ok(east), [false; 3]);
+        t.roles = None;
+        assert!(candidates(&t, Intent::ReadWrite).is_empty());
+        assert!(!fits(&t, east, Intent::ReadOnly));
+    }
+}
