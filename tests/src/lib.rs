@@ -12,6 +12,7 @@ pub mod aws_endpoints;
 pub mod dsql_stack;
 pub mod emulator;
 pub mod fixture;
+pub mod global;
 pub mod latency;
 pub mod metrics;
 pub mod moto;
@@ -21,6 +22,7 @@ pub mod pki;
 pub mod process;
 pub mod proxy;
 pub mod regions;
+pub mod replication;
 pub mod route53;
 pub mod wire;
 
@@ -36,3 +38,4 @@ pub use pg::{
 pub use pki::{ServerCert, TestPki};
 pub use proxy::{proxy_binary, run_proxy_cmd, run_proxy_cmd_with_env, ProxyProcess};
 pub use regions::{Region, RegionsOptions, RegionsStack};
+pub use replication::Replication;

@@ -129,6 +129,49 @@ impl PgServer {
     }
 
     pub fn start(opts: PgOptions) -> PgServer {
+        let mut server = Self::prepare(&opts);
+        // From here on a panic drops `server`, which stops whatever started.
+        server.initdb();
+        server.write_config(&opts);
+        server.launch_on_free_port();
+        server.bootstrap_roles();
+        server
+    }
+
+    /// A streaming standby of this server: `pg_basebackup -R` over the
+    /// Unix socket (as the server user), then started on a free port with
+    /// its own socket dir, certificate (from `opts.pki`, else a fresh CA)
+    /// and the harness's settings. Roles and databases are the primary's.
+    pub fn start_standby(&self, opts: PgOptions) -> PgServer {
+        let mut standby = Self::prepare(&opts);
+        let out = standby
+            .server_cmd("pg_basebackup")
+            .arg("-D")
+            .arg(&standby.data_dir)
+            .arg("-h")
+            .arg(self.socket_dir())
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                SUPERUSER,
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "--no-sync",
+            ])
+            .output()
+            .expect("run pg_basebackup");
+        standby.check(&out, "pg_basebackup");
+        standby.write_config(&opts);
+        standby.launch_on_free_port();
+        standby
+    }
+
+    /// The server's tempdir and watchdog; nothing started yet.
+    fn prepare(opts: &PgOptions) -> PgServer {
         let bin_dir = server_bin_dir().to_path_buf();
         let dir = tempfile::Builder::new()
             .prefix("dsql-pg-")
@@ -137,7 +180,6 @@ impl PgServer {
         // The tempdir is 0700 and owned by us; the server user must own it to
         // create the data dir, socket, lock files and log in it.
         chown_to_server_user(dir.path());
-
         let watchdog = Watchdog::spawn(
             // Immediate shutdown (SIGQUIT) of the postmaster, SIGKILL if it
             // lingers, then remove the tempdir.
@@ -162,7 +204,7 @@ rm -rf "$1""#,
         let pki = opts
             .tls
             .then(|| opts.pki.clone().unwrap_or_else(|| Arc::new(TestPki::new())));
-        let mut server = PgServer {
+        PgServer {
             bin_dir,
             port: 0,
             pki,
@@ -171,13 +213,7 @@ rm -rf "$1""#,
             frozen: AtomicBool::new(false),
             _watchdog: watchdog,
             dir,
-        };
-        // From here on a panic drops `server`, which stops whatever started.
-        server.initdb();
-        server.write_config(&opts);
-        server.launch_on_free_port();
-        server.bootstrap_roles();
-        server
+        }
     }
 
     pub fn port(&self) -> u16 {
@@ -548,6 +584,7 @@ rm -rf "$1""#,
         let hba = format!(
             "# TYPE DATABASE USER ADDRESS METHOD  (dsql-proxy-tests harness)\n\
              local all all trust\n\
+             local replication all trust\n\
              {host_type} all all 127.0.0.1/32 {method}\n\
              {host_type} all all ::1/128 {method}\n"
         );

@@ -38,7 +38,20 @@ pub fn status_json(
                 .get_metric_with_label_values(&[&e.name, e.region_label()])
                 .map(|g| g.get())
                 .unwrap_or(0);
+            let roles = table.roles.as_ref();
+            let role = roles.map(|r| {
+                let seen = r.observed(e.id);
+                json!({
+                    "writer": r.writer() == Some(e.id),
+                    "fenced": r.is_fenced(e.id),
+                    "read_only": seen.map(|o| o.read_only),
+                    "timeline": seen.and_then(|o| o.timeline),
+                    "lag_ms": ms(seen.and_then(|o| o.lag)),
+                    "read_rank": r.read_order.iter().position(|id| *id == e.id),
+                })
+            });
             json!({
+                "role": role,
                 "name": e.name,
                 "region": e.region,
                 "host": e.host,
@@ -73,7 +86,12 @@ pub fn status_json(
             })
         })
         .collect();
+    let writer = table.roles.as_ref().map(|r| match &r.writer {
+        Ok(_) => json!({"endpoint": table.writer_name(), "changes_total": r.writer_changes_total}),
+        Err(why) => json!({"endpoint": null, "why_none": why.describe(table.endpoints()), "changes_total": r.writer_changes_total}),
+    });
     json!({
+        "writer": writer,
         "selected": table.selected().map(|e| e.name.clone()),
         "reason": table.reason().as_str(),
         "generation": table.generation,

@@ -51,6 +51,11 @@ pub struct ListenConfig {
     pub password_env: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
+    /// A second client listener whose sessions are read-only: they go to
+    /// the nearest replica within `[routing] max_replica_lag`, else to the
+    /// writer (`kind = "aurora-global"` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub read_only_address: Option<SocketAddr>,
 }
 
 impl Default for ListenConfig {
@@ -67,6 +72,7 @@ impl Default for ListenConfig {
             password: None,
             password_env: None,
             password_file: None,
+            read_only_address: None,
         }
     }
 }
@@ -270,6 +276,17 @@ pub struct RoutingConfig {
     /// tried after the other eligible endpoints (it is busy, not down).
     /// `0s` turns this off.
     pub busy_cooldown: DurationStr,
+    /// `kind = "aurora-global"`: how long a new read-write session waits
+    /// for a writer while none is known (a failover window) before it is
+    /// refused.
+    pub writer_wait: DurationStr,
+    /// `kind = "aurora-global"`: replicas lagging more than this take no
+    /// new read-only sessions.
+    pub max_replica_lag: DurationStr,
+    /// `kind = "aurora-global"`: the global cluster, for a control-plane
+    /// cross-check (accepted, not used yet; see README).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub global_cluster_id: Option<String>,
 }
 
 impl Default for RoutingConfig {
@@ -291,6 +308,9 @@ impl Default for RoutingConfig {
             on_endpoint_down: OnEndpointDown::Close,
             attempt_timeout: DurationStr::from_secs(2),
             busy_cooldown: DurationStr::from_secs(5),
+            writer_wait: DurationStr::from_secs(30),
+            max_replica_lag: DurationStr::from_secs(5),
+            global_cluster_id: None,
         }
     }
 }
@@ -360,6 +380,40 @@ impl BackendConfig {
             // One second's worth, and at least one connect.
             (None, _, _) => (self.effective_connect_rate().ceil() as u32).max(1),
         }
+    }
+}
+
+impl Config {
+    /// Rules for `kind = "aurora-global"` and the keys only it uses.
+    fn validate_global(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.backend.kind != BackendKind::AuroraGlobal {
+            if self.listen.read_only_address.is_some() {
+                return invalid(
+                    "[listen] read_only_address needs [backend] kind = \"aurora-global\"",
+                );
+            }
+            return Ok(());
+        }
+        if !matches!(
+            self.backend.auth,
+            BackendAuth::RdsIam | BackendAuth::Password
+        ) {
+            return invalid(
+                "[backend] kind = \"aurora-global\" needs auth = \"rds-iam\" or \"password\": \
+                 probes must log in to learn each endpoint's role",
+            );
+        }
+        if !self.routing.probes {
+            return invalid(
+                "[backend] kind = \"aurora-global\" needs [routing] probes = true: the writer is \
+                 found by probing every endpoint",
+            );
+        }
+        if self.listen.read_only_address == Some(self.listen.address) {
+            return invalid("[listen] read_only_address must differ from address");
+        }
+        Ok(())
     }
 }
 
@@ -527,6 +581,7 @@ impl Config {
                 self.backend.auth
             ));
         }
+        self.validate_global()?;
         if self.backend.kind == BackendKind::Dsql && self.backend.tls != TlsMode::VerifyFull {
             return invalid(
                 "[backend] kind = \"dsql\" requires tls = \"verify-full\": Aurora DSQL refuses \

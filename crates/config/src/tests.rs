@@ -294,3 +294,65 @@ fn shutdown_defaults_fit_kubernetes_and_are_checked() {
         assert!(err.contains(needle), "{shutdown}: {err}");
     }
 }
+
+const GLOBAL: &str = r#"
+[listen]
+read_only_address = "127.0.0.1:5433"
+[backend]
+kind = "aurora-global"
+auth = "password"
+password = "x"
+[[endpoints]]
+name = "east"
+host = "east.example"
+[[endpoints]]
+name = "west"
+host = "west.example"
+"#;
+
+#[test]
+fn aurora_global_settings_parse_with_defaults() {
+    let c = Config::parse(GLOBAL).unwrap();
+    assert_eq!(c.backend.kind, BackendKind::AuroraGlobal);
+    assert_eq!(c.routing.writer_wait.get().as_secs(), 30);
+    assert_eq!(c.routing.max_replica_lag.get().as_secs(), 5);
+    assert_eq!(c.routing.global_cluster_id, None);
+    assert_eq!(
+        c.listen.read_only_address,
+        Some("127.0.0.1:5433".parse().unwrap())
+    );
+    let text = format!(
+        "{GLOBAL}[routing]\nwriter_wait = \"2s\"\nmax_replica_lag = \"500ms\"\n\
+         global_cluster_id = \"my-global\"\n"
+    );
+    let c = Config::parse(&text).unwrap();
+    assert_eq!(c.routing.writer_wait.get().as_secs(), 2);
+    assert_eq!(c.routing.max_replica_lag.get().as_millis(), 500);
+    assert_eq!(c.routing.global_cluster_id.as_deref(), Some("my-global"));
+}
+
+#[test]
+fn aurora_global_rules_are_explained() {
+    let cases = [
+        (
+            GLOBAL.replace(
+                "auth = \"password\"\npassword = \"x\"",
+                "auth = \"passthrough\"",
+            ),
+            "needs auth",
+        ),
+        (
+            format!("{GLOBAL}[routing]\nprobes = false\n"),
+            "probes = true",
+        ),
+        (
+            GLOBAL.replace("kind = \"aurora-global\"", "kind = \"postgres\""),
+            "read_only_address needs",
+        ),
+        (GLOBAL.replace("5433", "5432"), "must differ from address"),
+    ];
+    for (text, needle) in cases {
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+}

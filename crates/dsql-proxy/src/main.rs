@@ -292,6 +292,7 @@ async fn serve(config: Config, source: ConfigSource) -> Result<()> {
     info!(
         address = %proxy.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         unix_socket = %proxy.unix_socket_path().map(|p| p.display().to_string()).unwrap_or_default(),
+        read_only = %proxy.read_only_addr().map(|a| a.to_string()).unwrap_or_default(),
         endpoints = config.endpoints.len(),
         backend_tls = ?config.backend.tls,
         "dsql-proxy listening"

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use dsql_proxy_config::Config;
+use dsql_proxy_config::{BackendKind, Config};
 use dsql_proxy_credentials::CredentialSource;
 use dsql_proxy_health::route53::{HealthCheckSource, SdkHealthChecks};
 use dsql_proxy_health::{Monitor, MonitorSettings, PgProbe};
@@ -51,18 +51,31 @@ pub fn probes(
     backend: &BackendSettings,
     credentials: &Arc<dyn CredentialSource>,
 ) -> Vec<Arc<PgProbe>> {
+    let global = config.backend.kind == BackendKind::AuroraGlobal;
     endpoints
         .iter()
         .map(|endpoint| {
-            Arc::new(PgProbe::new(
+            let probe = PgProbe::new(
                 Arc::clone(endpoint),
                 backend.clone(),
                 Arc::clone(credentials),
                 &config.routing.probe_user,
                 &config.routing.probe_database,
-            ))
+            );
+            // aurora-global: every probe also learns the endpoint's role.
+            Arc::new(if global { probe.with_roles() } else { probe })
         })
         .collect()
+}
+
+/// The monitor's settings for `config`; `aurora-global` adds the replica
+/// lag bound.
+pub fn settings(config: &Config) -> MonitorSettings {
+    let mut settings = MonitorSettings::from_config(&config.routing);
+    if config.backend.kind == BackendKind::AuroraGlobal {
+        settings.max_replica_lag = Some(config.routing.max_replica_lag.get());
+    }
+    settings
 }
 
 /// Probes for the router's endpoints and the monitor task over them;
@@ -82,7 +95,7 @@ pub async fn start(
         reports,
         probes,
         route53.map(|r| Arc::clone(&r.source)),
-        MonitorSettings::from_config(&config.routing),
+        settings(config),
         metrics,
     )
     .await

@@ -24,7 +24,7 @@ use anyhow::{bail, Context, Result};
 use dsql_proxy_admin::AdminState;
 use dsql_proxy_config::{BackendAuth, Config};
 use dsql_proxy_credentials::CredentialSource;
-use dsql_proxy_health::{Monitor, MonitorSettings, MonitorUpdate, PgProbe};
+use dsql_proxy_health::{Monitor, MonitorUpdate, PgProbe};
 use dsql_proxy_metrics::Metrics;
 use dsql_proxy_routing::{RoutingTable, TableRouter};
 use dsql_proxy_session::SharedContext;
@@ -158,7 +158,7 @@ impl Reloader {
                     probes: monitor::probes(&config, &plan.endpoints, &ctx.backend, &credentials),
                     endpoints: plan.endpoints,
                     route53: route53.as_ref().map(|r| Arc::clone(&r.source)),
-                    settings: MonitorSettings::from_config(&config.routing),
+                    settings: monitor::settings(&config),
                 };
                 if !running.reconfigure(update).await {
                     bail!("the health monitor is not running");

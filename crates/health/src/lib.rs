@@ -11,6 +11,7 @@
 
 pub mod monitor;
 pub mod probe;
+mod roles;
 pub mod route53;
 pub mod route53_admin;
 mod task;

@@ -22,6 +22,7 @@ use tokio::time::MissedTickBehavior;
 use tracing::{debug, info, warn};
 
 use crate::probe::Probe;
+use crate::roles::{EndpointView, RoleSignal, RoleState};
 use crate::route53::HealthCheckSource;
 use crate::task::ProbeTask;
 use crate::Event;
@@ -35,6 +36,8 @@ pub struct MonitorSettings {
     pub policy: SelectionPolicy,
     pub route53_poll_interval: Duration,
     pub route53_max_staleness: Duration,
+    /// `kind = "aurora-global"`: track roles, with this replica lag bound.
+    pub max_replica_lag: Option<Duration>,
 }
 
 impl MonitorSettings {
@@ -54,6 +57,7 @@ impl MonitorSettings {
             },
             route53_poll_interval: c.route53_poll_interval.get(),
             route53_max_staleness: c.route53_max_staleness.get(),
+            max_replica_lag: None,
         }
     }
 }
@@ -219,6 +223,7 @@ struct MonitorState {
     /// Waiting for every endpoint's first report (after startup or a
     /// reload) to re-make the selection at once.
     settling: bool,
+    roles: Option<RoleState>,
 }
 
 impl MonitorState {
@@ -229,11 +234,17 @@ impl MonitorState {
         metrics: Arc<Metrics>,
         events: mpsc::Sender<Event>,
     ) -> Self {
-        let endpoints = endpoints
+        let endpoints: Vec<EndpointState> = endpoints
             .into_iter()
             .map(|endpoint| EndpointState::new(endpoint, &metrics))
             .collect();
+        let roles = settings.max_replica_lag.map(|lag| {
+            let list: Vec<Arc<Endpoint>> =
+                endpoints.iter().map(|s| Arc::clone(&s.endpoint)).collect();
+            RoleState::new(&list, lag, Arc::clone(&metrics))
+        });
         Self {
+            roles,
             router,
             endpoints,
             selector: Selector::default(),
@@ -316,11 +327,32 @@ impl MonitorState {
                     .remove_label_values(&labels);
             }
         }
+        self.roles = match (self.roles.take(), update.settings.max_replica_lag) {
+            (Some(mut roles), Some(lag)) => {
+                roles.set_endpoints(&self.endpoint_list());
+                roles.set_max_replica_lag(lag);
+                Some(roles)
+            }
+            (None, Some(lag)) => Some(RoleState::new(
+                &self.endpoint_list(),
+                lag,
+                Arc::clone(&self.metrics),
+            )),
+            (_, None) => None,
+        };
         self.settings = update.settings;
         self.settling = true;
         self.spawn_helpers(update.probes, update.route53);
-        let table = self.evaluate(false);
+        let (table, signals) = self.evaluate(false);
         self.router.replace_endpoints(table);
+        self.send_role_signals(signals);
+    }
+
+    fn endpoint_list(&self) -> Vec<Arc<Endpoint>> {
+        self.endpoints
+            .iter()
+            .map(|s| Arc::clone(&s.endpoint))
+            .collect()
     }
 
     async fn run<P: Probe>(
@@ -400,6 +432,12 @@ impl MonitorState {
                     _ => {}
                 }
                 let failed = matches!(outcome, ProbeOutcome::Failure { .. });
+                let role_changed = match (&mut self.roles, &outcome) {
+                    (Some(roles), ProbeOutcome::Success { role: Some(r), .. }) => {
+                        roles.observe(id, r.clone())
+                    }
+                    _ => false,
+                };
                 let transition = state
                     .health
                     .observe(outcome, std::time::Instant::now(), rules);
@@ -413,8 +451,11 @@ impl MonitorState {
                     state.evicted = true;
                     warn!(endpoint = %state.endpoint.name, "endpoint marked down: a probe confirmed the demotion; closing its sessions");
                     self.router.signal_down(id);
+                    // Under aurora-global a confirmed-down writer is no
+                    // longer the writer: publish the roles now.
+                    return self.roles.is_some();
                 }
-                self.on_transition(id, transition)
+                self.on_transition(id, transition) || role_changed
             }
             Event::Route53(id, result) => {
                 let now = std::time::Instant::now();
@@ -482,12 +523,14 @@ impl MonitorState {
                     .map(|(k, d)| format!("{}: {d}", k.as_str()))
                     .unwrap_or_default();
                 warn!(endpoint = %state.endpoint.name, %cause, "endpoint marked down");
-                // Publish before waking sessions, so those that reconnect
-                // at once are routed elsewhere.
-                self.publish(false);
+                // Probe-confirmed: its sessions are told to leave (the
+                // writer rule reads this too, so set it before publishing).
                 if let Some(state) = find_mut(&mut self.endpoints, id) {
                     state.evicted = true;
                 }
+                // Publish before waking sessions, so those that reconnect
+                // at once are routed elsewhere.
+                self.publish(false);
                 self.router.signal_down(id);
                 false
             }
@@ -506,13 +549,29 @@ impl MonitorState {
     }
 
     fn publish(&mut self, round: bool) {
-        let table = self.evaluate(round);
+        let (table, signals) = self.evaluate(round);
         self.router.publish(table);
+        self.send_role_signals(signals);
     }
 
-    /// Applies the selection rule and builds the table to publish; updates
-    /// the per-endpoint gauges.
-    fn evaluate(&mut self, round: bool) -> RoutingTable {
+    /// After the publish, so sessions that reconnect at once find the new
+    /// writer.
+    fn send_role_signals(&self, signals: Vec<RoleSignal>) {
+        for signal in signals {
+            match signal {
+                RoleSignal::Fenced(id) => self.router.signal_fenced(id),
+                RoleSignal::WriterLost(id) => self.router.signal_writer_lost(id),
+            }
+        }
+        if let Some(roles) = &self.roles {
+            roles.update_gauges();
+        }
+    }
+
+    /// Applies the selection (and, under `aurora-global`, the writer) rules
+    /// and builds the table to publish with what sessions must be told once
+    /// it is out; updates the per-endpoint gauges.
+    fn evaluate(&mut self, round: bool) -> (RoutingTable, Vec<RoleSignal>) {
         let now = std::time::Instant::now();
         let max = self.settings.route53_max_staleness;
         for s in &mut self.endpoints {
@@ -606,7 +665,31 @@ impl MonitorState {
         let mut table =
             RoutingTable::from_selection(endpoints, status, &selection, self.generation);
         table.route_changes_total = self.route_changes;
-        table
+        let signals = match &mut self.roles {
+            Some(roles) => {
+                let views: Vec<EndpointView<'_>> = self
+                    .endpoints
+                    .iter()
+                    .map(|s| EndpointView {
+                        endpoint: &s.endpoint,
+                        reachable: s.health.liveness() == Liveness::Up,
+                        writer_reachable: match s.health.liveness() {
+                            Liveness::Up => true,
+                            // Demoted by the data path, not yet confirmed
+                            // by a probe.
+                            Liveness::Down => !s.evicted,
+                            Liveness::Unknown => false,
+                        },
+                        latency: s.health.latency(),
+                    })
+                    .collect();
+                let (r, signals) = roles.evaluate(&views);
+                table.roles = Some(Arc::new(r));
+                signals
+            }
+            None => Vec::new(),
+        };
+        (table, signals)
     }
 }
 

@@ -9,6 +9,7 @@ use bytes::BytesMut;
 use dsql_proxy_credentials::{CredentialRequest, CredentialSource};
 use dsql_proxy_protocol::query::{decode_query_message, encode_query, QueryMessage};
 use dsql_proxy_protocol::startup::StartupParam;
+use dsql_proxy_routing::writer::RoleObservation;
 use dsql_proxy_routing::{Endpoint, FailureKind, ProbeOutcome};
 use dsql_proxy_session::backend::{self, BackendSettings};
 use dsql_proxy_session::io::{read_message, send};
@@ -48,7 +49,25 @@ pub struct PgProbe {
     credentials: Arc<dyn CredentialSource>,
     user: String,
     params: Vec<StartupParam>,
+    /// Ask for the endpoint's role instead of `SELECT 1`.
+    roles: bool,
 }
+
+/// One round trip that tells an endpoint's role on any PostgreSQL:
+/// in recovery or not; the timeline (the WAL insert timeline on a writer,
+/// which moves the moment a standby is promoted, and the last checkpoint's,
+/// which may trail it); and a replica's lag: how old the last replayed
+/// transaction is while replay is behind what was received, else 0 (a
+/// caught-up replica of an idle primary is not behind, however old its
+/// last transaction). Paused replay (`pg_wal_replay_pause()`) makes the lag
+/// grow as soon as the primary writes.
+pub const ROLE_QUERY: &str = "SELECT pg_is_in_recovery(), \
+     CASE WHEN pg_is_in_recovery() THEN NULL \
+          ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END, \
+     (SELECT timeline_id FROM pg_control_checkpoint()), \
+     CASE WHEN NOT pg_is_in_recovery() THEN 0 \
+          WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0 \
+          ELSE (extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint END";
 
 impl PgProbe {
     pub fn new(
@@ -69,7 +88,14 @@ impl PgProbe {
             credentials,
             user: user.to_owned(),
             params,
+            roles: false,
         }
+    }
+
+    /// Makes every check learn the endpoint's role ([`ROLE_QUERY`]).
+    pub fn with_roles(mut self) -> Self {
+        self.roles = true;
+        self
     }
 
     async fn open(&self) -> Result<Opened, ProbeOutcome> {
@@ -144,6 +170,7 @@ impl Probe for PgProbe {
                                 ProbeOutcome::Success {
                                     rtt,
                                     connect_time: Some(rtt),
+                                    role: None,
                                 },
                                 None,
                             );
@@ -153,26 +180,39 @@ impl Probe for PgProbe {
                 }
             };
             let started = Instant::now();
-            match select_one(&mut conn.stream).await {
-                Ok(()) => (
-                    ProbeOutcome::Success {
-                        rtt: started.elapsed(),
-                        connect_time,
-                    },
-                    Some(conn),
-                ),
-                Err(outcome) => (outcome, None),
-            }
+            let sql = if self.roles { ROLE_QUERY } else { "SELECT 1" };
+            let role = match run_query(&mut conn.stream, sql).await {
+                Ok(rows) if self.roles => match parse_role(&rows) {
+                    Ok(role) => Some(role),
+                    Err(detail) => {
+                        let kind = FailureKind::Query;
+                        return (ProbeOutcome::Failure { kind, detail }, Some(conn));
+                    }
+                },
+                Ok(_) => None,
+                Err(outcome) => return (outcome, None),
+            };
+            (
+                ProbeOutcome::Success {
+                    rtt: started.elapsed(),
+                    connect_time,
+                    role,
+                },
+                Some(conn),
+            )
         })
     }
 }
 
-/// `SELECT 1` on an open connection, to ReadyForQuery.
-async fn select_one(stream: &mut BackendStream) -> Result<(), ProbeOutcome> {
-    let mut buf = BytesMut::with_capacity(16);
-    encode_query(&mut buf, "SELECT 1");
+type Rows = Vec<Vec<Option<String>>>;
+
+/// One simple query on an open connection, to ReadyForQuery.
+async fn run_query(stream: &mut BackendStream, sql: &str) -> Result<Rows, ProbeOutcome> {
+    let mut buf = BytesMut::with_capacity(16 + sql.len());
+    encode_query(&mut buf, sql);
     send(stream, &buf).await.map_err(io_failure)?;
     let mut failed = None;
+    let mut rows = Vec::new();
     loop {
         let msg = match read_message(stream, MAX_PROBE_MESSAGE).await {
             Ok(Ok(m)) => m,
@@ -182,17 +222,48 @@ async fn select_one(stream: &mut BackendStream) -> Result<(), ProbeOutcome> {
         match decode_query_message(&msg) {
             Ok(QueryMessage::Ready(_)) => break,
             Ok(QueryMessage::Error(fields)) => failed = Some(fields),
+            Ok(QueryMessage::Row(row)) => rows.push(row),
             Ok(_) => {}
             Err(e) => return Err(protocol_failure(e.to_string())),
         }
     }
     match failed {
-        None => Ok(()),
+        None => Ok(rows),
         Some(fields) => Err(ProbeOutcome::Failure {
             kind: FailureKind::Query,
             detail: format!("probe query failed: {fields}"),
         }),
     }
+}
+
+/// [`ROLE_QUERY`]'s row as a role.
+pub fn parse_role(rows: &[Vec<Option<String>>]) -> Result<RoleObservation, String> {
+    let bad = || format!("unexpected answer to the role query: {rows:?}");
+    let [row] = rows else { return Err(bad()) };
+    let [in_recovery, wal_timeline, checkpoint_timeline, lag_ms] = row.as_slice() else {
+        return Err(bad());
+    };
+    let read_only = match in_recovery.as_deref() {
+        Some("t") => true,
+        Some("f") => false,
+        _ => return Err(bad()),
+    };
+    let number = |v: &Option<String>| -> Result<Option<i64>, String> {
+        v.as_deref()
+            .map(|t| t.parse::<i64>().map_err(|_| bad()))
+            .transpose()
+    };
+    let timeline = [number(wal_timeline)?, number(checkpoint_timeline)?]
+        .into_iter()
+        .flatten()
+        .filter_map(|t| u32::try_from(t).ok())
+        .max();
+    let lag = number(lag_ms)?.map(|ms| Duration::from_millis(ms.max(0) as u64));
+    Ok(RoleObservation {
+        read_only,
+        timeline,
+        lag,
+    })
 }
 
 fn io_failure(e: std::io::Error) -> ProbeOutcome {
@@ -220,5 +291,36 @@ fn classify(err: &SessionError) -> ProbeOutcome {
         None => ProbeOutcome::AuthFailure {
             detail: err.to_string(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(values: [Option<&str>; 4]) -> Vec<Vec<Option<String>>> {
+        vec![values.iter().map(|v| v.map(str::to_owned)).collect()]
+    }
+
+    #[test]
+    fn role_rows_parse() {
+        let primary = parse_role(&row([Some("f"), Some("2"), Some("1"), Some("0")])).unwrap();
+        assert_eq!(
+            primary,
+            RoleObservation {
+                read_only: false,
+                timeline: Some(2),
+                lag: Some(Duration::ZERO)
+            }
+        );
+        let standby = parse_role(&row([Some("t"), None, Some("1"), Some("1500")])).unwrap();
+        assert!(standby.read_only);
+        assert_eq!(standby.timeline, Some(1));
+        assert_eq!(standby.lag, Some(Duration::from_millis(1500)));
+        let unknown = parse_role(&row([Some("t"), None, None, None])).unwrap();
+        assert_eq!((unknown.timeline, unknown.lag), (None, None));
+        assert!(parse_role(&row([Some("x"), None, None, None])).is_err());
+        assert!(parse_role(&row([Some("t"), Some("a"), None, None])).is_err());
+        assert!(parse_role(&[]).is_err());
     }
 }

@@ -4,13 +4,13 @@
 //! config, reasons from fixed lists).
 
 use prometheus::{
-    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    exponential_buckets, Counter, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use thiserror::Error;
 
 /// Handle types, for crates that keep resolved label sets.
-pub use prometheus::{Histogram, IntCounter, IntGauge};
+pub use prometheus::{Gauge, Histogram, IntCounter, IntGauge};
 
 #[derive(Debug, Error)]
 pub enum MetricsError {
@@ -48,6 +48,11 @@ pub struct Metrics {
     pub token_cache_hits_total: IntCounter,
     pub config_reloads_total: IntCounterVec,
     pub build_info: IntGaugeVec,
+    pub writer: IntGaugeVec,
+    pub endpoint_fenced: IntGaugeVec,
+    pub replica_lag_seconds: GaugeVec,
+    pub writer_changes_total: IntCounter,
+    pub no_writer_seconds_total: Counter,
 }
 
 const ENDPOINT: &[&str] = &["endpoint", "region"];
@@ -101,6 +106,11 @@ impl Metrics {
             token_cache_hits_total: counter(r, "token_cache_hits_total", "Connects served from the IAM token cache")?,
             config_reloads_total: counter_vec(r, "config_reloads_total", "Configuration reloads by result", &["result"])?,
             build_info: gauge_vec(r, "build_info", "Always 1; the version label identifies the build", &["version"])?,
+            writer: gauge_vec(r, "writer", "aurora-global: 1 for the endpoint (and its Region) read-write sessions go to", ENDPOINT)?,
+            endpoint_fenced: gauge_vec(r, "endpoint_fenced", "aurora-global: 1 while the endpoint is a fenced stale writer (no sessions)", ENDPOINT)?,
+            replica_lag_seconds: float_gauge_vec(r, "replica_lag_seconds", "aurora-global: replica lag from the last probe (0 on the writer, -1 unknown)", ENDPOINT)?,
+            writer_changes_total: counter(r, "writer_changes_total", "aurora-global: times the writer changed (to another endpoint or to none)")?,
+            no_writer_seconds_total: float_counter(r, "no_writer_seconds_total", "aurora-global: time spent without a usable writer")?,
             registry,
         };
         m.build_info.with_label_values(&[version]).set(1);
@@ -154,6 +164,23 @@ fn gauge_vec(
     let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
     r.register(Box::new(g.clone()))?;
     Ok(g)
+}
+
+fn float_gauge_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<GaugeVec, MetricsError> {
+    let g = GaugeVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn float_counter(r: &Registry, name: &str, help: &str) -> Result<Counter, MetricsError> {
+    let c = Counter::with_opts(Opts::new(name, help))?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
 }
 
 fn histogram(

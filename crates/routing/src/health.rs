@@ -5,6 +5,8 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use crate::writer::RoleObservation;
+
 /// Whether an endpoint takes sessions, as far as the proxy knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Liveness {
@@ -82,6 +84,9 @@ pub enum ProbeOutcome {
     Success {
         rtt: Duration,
         connect_time: Option<Duration>,
+        /// The endpoint's role, when the probe asks for it
+        /// (`kind = "aurora-global"`).
+        role: Option<RoleObservation>,
     },
     Failure {
         kind: FailureKind,
@@ -233,7 +238,9 @@ impl HealthTracker {
         rules: Hysteresis,
     ) -> Option<Transition> {
         match outcome {
-            ProbeOutcome::Success { rtt, connect_time } => {
+            ProbeOutcome::Success {
+                rtt, connect_time, ..
+            } => {
                 self.auth_failure = None;
                 self.consecutive_failures = 0;
                 self.consecutive_successes = self.consecutive_successes.saturating_add(1);
@@ -311,6 +318,7 @@ mod tests {
         ProbeOutcome::Success {
             rtt: Duration::from_millis(ms),
             connect_time: None,
+            role: None,
         }
     }
 

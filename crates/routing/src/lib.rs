@@ -12,6 +12,7 @@ pub mod health;
 pub mod policy;
 pub mod route53;
 mod table;
+pub mod writer;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -26,7 +27,7 @@ pub use backpressure::Backpressure;
 pub use endpoint::{Endpoint, EndpointId};
 pub use health::{FailureKind, Liveness, PassiveSignal, ProbeOutcome};
 pub use policy::{SelectionPolicy, SelectionReason};
-pub use table::{endpoints_from_configs, EndpointStatus, Route53Status, RoutingTable};
+pub use table::{endpoints_from_configs, EndpointStatus, Roles, Route53Status, RoutingTable};
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum RouteError {
@@ -69,6 +70,18 @@ pub trait Router: Send + Sync + 'static {
     fn is_busy(&self, _id: EndpointId) -> bool {
         false
     }
+
+    /// Resolves when sessions of this intent on `id` must leave because
+    /// its role changed: read-write sessions when it stops being the writer
+    /// or is fenced, read-only ones when it is fenced.
+    fn watch_role(&self, _id: EndpointId, _read_only: bool) -> Option<DownWatch> {
+        None
+    }
+
+    /// Changes whenever a new table is published.
+    fn watch_table(&self) -> Option<watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// A passive signal on its way to the health monitor.
@@ -79,16 +92,25 @@ pub struct TableRouter {
     table: ArcSwap<RoutingTable>,
     /// One per endpoint in the table. Replaced (never edited) when the
     /// endpoint set changes, so sessions subscribe without a lock.
-    down: ArcSwap<Vec<DownSender>>,
+    watches: ArcSwap<Vec<EndpointWatches>>,
+    /// Bumped whenever a table is published.
+    published: watch::Sender<u64>,
     reports: Option<mpsc::Sender<Report>>,
     /// The next id for an endpoint a reload adds or changes.
     next_id: AtomicU32,
     backpressure: Backpressure,
 }
 
-struct DownSender {
+/// What sessions on one endpoint are told.
+struct EndpointWatches {
     id: EndpointId,
-    tx: watch::Sender<u64>,
+    /// The endpoint is down: every session leaves.
+    down: watch::Sender<u64>,
+    /// It stopped being the writer or was fenced: read-write sessions
+    /// leave (`aurora-global`).
+    writer_lost: watch::Sender<u64>,
+    /// It was fenced as a stale writer: every session leaves.
+    fenced: watch::Sender<u64>,
 }
 
 /// A new endpoint set matched against the current one (see
@@ -116,7 +138,7 @@ impl TableRouter {
             .map(|e| e.id.0 + 1)
             .max()
             .unwrap_or(0);
-        let down = down_senders(table.endpoints(), &[]);
+        let watches = endpoint_watches(table.endpoints(), &[]);
         let backpressure = Backpressure::new(
             table.endpoints().iter().map(|e| e.id),
             DEFAULT_BUSY_COOLDOWN,
@@ -124,7 +146,8 @@ impl TableRouter {
         );
         Self {
             table: ArcSwap::from_pointee(table),
-            down: ArcSwap::from_pointee(down),
+            watches: ArcSwap::from_pointee(watches),
+            published: watch::Sender::new(0),
             reports: None,
             next_id: AtomicU32::new(next_id),
             backpressure,
@@ -134,7 +157,7 @@ impl TableRouter {
     /// Sets how long an endpoint that refused a connect for load is tried
     /// after the others (zero: never).
     pub fn with_busy_cooldown(mut self, cooldown: Duration) -> Self {
-        let ids: Vec<EndpointId> = self.down.load().iter().map(|d| d.id).collect();
+        let ids: Vec<EndpointId> = self.watches.load().iter().map(|w| w.id).collect();
         self.backpressure = Backpressure::new(ids, cooldown, Instant::now());
         self
     }
@@ -155,6 +178,7 @@ impl TableRouter {
     /// goes through [`Self::replace_endpoints`].
     pub fn publish(&self, table: RoutingTable) {
         self.table.store(Arc::new(table));
+        self.published.send_modify(|n| *n += 1);
     }
 
     pub fn snapshot(&self) -> Arc<RoutingTable> {
@@ -195,37 +219,66 @@ impl TableRouter {
         }
     }
 
-    /// Publishes a table over a new endpoint set. Down-watches of new
+    /// Publishes a table over a new endpoint set. Watches of new
     /// endpoints exist before the table names them; those of endpoints no
     /// longer in it are dropped after, which leaves their sessions relaying
     /// without one (they are not told to leave).
     pub fn replace_endpoints(&self, table: RoutingTable) {
-        let down = down_senders(table.endpoints(), &self.down.load());
-        self.down.store(Arc::new(down));
+        let watches = endpoint_watches(table.endpoints(), &self.watches.load());
+        self.watches.store(Arc::new(watches));
         self.backpressure
             .set_endpoints(table.endpoints().iter().map(|e| e.id));
         self.table.store(Arc::new(table));
+        self.published.send_modify(|n| *n += 1);
+    }
+
+    fn watches_of(&self, id: EndpointId, bump: impl Fn(&EndpointWatches)) {
+        if let Some(w) = self.watches.load().iter().find(|w| w.id == id) {
+            bump(w);
+        }
     }
 
     /// Wakes everything watching `id` for a down event.
     pub fn signal_down(&self, id: EndpointId) {
-        if let Some(d) = self.down.load().iter().find(|d| d.id == id) {
-            d.tx.send_modify(|n| *n += 1);
-        }
+        self.watches_of(id, |w| w.down.send_modify(|n| *n += 1));
+    }
+
+    /// Tells read-write sessions on `id` to leave: it is no longer the
+    /// writer.
+    pub fn signal_writer_lost(&self, id: EndpointId) {
+        self.watches_of(id, |w| w.writer_lost.send_modify(|n| *n += 1));
+    }
+
+    /// Tells every session on `id` to leave: it is a fenced stale writer.
+    pub fn signal_fenced(&self, id: EndpointId) {
+        self.watches_of(id, |w| {
+            w.writer_lost.send_modify(|n| *n += 1);
+            w.fenced.send_modify(|n| *n += 1);
+        });
     }
 }
 
-/// One sender per endpoint, reusing `existing` ones so subscribers keep
-/// hearing about the endpoints that stay.
-fn down_senders(endpoints: &[Arc<Endpoint>], existing: &[DownSender]) -> Vec<DownSender> {
+/// One set of senders per endpoint, reusing `existing` ones so
+/// subscribers keep hearing about the endpoints that stay.
+fn endpoint_watches(
+    endpoints: &[Arc<Endpoint>],
+    existing: &[EndpointWatches],
+) -> Vec<EndpointWatches> {
     endpoints
         .iter()
-        .map(|e| DownSender {
-            id: e.id,
-            tx: existing
-                .iter()
-                .find(|d| d.id == e.id)
-                .map_or_else(|| watch::Sender::new(0), |d| d.tx.clone()),
+        .map(|e| match existing.iter().find(|w| w.id == e.id) {
+            Some(w) => EndpointWatches {
+                id: e.id,
+                down: w.down.clone(),
+                writer_lost: w.writer_lost.clone(),
+                fenced: w.fenced.clone(),
+            },
+            None => EndpointWatches {
+                id: e.id,
+                down: watch::Sender::new(0),
+                writer_lost: watch::Sender::new(0),
+                fenced: watch::Sender::new(0),
+            },
         })
         .collect()
 }
@@ -252,11 +305,11 @@ impl Router for TableRouter {
     }
 
     fn watch_down(&self, id: EndpointId) -> Option<DownWatch> {
-        self.down
+        self.watches
             .load()
             .iter()
-            .find(|d| d.id == id)
-            .map(|d| d.tx.subscribe())
+            .find(|w| w.id == id)
+            .map(|w| w.down.subscribe())
     }
 
     fn report_busy(&self, id: EndpointId) -> bool {
@@ -269,6 +322,20 @@ impl Router for TableRouter {
 
     fn is_busy(&self, id: EndpointId) -> bool {
         self.backpressure.is_busy(id, Instant::now())
+    }
+
+    fn watch_role(&self, id: EndpointId, read_only: bool) -> Option<DownWatch> {
+        let watches = self.watches.load();
+        let w = watches.iter().find(|w| w.id == id)?;
+        Some(if read_only {
+            w.fenced.subscribe()
+        } else {
+            w.writer_lost.subscribe()
+        })
+    }
+
+    fn watch_table(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.published.subscribe())
     }
 }
 
@@ -405,5 +472,45 @@ mod tests {
         assert!(table.status(EndpointId(0)).is_none());
         assert!(table.status(EndpointId(2)).is_some());
         assert_eq!(names(&table), ["z", "b"]);
+    }
+
+    #[tokio::test]
+    async fn fencing_reaches_both_intents_and_writer_loss_only_writers() {
+        let router = TableRouter::new(RoutingTable::from_configs(&[config("a", 1)]));
+        let a = EndpointId(0);
+        let (mut rw, ro) = (
+            router.watch_role(a, false).unwrap(),
+            router.watch_role(a, true).unwrap(),
+        );
+        let mut published = router.watch_table().unwrap();
+        router.signal_writer_lost(a);
+        assert!(rw.has_changed().unwrap() && !ro.has_changed().unwrap());
+        rw.mark_unchanged();
+        router.signal_fenced(a);
+        assert!(rw.has_changed().unwrap() && ro.has_changed().unwrap());
+        router.publish(RoutingTable::from_configs(&[config("a", 1)]));
+        published.changed().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn role_watches_follow_ids_across_a_new_endpoint_set() {
+        let router = TableRouter::new(RoutingTable::from_configs(&[
+            config("a", 1),
+            config("b", 2),
+        ]));
+        let mut on_a = router.watch_role(EndpointId(0), false).unwrap();
+        let mut on_b = router.watch_role(EndpointId(1), true).unwrap();
+        let mut published = router.watch_table().unwrap();
+        let plan = router.plan(&[config("a", 1), config("c", 0)]);
+        router.replace_endpoints(RoutingTable::by_priority(plan.endpoints));
+        published.changed().await.unwrap();
+        // b is gone: its sessions are not told to leave.
+        assert!(on_b.changed().await.is_err());
+        router.signal_fenced(EndpointId(0));
+        on_a.changed().await.unwrap();
+        let mut on_c = router.watch_role(EndpointId(2), true).unwrap();
+        router.signal_fenced(EndpointId(2));
+        on_c.changed().await.unwrap();
+        assert!(router.watch_role(EndpointId(1), false).is_none());
     }
 }

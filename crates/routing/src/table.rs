@@ -8,7 +8,40 @@ use dsql_proxy_config::EndpointConfig;
 use crate::health::{FailureKind, Liveness};
 use crate::policy::{Selection, SelectionReason};
 use crate::route53::Route53Reading;
+use crate::writer::{NoWriter, RoleObservation};
 use crate::{Endpoint, EndpointId};
+
+/// Roles under `kind = "aurora-global"`: where writes and reads go.
+#[derive(Debug, Clone)]
+pub struct Roles {
+    /// Where read-write sessions go, or why nowhere.
+    pub writer: Result<EndpointId, NoWriter>,
+    /// Fenced stale writers.
+    pub fenced: Vec<EndpointId>,
+    /// Endpoints a read-only session tries, best first.
+    pub read_order: Vec<EndpointId>,
+    /// The last role each endpoint's probe saw.
+    pub observed: Vec<(EndpointId, RoleObservation)>,
+    pub writer_changes_total: u64,
+}
+
+impl Roles {
+    pub fn writer(&self) -> Option<EndpointId> {
+        self.writer.as_ref().ok().copied()
+    }
+
+    pub fn is_fenced(&self, id: EndpointId) -> bool {
+        self.fenced.contains(&id)
+    }
+
+    /// The last role `id`'s probe saw.
+    pub fn observed(&self, id: EndpointId) -> Option<&RoleObservation> {
+        self.observed
+            .iter()
+            .find(|(e, _)| *e == id)
+            .map(|(_, role)| role)
+    }
+}
 
 /// One endpoint's state when the table was built, for status and metrics.
 #[derive(Debug, Clone)]
@@ -75,6 +108,8 @@ pub struct RoutingTable {
     pub generation: u64,
     /// Times the selected endpoint changed since start.
     pub route_changes_total: u64,
+    /// Set under `kind = "aurora-global"` once probes reported.
+    pub roles: Option<Arc<Roles>>,
 }
 
 impl RoutingTable {
@@ -93,6 +128,7 @@ impl RoutingTable {
             reason: SelectionReason::Priority,
             generation: 0,
             route_changes_total: 0,
+            roles: None,
         }
     }
 
@@ -120,6 +156,7 @@ impl RoutingTable {
             reason: selection.reason,
             generation,
             route_changes_total: 0,
+            roles: None,
         }
     }
 
@@ -173,6 +210,15 @@ impl RoutingTable {
             .filter(move |(e, _)| !busy(e.id))
             .chain(eligible().filter(move |(e, _)| busy(e.id)))
             .chain(self.candidates().skip(self.eligible))
+    }
+
+    /// The writer, by name, for messages: `none` when there is none.
+    pub fn writer_name(&self) -> &str {
+        self.roles
+            .as_ref()
+            .and_then(|r| r.writer())
+            .and_then(|id| self.endpoint(id))
+            .map_or("none", |e| e.name.as_str())
     }
 
     pub fn is_empty(&self) -> bool {

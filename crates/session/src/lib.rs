@@ -27,9 +27,9 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 pub use error::{shutdown_error, SessionError};
-pub use session::EVICTION_FLUSH;
+pub use session::{GlobalSettings, Intent, EVICTION_FLUSH};
 
-use dsql_proxy_config::{ClientAuthMethod, Config, OnEndpointDown};
+use dsql_proxy_config::{BackendKind, ClientAuthMethod, Config, OnEndpointDown};
 use dsql_proxy_credentials::CredentialSource;
 use dsql_proxy_metrics::Metrics;
 use dsql_proxy_protocol::scram::{ScramVerifier, DEFAULT_ITERATIONS};
@@ -63,6 +63,8 @@ pub struct ProxyContext {
     /// next context when a reload leaves its settings alone, so a reload
     /// does not hand out a fresh burst.
     pub connect_limiter: Option<Arc<ConnectLimiter>>,
+    /// Set for `kind = "aurora-global"`: sessions are routed by role.
+    pub global: Option<GlobalSettings>,
     pub router: Arc<dyn Router>,
     pub credentials: Arc<dyn CredentialSource>,
     pub cancels: Arc<CancelRegistry>,
@@ -182,6 +184,9 @@ impl ProxyContext {
             attempt_timeout: config.routing.attempt_timeout.get(),
             on_endpoint_down: config.routing.on_endpoint_down,
             connect_limiter,
+            global: (config.backend.kind == BackendKind::AuroraGlobal).then(|| GlobalSettings {
+                writer_wait: config.routing.writer_wait.get(),
+            }),
             router,
             credentials,
             cancels,
@@ -202,11 +207,14 @@ pub struct BoundProxy {
 
 impl BoundProxy {
     pub async fn bind(ctx: ProxyContext, config: &Config) -> Result<Self, SessionError> {
-        let listeners = Listeners::bind(
+        let mut listeners = Listeners::bind(
             config.listen.address,
             config.listen.unix_socket_dir.as_deref(),
         )
         .await?;
+        if let Some(address) = config.listen.read_only_address {
+            listeners.bind_read_only(address).await?;
+        }
         Ok(Self {
             ctx: Arc::new(ArcSwap::from_pointee(ctx)),
             listeners,
@@ -225,6 +233,11 @@ impl BoundProxy {
     /// The session count and close signal the shutdown sequence drives.
     pub fn drain(&self) -> Arc<Drain> {
         Arc::clone(&self.ctx.load().drain)
+    }
+
+    /// The read-only listener's address, when there is one.
+    pub fn read_only_addr(&self) -> Option<SocketAddr> {
+        self.listeners.read_only.as_ref()?.local_addr().ok()
     }
 
     pub fn unix_socket_path(&self) -> Option<&std::path::Path> {

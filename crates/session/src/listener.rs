@@ -15,7 +15,7 @@ use crate::frontend::{self, Failure, Opening, Peer};
 use crate::io::Deadline;
 use crate::limit::ClientLimit;
 use crate::stream::Transport;
-use crate::{session, ProxyContext, SessionError, SharedContext};
+use crate::{session, Intent, ProxyContext, SessionError, SharedContext};
 
 /// Connections over the limit still get a proper 53300 answer, but only this
 /// many at once; beyond that they are closed without reading.
@@ -24,6 +24,8 @@ const MAX_PENDING_REJECTIONS: usize = 256;
 pub struct Listeners {
     pub tcp: TcpListener,
     pub unix: Option<(UnixListener, PathBuf)>,
+    /// `[listen] read_only_address`: its sessions are read-only.
+    pub read_only: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -50,7 +52,19 @@ impl Listeners {
             }
             None => None,
         };
-        Ok(Self { tcp, unix })
+        Ok(Self {
+            tcp,
+            unix,
+            read_only: None,
+        })
+    }
+
+    pub async fn bind_read_only(&mut self, address: SocketAddr) -> Result<(), SessionError> {
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|e| SessionError::Setup(format!("cannot listen on {address}: {e}")))?;
+        self.read_only = Some(listener);
+        Ok(())
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
@@ -81,11 +95,15 @@ pub async fn accept_loop(
             _ = &mut shutdown => break,
             r = listeners.tcp.accept() => r.map(|(s, a)| {
                 let _ = s.set_nodelay(true);
-                (Transport::Tcp(s), Peer::Tcp(a))
+                (Transport::Tcp(s), Peer::Tcp(a), Intent::ReadWrite)
             }),
-            r = accept_unix(&listeners.unix) => r.map(|s| (Transport::Unix(s), Peer::Unix)),
+            r = accept_unix(&listeners.unix) => r.map(|s| (Transport::Unix(s), Peer::Unix, Intent::ReadWrite)),
+            r = accept_read_only(&listeners.read_only) => r.map(|(s, a)| {
+                let _ = s.set_nodelay(true);
+                (Transport::Tcp(s), Peer::Tcp(a), Intent::ReadOnly)
+            }),
         };
-        let (transport, peer) = match accepted {
+        let (transport, peer, intent) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
@@ -106,7 +124,7 @@ pub async fn accept_loop(
                 tokio::spawn(
                     async move {
                         ctx.metrics.client_connections_active.inc();
-                        session::run(Arc::clone(&ctx), transport, peer).await;
+                        session::run(Arc::clone(&ctx), transport, peer, intent).await;
                         ctx.metrics.client_connections_active.dec();
                         drop(permit);
                         drop(guard);
@@ -136,6 +154,15 @@ pub async fn accept_loop(
     }
     drop(listeners);
     info!("stopped accepting connections");
+}
+
+async fn accept_read_only(
+    listener: &Option<TcpListener>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn accept_unix(

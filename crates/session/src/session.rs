@@ -25,9 +25,12 @@ use crate::relay::{Relay, RelayEnd};
 use crate::stream::Transport;
 use crate::{ProxyContext, SessionError};
 
+pub(crate) mod role;
+pub use role::{GlobalSettings, Intent};
+
 /// Runs one accepted connection to the end. Never panics on peer input and
 /// always logs one line when a session (not a cancel) ends.
-pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
+pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, intent: Intent) {
     let started = Instant::now();
     let mut close = ctx.drain.close_signal();
     let deadline = Deadline::after(ctx.startup_timeout).or_closed(close.clone());
@@ -87,13 +90,25 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
         password: password.as_ref(),
         params: &params,
     };
-    // A shutdown does not wait for a slow connect: the client hears 57P01.
+    // A shutdown does not wait for a slow connect (or for a writer): the
+    // client hears 57P01.
+    let connect = async {
+        match &ctx.global {
+            Some(global) => {
+                let intent = Intent::for_startup(intent, &startup);
+                role::connect(&ctx, global, intent, &login).await
+            }
+            None => connect_any(&ctx, &table, &login)
+                .await
+                .map(|(e, b)| (e, b, None)),
+        }
+    };
     let connected = tokio::select! {
         biased;
-        connected = connect_any(&ctx, &table, &login) => connected,
+        connected = connect => connected,
         () = close.closed() => Err(SessionError::Shutdown),
     };
-    let (endpoint, backend) = match connected {
+    let (endpoint, backend, mut role_watch) = match connected {
         Ok(connected) => connected,
         Err(SessionError::Shutdown) => {
             ctx.metrics
@@ -180,7 +195,8 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
         OnEndpointDown::Keep => None,
     };
     let mut relay = Relay::new(&mut stream, &mut backend_stream);
-    let end = relay_until_evicted(&mut relay, down.as_mut(), &mut close).await;
+    let end = relay_until_evicted(&mut relay, down.as_mut(), role_watch.as_mut(), &mut close).await;
+    let mut evicted_for = None;
     match &end {
         Ok(end) => {
             if let Some(detail) = backend_broke(end, &relay) {
@@ -188,18 +204,25 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
                     .report(endpoint.id, PassiveSignal::SessionBroken { detail });
             }
         }
-        Err(Eviction::EndpointDown) => {
-            // End the session the way PostgreSQL ends one on shutdown, so
-            // pools reconnect (to a healthy endpoint) at once instead of
-            // waiting on a dead socket. The backend is gone: only what was
-            // already read can still reach the client.
-            let message = PgError::fatal(
-                sqlstate::ADMIN_SHUTDOWN,
-                format!(
-                    "dsql-proxy: endpoint {} is unavailable; reconnect",
-                    endpoint.name
-                ),
-            );
+        Err(eviction @ (Eviction::EndpointDown | Eviction::Role)) => {
+            // The endpoint went down or its role changed: end the session
+            // the way PostgreSQL ends one on shutdown, so pools reconnect
+            // (to a healthy endpoint, the new writer) at once instead of
+            // waiting on a dead socket or writing to a stale writer. Only
+            // what was already read can still reach the client.
+            let message = if *eviction == Eviction::Role {
+                let (message, reason) = role::eviction(&ctx, &endpoint);
+                evicted_for = Some(reason);
+                message
+            } else {
+                PgError::fatal(
+                    sqlstate::ADMIN_SHUTDOWN,
+                    format!(
+                        "dsql-proxy: endpoint {} is unavailable; reconnect",
+                        endpoint.name
+                    ),
+                )
+            };
             let until = Instant::now() + EVICTION_FLUSH;
             let flushed = tokio::time::timeout_at(until, relay.flush_downstream()).await;
             if matches!(flushed, Ok(Ok(()))) && relay.downstream.at_boundary() {
@@ -226,7 +249,7 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer) {
     let stats = relay.stats();
     let reason = match &end {
         Ok(end) => end.reason(),
-        Err(eviction) => eviction.reason(),
+        Err(eviction) => evicted_for.unwrap_or(eviction.reason()),
     };
     drop(relay);
     active.dec();
@@ -264,47 +287,58 @@ pub const EVICTION_FLUSH: Duration = Duration::from_secs(1);
 enum Eviction {
     /// The probes confirmed the session's endpoint down.
     EndpointDown,
+    /// The endpoint stopped being the writer, or was fenced
+    /// (`aurora-global`).
+    Role,
     /// The proxy is shutting down and the drain time is over.
     Shutdown,
 }
 
 impl Eviction {
-    /// The `sessions_closed_total{reason}` label.
+    /// The `sessions_closed_total{reason}` label (a role eviction names
+    /// its cause instead, see `role::eviction`).
     fn reason(self) -> &'static str {
         match self {
             Self::EndpointDown => "endpoint_down",
+            Self::Role => "role_changed",
             Self::Shutdown => "shutdown",
         }
     }
 }
 
-/// Relays until the session ends (`Ok`), `down` fires or the proxy closes
-/// every session (`Err`). Both signals are `watch` receivers: an atomic
-/// version check per poll, woken only when they fire.
+/// Relays until the session ends (`Ok`), a watch fires or the proxy
+/// closes every session (`Err`). The signals are `watch` receivers: an
+/// atomic version check per poll, woken only when they fire.
 async fn relay_until_evicted<C, B>(
     relay: &mut Relay<'_, C, B>,
     down: Option<&mut DownWatch>,
+    role: Option<&mut DownWatch>,
     close: &mut CloseSignal,
 ) -> Result<RelayEnd, Eviction>
 where
     C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
     B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
 {
-    let endpoint_down = async {
-        if let Some(down) = down {
-            if down.changed().await.is_ok() {
-                return;
-            }
-        }
-        // No watch, or the router is gone: relay on without it.
-        std::future::pending::<()>().await
-    };
     tokio::select! {
+        // A role change goes first: once a stale writer is fenced, not one
+        // more client byte may reach it.
         biased;
+        () = fired(role) => Err(Eviction::Role),
         end = &mut *relay => Ok(end),
-        () = endpoint_down => Err(Eviction::EndpointDown),
+        () = fired(down) => Err(Eviction::EndpointDown),
         () = close.closed() => Err(Eviction::Shutdown),
     }
+}
+
+/// Resolves when `watch` fires; never for none, or a closed one (the
+/// router is gone at shutdown, or a reload removed the endpoint).
+async fn fired(watch: Option<&mut DownWatch>) {
+    if let Some(w) = watch {
+        if w.changed().await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
 }
 
 /// Tells the client its session is over, giving up at `until`.
@@ -332,7 +366,7 @@ fn backend_broke<C: ?Sized, B: ?Sized>(end: &RelayEnd, relay: &Relay<'_, C, B>) 
 }
 
 /// What a session authenticates to the backend with.
-struct Login<'a> {
+pub(crate) struct Login<'a> {
     user: &'a str,
     password: Option<&'a Secret>,
     params: &'a [StartupParam],
@@ -674,9 +708,13 @@ fn backend_parameters(startup: &StartupMessage, ctx: &ProxyContext) -> Vec<Start
         .params
         .iter()
         .filter(|p| {
-            !ctx.drop_parameters
-                .iter()
-                .any(|d| d.eq_ignore_ascii_case(&p.name))
+            // target_session_attrs is a client-side setting (role routing
+            // reads it), never a server parameter.
+            !p.name.eq_ignore_ascii_case("target_session_attrs")
+                && !ctx
+                    .drop_parameters
+                    .iter()
+                    .any(|d| d.eq_ignore_ascii_case(&p.name))
         })
         .cloned()
         .collect();

@@ -25,6 +25,7 @@ impl Probe for Answers {
                 ProbeOutcome::Success {
                     rtt,
                     connect_time: None,
+                    role: None,
                 },
                 None,
             )
@@ -46,6 +47,7 @@ fn config(name: &str, priority: u32) -> EndpointConfig {
 
 fn settings() -> MonitorSettings {
     MonitorSettings {
+        max_replica_lag: None,
         probe_interval: Duration::from_millis(10),
         probe_timeout: Duration::from_secs(1),
         hysteresis: Hysteresis {

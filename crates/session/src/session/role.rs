@@ -1,0 +1,313 @@
+//! The connect path under `kind = "aurora-global"`: read-write sessions go
+//! only to the current writer (waiting up to `writer_wait` for one during
+//! a failover window), read-only sessions to the nearest replica within the
+//! lag bound, else the writer. The watch returned with the connection fires
+//! when the session must leave because the endpoint's role changed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use dsql_proxy_protocol::{messages, sqlstate, PgError, StartupMessage};
+use dsql_proxy_routing::{
+    DownWatch, Endpoint, EndpointId, FailureKind, PassiveSignal, RoutingTable,
+};
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::{attempt_limit, connect_one, Login};
+use crate::backend::BackendSession;
+use crate::io::send;
+use crate::{ProxyContext, SessionError};
+
+/// What a client session is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intent {
+    ReadWrite,
+    ReadOnly,
+}
+
+impl Intent {
+    /// The listener's intent, unless the client's startup packet carries
+    /// `target_session_attrs` asking for a standby (libpq and most drivers
+    /// evaluate that setting themselves and never send it; a client that
+    /// does send it gets it honoured here).
+    pub fn for_startup(listener: Intent, startup: &StartupMessage) -> Intent {
+        match startup.param("target_session_attrs").as_deref() {
+            Some("read-only" | "standby" | "prefer-standby") => Intent::ReadOnly,
+            _ => listener,
+        }
+    }
+}
+
+/// Settings the role-aware connect path needs.
+#[derive(Debug, Clone)]
+pub struct GlobalSettings {
+    pub writer_wait: Duration,
+}
+
+/// A connected backend and the watch that ends the session on a role
+/// change.
+pub(crate) type RoleConnection = (Arc<Endpoint>, BackendSession, Option<DownWatch>);
+
+pub(crate) async fn connect(
+    ctx: &ProxyContext,
+    global: &GlobalSettings,
+    intent: Intent,
+    login: &Login<'_>,
+) -> Result<RoleConnection, SessionError> {
+    let deadline = Instant::now() + global.writer_wait;
+    let mut published = ctx.router.watch_table();
+    let mut last_error: Option<SessionError> = None;
+    loop {
+        if let Some(p) = published.as_mut() {
+            p.mark_unchanged();
+        }
+        let table = ctx.router.route().map_err(|e| {
+            SessionError::Rejected(PgError::fatal(
+                sqlstate::CANNOT_CONNECT_NOW,
+                format!("dsql-proxy has no endpoint to route to: {e}"),
+            ))
+        })?;
+        let candidates = candidates(&table, intent);
+        let total = candidates.len();
+        for (tried, endpoint) in candidates.into_iter().enumerate() {
+            let read_only = intent == Intent::ReadOnly;
+            let role_watch = ctx.router.watch_role(endpoint.id, read_only);
+            let budget = ctx.backend.connect_timeout;
+            // A hung replica must leave time for the next candidate (main's
+            // per-attempt limit); the last one gets the whole budget.
+            let limit = if tried + 1 == total {
+                budget
+            } else {
+                let probed = table.status(endpoint.id).and_then(|s| s.connect_time);
+                budget.min(attempt_limit(ctx.attempt_timeout, probed))
+            };
+            let down = ctx.router.watch_down(endpoint.id);
+            let attempt_started = Instant::now();
+            match connect_one(ctx, &endpoint, login, limit, budget, down).await {
+                Ok(backend) => {
+                    ctx.metrics
+                        .backend_connect_seconds
+                        .with_label_values(&[endpoint.name.as_str(), endpoint.region_label()])
+                        .observe(attempt_started.elapsed().as_secs_f64());
+                    // Its role changed while we connected: route again.
+                    // The watch catches a signal sent after we subscribed;
+                    // one sent before (between our table load and the
+                    // subscription) followed a publish, which the table
+                    // read now shows.
+                    let signalled = role_watch
+                        .as_ref()
+                        .is_some_and(|w| w.has_changed().unwrap_or(false));
+                    let still_fits = ctx
+                        .router
+                        .route()
+                        .is_ok_and(|now| fits(&now, endpoint.id, intent));
+                    if signalled || !still_fits {
+                        debug!(endpoint = %endpoint.name, "role changed during connect; routing again");
+                        terminate(backend).await;
+                        continue;
+                    }
+                    return Ok((endpoint, backend, role_watch));
+                }
+                Err(err) => {
+                    let Some(kind) = err.failover_kind() else {
+                        return Err(err);
+                    };
+                    if kind != FailureKind::Busy {
+                        ctx.router.report(
+                            endpoint.id,
+                            PassiveSignal::ConnectFailed {
+                                kind,
+                                detail: err.to_string(),
+                            },
+                        );
+                    }
+                    last_error = Some(err);
+                }
+            }
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(nowhere(&table, intent, global, last_error));
+        }
+        // Wait for the next table (a probe round at the latest).
+        match published.as_mut() {
+            Some(p) => {
+                let _ = tokio::time::timeout_at(deadline, p.changed()).await;
+            }
+            None => tokio::time::sleep_until(deadline).await,
+        }
+    }
+}
+
+/// Whether `id` may still take a session of this intent under `table`:
+/// the writer for read-write, not fenced for read-only.
+fn fits(table: &RoutingTable, id: EndpointId, intent: Intent) -> bool {
+    let Some(roles) = &table.roles else {
+        return false;
+    };
+    match intent {
+        Intent::ReadWrite => roles.writer() == Some(id),
+        Intent::ReadOnly => !roles.is_fenced(id),
+    }
+}
+
+/// The endpoints to try, best first.
+fn candidates(table: &RoutingTable, intent: Intent) -> Vec<Arc<Endpoint>> {
+    let Some(roles) = &table.roles else {
+        return Vec::new();
+    };
+    let ids = match intent {
+        Intent::ReadWrite => roles.writer().into_iter().collect(),
+        Intent::ReadOnly => roles.read_order.clone(),
+    };
+    ids.into_iter()
+        .filter_map(|id| table.endpoint(id).cloned())
+        .collect()
+}
+
+/// The client's error when no endpoint of the right role took the session
+/// within `writer_wait`.
+fn nowhere(
+    table: &RoutingTable,
+    intent: Intent,
+    global: &GlobalSettings,
+    last_error: Option<SessionError>,
+) -> SessionError {
+    let why = match table.roles.as_ref().map(|r| &r.writer) {
+        Some(Ok(_)) => match &last_error {
+            Some(e) => format!(
+                "the writer {} did not take the session: {e}",
+                table.writer_name()
+            ),
+            None => "the writer changed while connecting".to_owned(),
+        },
+        Some(Err(no_writer)) => no_writer.describe(table.endpoints()),
+        None => "endpoint roles are not known yet".to_owned(),
+    };
+    let what = match intent {
+        Intent::ReadWrite => "no writer",
+        Intent::ReadOnly => "no replica within max_replica_lag and no writer",
+    };
+    SessionError::Rejected(PgError::fatal(
+        sqlstate::CANNOT_CONNECT_NOW,
+        format!(
+            "dsql-proxy: {what} within writer_wait ({:?}): {why}; retry later",
+            global.writer_wait
+        ),
+    ))
+}
+
+/// Ends a backend session that will not be used.
+async fn terminate(backend: BackendSession) {
+    let mut stream = backend.stream;
+    let mut buf = BytesMut::new();
+    messages::terminate(&mut buf);
+    let _ = tokio::time::timeout(Duration::from_secs(1), send(&mut stream, &buf)).await;
+}
+
+/// The FATAL a session gets when its endpoint's role changed.
+pub(crate) fn eviction(ctx: &ProxyContext, endpoint: &Endpoint) -> (PgError, &'static str) {
+    let table = ctx.router.route().ok();
+    let roles = table.as_ref().and_then(|t| t.roles.as_ref());
+    let fenced = roles.is_some_and(|r| r.is_fenced(endpoint.id));
+    let writer = table.as_ref().and_then(|t| {
+        let id = t.roles.as_ref()?.writer()?;
+        t.endpoint(id).cloned()
+    });
+    let to = match &writer {
+        Some(w) => format!("{} (Region {})", w.name, w.region_label()),
+        None => "none known yet".to_owned(),
+    };
+    if fenced {
+        let message = format!(
+            "dsql-proxy: endpoint {} is a stale writer and was fenced; the writer is {to}; reconnect",
+            endpoint.name
+        );
+        (PgError::fatal(sqlstate::ADMIN_SHUTDOWN, message), "fenced")
+    } else {
+        let message = format!(
+            "dsql-proxy: writer moved from {} to {to}; reconnect",
+            endpoint.name
+        );
+        (
+            PgError::fatal(sqlstate::ADMIN_SHUTDOWN, message),
+            "writer_moved",
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dsql_proxy_config::EndpointConfig;
+    use dsql_proxy_routing::writer::NoWriter;
+    use dsql_proxy_routing::Roles;
+
+    fn table(writer: Result<EndpointId, NoWriter>, fenced: [bool; 3]) -> RoutingTable {
+        let configs: Vec<EndpointConfig> = ["east", "west", "south"]
+            .iter()
+            .map(|name| EndpointConfig {
+                name: (*name).into(),
+                region: Some((*name).into()),
+                host: format!("{name}.example"),
+                port: 5432,
+                connect_address: None,
+                priority: 1,
+                route53_health_check_id: None,
+            })
+            .collect();
+        let mut t = RoutingTable::from_configs(&configs);
+        let read_order = [EndpointId(2), EndpointId(1)]
+            .into_iter()
+            .filter(|id| !fenced[id.0 as usize])
+            .chain(writer.as_ref().ok().copied())
+            .collect();
+        t.roles = Some(Arc::new(Roles {
+            writer,
+            fenced: (0..3)
+                .filter(|&i| fenced[i])
+                .map(|i| EndpointId(i as u32))
+                .collect(),
+            read_order,
+            observed: Vec::new(),
+            writer_changes_total: 0,
+        }));
+        t
+    }
+
+    fn names(endpoints: Vec<Arc<Endpoint>>) -> Vec<String> {
+        endpoints.iter().map(|e| e.name.clone()).collect()
+    }
+
+    #[test]
+    fn read_write_goes_only_to_the_writer_and_read_only_follows_the_read_order() {
+        let (east, west) = (EndpointId(0), EndpointId(1));
+        let t = table(Ok(east), [false; 3]);
+        assert_eq!(names(candidates(&t, Intent::ReadWrite)), ["east"]);
+        assert_eq!(
+            names(candidates(&t, Intent::ReadOnly)),
+            ["south", "west", "east"]
+        );
+        assert!(fits(&t, east, Intent::ReadWrite) && !fits(&t, west, Intent::ReadWrite));
+        assert!(fits(&t, west, Intent::ReadOnly));
+
+        // West promoted, east fenced: nothing may stay on east.
+        let t = table(Ok(west), [true, false, false]);
+        assert_eq!(names(candidates(&t, Intent::ReadWrite)), ["west"]);
+        assert!(!fits(&t, east, Intent::ReadWrite) && !fits(&t, east, Intent::ReadOnly));
+
+        // No writer: read-write sessions have nothing to try (they wait).
+        let t = table(Err(NoWriter::NoneWritable), [false; 3]);
+        assert!(candidates(&t, Intent::ReadWrite).is_empty());
+        assert!(!fits(&t, east, Intent::ReadWrite));
+        assert_eq!(names(candidates(&t, Intent::ReadOnly)), ["south", "west"]);
+
+        // A table without roles (not aurora-global): nothing fits.
+        let mut t = table(Ok(east), [false; 3]);
+        t.roles = None;
+        assert!(candidates(&t, Intent::ReadWrite).is_empty());
+        assert!(!fits(&t, east, Intent::ReadOnly));
+    }
+}
