@@ -27,6 +27,9 @@ pub struct GlobalOptions {
     pub primary_in_proxy: bool,
     /// Extra `[routing]` lines.
     pub routing: Vec<String>,
+    /// SQL run as superuser in the app database on the primary before the
+    /// standbys are cloned (so they have it too) and the proxy starts.
+    pub primary_setup: Vec<String>,
 }
 
 impl Default for GlobalOptions {
@@ -35,6 +38,7 @@ impl Default for GlobalOptions {
             standbys: 1,
             primary_in_proxy: true,
             routing: Vec::new(),
+            primary_setup: Vec::new(),
         }
     }
 }
@@ -58,6 +62,9 @@ impl GlobalStack {
         );
         let primary = PgServer::start(PgOptions::default());
         sql_in(&primary, APP_DB, WRITES_TABLE);
+        for sql in &opts.primary_setup {
+            sql_in(&primary, APP_DB, sql);
+        }
         let mut servers = vec![primary];
         for _ in 0..opts.standbys {
             let standby = servers[0].start_standby(PgOptions::default());
@@ -185,3 +192,31 @@ pub fn http_get(addr: SocketAddr, path: &str) -> String {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default()
 }
+
+/// Aurora's global database functions, with the columns Aurora documents,
+/// over a table a test controls (`aurora_fake`): the primary is instance
+/// `east-1` in `us-east-1` holding `MASTER_SESSION_ID`, a standby is
+/// `west-1` in `us-west-2`. Plain PostgreSQL has no such functions; with
+/// these the proxy takes it for Aurora and reads Regions and lag from them.
+/// The table replicates, so a test changes a standby's reported lag with an
+/// `UPDATE` on the primary.
+pub const FAKE_AURORA_FUNCTIONS: &str = "\
+    create table aurora_fake (server_id text primary key, session_id text, aws_region text, \
+      visibility_lag_in_msec bigint, rpo_lag_in_msec bigint); \
+    insert into aurora_fake values ('east-1', 'MASTER_SESSION_ID', 'us-east-1', 0, -1), \
+      ('west-1', 'a1b2c3', 'us-west-2', 0, 0); \
+    grant select on aurora_fake to app; \
+    create function aurora_db_instance_identifier() returns text language sql stable as \
+      $$ select case when pg_is_in_recovery() then 'west-1' else 'east-1' end $$; \
+    create function aurora_global_db_instance_status() returns table (server_id text, \
+      session_id text, aws_region text, durable_lsn numeric, highest_lsn_rcvd numeric, \
+      feedback_epoch int, feedback_xmin int, oldest_read_view_lsn numeric, \
+      visibility_lag_in_msec bigint) language sql stable as \
+      $$ select server_id, session_id, aws_region, null::numeric, null::numeric, null::int, \
+         null::int, null::numeric, visibility_lag_in_msec from aurora_fake $$; \
+    create function aurora_global_db_status() returns table (aws_region text, \
+      highest_lsn_written numeric, durability_lag_in_msec numeric, rpo_lag_in_msec numeric, \
+      last_lag_calculation_time timestamptz, feedback_epoch int, feedback_xmin int) \
+      language sql stable as \
+      $$ select aws_region, null::numeric, null::numeric, rpo_lag_in_msec::numeric, \
+         null::timestamptz, null::int, null::int from aurora_fake $$";

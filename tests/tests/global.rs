@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use dsql_proxy_tests::fixture::client_config;
-use dsql_proxy_tests::global::{sql_in, GlobalOptions, GlobalStack};
+use dsql_proxy_tests::global::{sql_in, GlobalOptions, GlobalStack, FAKE_AURORA_FUNCTIONS};
 use dsql_proxy_tests::{Replication, APP_DB, APP_USER};
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
@@ -261,6 +261,7 @@ async fn without_a_writer_sessions_wait_then_fail_clearly() {
         standbys: 2,
         primary_in_proxy: false,
         routing: vec!["writer_wait = \"2s\"".into()],
+        ..GlobalOptions::default()
     });
     let (west, south) = (&stack.servers[1], &stack.servers[2]);
 
@@ -356,4 +357,82 @@ async fn a_startup_packet_asking_for_a_standby_gets_a_replica_on_the_main_listen
         session_port(None).await,
         (primary.port(), Some("off".to_owned()))
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aurora_endpoints_are_detected_and_their_lag_is_aurora_s() {
+    let stack = GlobalStack::start(GlobalOptions {
+        routing: vec!["max_replica_lag = \"2s\"".into()],
+        primary_setup: vec![FAKE_AURORA_FUNCTIONS.into()],
+        ..GlobalOptions::default()
+    });
+    let (primary, standby) = (&stack.servers[0], &stack.servers[1]);
+    assert!(
+        stack.wait_for_writer("east", Duration::from_secs(10)),
+        "{}",
+        stack.proxy.logs()
+    );
+    // Each endpoint's first role report may come a probe round apart.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        let status: serde_json::Value =
+            serde_json::from_str(&stack.admin_get("/status")).expect("status JSON");
+        let seen = status["endpoints"]
+            .as_array()
+            .expect("endpoints")
+            .iter()
+            .all(|e| !e["role"]["aurora"].is_null());
+        if seen || Instant::now() > deadline {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let aurora_of = |name: &str| {
+        status["endpoints"]
+            .as_array()
+            .expect("endpoints")
+            .iter()
+            .find(|e| e["name"] == name)
+            .map(|e| e["role"]["aurora"].clone())
+            .expect("endpoint")
+    };
+    assert_eq!(aurora_of("east")["region"], "us-east-1", "{status}");
+    assert_eq!(aurora_of("east")["writer_region"], "us-east-1");
+    assert_eq!(aurora_of("east")["rpo_lag_ms"], serde_json::Value::Null);
+    assert_eq!(aurora_of("west")["region"], "us-west-2");
+    assert_eq!(aurora_of("west")["writer_region"], "us-east-1");
+
+    let read_port = || async {
+        let (c, _) = open(stack.read_only).await.expect("connect read-only");
+        port_of(&c).await
+    };
+    assert_eq!(read_port().await, standby.port());
+
+    // Aurora says the replica is 5 s behind (its replay is not: plain
+    // PostgreSQL's view would be 0); read-only sessions leave it.
+    sql_in(
+        primary,
+        APP_DB,
+        "update aurora_fake set visibility_lag_in_msec = 5000 where server_id = 'west-1'",
+    );
+    let west = "endpoint=\"west\",region=\"west\"";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && read_port().await != primary.port() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(read_port().await, primary.port(), "{}", stack.proxy.logs());
+    assert_eq!(stack.metric("replica_lag_seconds", west), Some(5.0));
+
+    // Caught up by Aurora's account: back to the replica.
+    sql_in(
+        primary,
+        APP_DB,
+        "update aurora_fake set visibility_lag_in_msec = 20 where server_id = 'west-1'",
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && read_port().await != standby.port() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(read_port().await, standby.port());
+    assert_eq!(stack.metric("replica_lag_seconds", west), Some(0.02));
 }

@@ -47,6 +47,11 @@ pub fn status_json(
                     "read_only": seen.map(|o| o.read_only),
                     "timeline": seen.and_then(|o| o.timeline),
                     "lag_ms": ms(seen.and_then(|o| o.lag)),
+                    "aurora": seen.and_then(|o| o.aurora.as_ref()).map(|a| json!({
+                        "region": a.region,
+                        "writer_region": a.writer_region,
+                        "rpo_lag_ms": ms(a.rpo_lag),
+                    })),
                     "read_rank": r.read_order.iter().position(|id| *id == e.id),
                 })
             });

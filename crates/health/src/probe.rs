@@ -9,7 +9,7 @@ use bytes::BytesMut;
 use dsql_proxy_credentials::{CredentialRequest, CredentialSource};
 use dsql_proxy_protocol::query::{decode_query_message, encode_query, QueryMessage};
 use dsql_proxy_protocol::startup::StartupParam;
-use dsql_proxy_routing::writer::RoleObservation;
+use dsql_proxy_routing::writer::{AuroraStatus, RoleObservation};
 use dsql_proxy_routing::{Endpoint, FailureKind, ProbeOutcome};
 use dsql_proxy_session::backend::{self, BackendSettings};
 use dsql_proxy_session::io::{read_message, send};
@@ -25,6 +25,9 @@ pub type CheckFuture =
 /// A persistent connection a probe reuses between rounds.
 pub struct ProbeConnection {
     stream: BackendStream,
+    /// Whether the server has Aurora's global database functions; learned
+    /// once per connection by a role-probing check.
+    aurora: Option<bool>,
 }
 
 /// One check of one endpoint. The future owns everything it uses, so the
@@ -68,6 +71,33 @@ pub const ROLE_QUERY: &str = "SELECT pg_is_in_recovery(), \
      CASE WHEN NOT pg_is_in_recovery() THEN 0 \
           WHEN pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0 \
           ELSE (extract(epoch FROM now() - pg_last_xact_replay_timestamp()) * 1000)::bigint END";
+
+/// Whether the server is Aurora PostgreSQL with the global database
+/// functions the Aurora role query uses (plain PostgreSQL has none of them).
+pub const AURORA_DETECT_QUERY: &str = "SELECT \
+     to_regprocedure('aurora_global_db_instance_status()') IS NOT NULL \
+     AND to_regprocedure('aurora_global_db_status()') IS NOT NULL \
+     AND to_regprocedure('aurora_db_instance_identifier()') IS NOT NULL";
+
+/// The role query on Aurora: in recovery or not (an Aurora secondary
+/// Region's cluster, or a reader instance, is); this instance's Region and
+/// visibility lag from `aurora_global_db_instance_status()`; the Region of
+/// the instance holding `MASTER_SESSION_ID` (the writer) as this endpoint
+/// sees it; and this Region's `rpo_lag_in_msec` from
+/// `aurora_global_db_status()` (-1 on the primary Region). Aurora has no
+/// timeline a probe could compare across Regions: with two writable
+/// endpoints only the control plane (`global_cluster_id`) proves which is
+/// newer.
+pub const AURORA_ROLE_QUERY: &str = "SELECT pg_is_in_recovery(), \
+     me.aws_region, \
+     (SELECT w.aws_region FROM aurora_global_db_instance_status() w \
+       WHERE w.session_id = 'MASTER_SESSION_ID' LIMIT 1), \
+     me.visibility_lag_in_msec, \
+     (SELECT g.rpo_lag_in_msec FROM aurora_global_db_status() g \
+       WHERE g.aws_region = me.aws_region LIMIT 1) \
+     FROM (SELECT 1) AS one \
+     LEFT JOIN (SELECT * FROM aurora_global_db_instance_status() \
+       WHERE server_id = aurora_db_instance_identifier() LIMIT 1) AS me ON true";
 
 impl PgProbe {
     pub fn new(
@@ -132,6 +162,7 @@ impl PgProbe {
         .map_err(|e| classify(&e))?;
         Ok(Opened::Connection(ProbeConnection {
             stream: session.stream,
+            aurora: None,
         }))
     }
 
@@ -179,16 +210,41 @@ impl Probe for PgProbe {
                     }
                 }
             };
+            if self.roles && conn.aurora.is_none() {
+                // Once per connection, outside the measured round trip.
+                match run_query(&mut conn.stream, AURORA_DETECT_QUERY).await {
+                    Ok(rows) => match parse_detect(&rows) {
+                        Ok(aurora) => conn.aurora = Some(aurora),
+                        Err(detail) => {
+                            let kind = FailureKind::Query;
+                            return (ProbeOutcome::Failure { kind, detail }, Some(conn));
+                        }
+                    },
+                    Err(outcome) => return (outcome, None),
+                }
+            }
+            let aurora = conn.aurora == Some(true);
             let started = Instant::now();
-            let sql = if self.roles { ROLE_QUERY } else { "SELECT 1" };
+            let sql = match (self.roles, aurora) {
+                (false, _) => "SELECT 1",
+                (true, false) => ROLE_QUERY,
+                (true, true) => AURORA_ROLE_QUERY,
+            };
             let role = match run_query(&mut conn.stream, sql).await {
-                Ok(rows) if self.roles => match parse_role(&rows) {
-                    Ok(role) => Some(role),
-                    Err(detail) => {
-                        let kind = FailureKind::Query;
-                        return (ProbeOutcome::Failure { kind, detail }, Some(conn));
+                Ok(rows) if self.roles => {
+                    let parsed = if aurora {
+                        parse_aurora_role(&rows)
+                    } else {
+                        parse_role(&rows)
+                    };
+                    match parsed {
+                        Ok(role) => Some(role),
+                        Err(detail) => {
+                            let kind = FailureKind::Query;
+                            return (ProbeOutcome::Failure { kind, detail }, Some(conn));
+                        }
                     }
-                },
+                }
                 Ok(_) => None,
                 Err(outcome) => return (outcome, None),
             };
@@ -263,6 +319,59 @@ pub fn parse_role(rows: &[Vec<Option<String>>]) -> Result<RoleObservation, Strin
         read_only,
         timeline,
         lag,
+        aurora: None,
+    })
+}
+
+/// [`AURORA_DETECT_QUERY`]'s answer.
+fn parse_detect(rows: &[Vec<Option<String>>]) -> Result<bool, String> {
+    match rows {
+        [row] => match row.as_slice() {
+            [Some(t)] if t == "t" => Ok(true),
+            [Some(f)] if f == "f" => Ok(false),
+            _ => Err(format!("unexpected answer to the Aurora check: {rows:?}")),
+        },
+        _ => Err(format!("unexpected answer to the Aurora check: {rows:?}")),
+    }
+}
+
+/// [`AURORA_ROLE_QUERY`]'s row as a role. A replica's lag is its visibility
+/// lag, else its Region's RPO lag; a writer's is zero.
+pub fn parse_aurora_role(rows: &[Vec<Option<String>>]) -> Result<RoleObservation, String> {
+    let bad = || format!("unexpected answer to the Aurora role query: {rows:?}");
+    let [row] = rows else { return Err(bad()) };
+    let [in_recovery, region, writer_region, visibility_ms, rpo_ms] = row.as_slice() else {
+        return Err(bad());
+    };
+    let read_only = match in_recovery.as_deref() {
+        Some("t") => true,
+        Some("f") => false,
+        _ => return Err(bad()),
+    };
+    // Aurora's lag columns are numeric or bigint; -1 means "not a lag".
+    let millis = |v: &Option<String>| -> Result<Option<Duration>, String> {
+        let Some(text) = v.as_deref() else {
+            return Ok(None);
+        };
+        let ms: f64 = text.trim().parse().map_err(|_| bad())?;
+        Ok((ms.is_finite() && ms >= 0.0).then(|| Duration::from_secs_f64(ms / 1000.0)))
+    };
+    let visibility = millis(visibility_ms)?;
+    let rpo_lag = millis(rpo_ms)?;
+    let lag = if read_only {
+        visibility.or(rpo_lag)
+    } else {
+        Some(Duration::ZERO)
+    };
+    Ok(RoleObservation {
+        read_only,
+        timeline: None,
+        lag,
+        aurora: Some(AuroraStatus {
+            region: region.clone(),
+            writer_region: writer_region.clone(),
+            rpo_lag,
+        }),
     })
 }
 
@@ -310,7 +419,8 @@ mod tests {
             RoleObservation {
                 read_only: false,
                 timeline: Some(2),
-                lag: Some(Duration::ZERO)
+                lag: Some(Duration::ZERO),
+                aurora: None,
             }
         );
         let standby = parse_role(&row([Some("t"), None, Some("1"), Some("1500")])).unwrap();
@@ -322,5 +432,54 @@ mod tests {
         assert!(parse_role(&row([Some("x"), None, None, None])).is_err());
         assert!(parse_role(&row([Some("t"), Some("a"), None, None])).is_err());
         assert!(parse_role(&[]).is_err());
+    }
+
+    fn aurora_row(values: [Option<&str>; 5]) -> Vec<Vec<Option<String>>> {
+        vec![values.iter().map(|v| v.map(str::to_owned)).collect()]
+    }
+
+    #[test]
+    fn aurora_role_rows_parse() {
+        let writer = parse_aurora_role(&aurora_row([
+            Some("f"),
+            Some("us-east-1"),
+            Some("us-east-1"),
+            Some("0"),
+            Some("-1"),
+        ]))
+        .unwrap();
+        assert!(!writer.read_only);
+        assert_eq!(writer.lag, Some(Duration::ZERO));
+        assert_eq!(writer.timeline, None);
+        let aurora = writer.aurora.unwrap();
+        assert_eq!(aurora.region.as_deref(), Some("us-east-1"));
+        assert_eq!(aurora.rpo_lag, None, "-1 marks the primary Region");
+
+        let replica = parse_aurora_role(&aurora_row([
+            Some("t"),
+            Some("us-west-2"),
+            Some("us-east-1"),
+            Some("1250"),
+            Some("800.5"),
+        ]))
+        .unwrap();
+        assert!(replica.read_only);
+        assert_eq!(replica.lag, Some(Duration::from_millis(1250)));
+        let aurora = replica.aurora.unwrap();
+        assert_eq!(aurora.writer_region.as_deref(), Some("us-east-1"));
+        assert_eq!(aurora.rpo_lag, Some(Duration::from_micros(800_500)));
+
+        // No row for this instance: the RPO lag stands in.
+        let rpo_only =
+            parse_aurora_role(&aurora_row([Some("t"), None, None, None, Some("40")])).unwrap();
+        assert_eq!(rpo_only.lag, Some(Duration::from_millis(40)));
+        let unknown = parse_aurora_role(&aurora_row([Some("t"), None, None, None, None])).unwrap();
+        assert_eq!(unknown.lag, None);
+
+        assert!(parse_aurora_role(&aurora_row([Some("t"), None, None, Some("x"), None])).is_err());
+        assert!(parse_aurora_role(&[]).is_err());
+        assert!(parse_detect(&[vec![Some("t".into())]]).unwrap());
+        assert!(!parse_detect(&[vec![Some("f".into())]]).unwrap());
+        assert!(parse_detect(&[vec![None]]).is_err());
     }
 }

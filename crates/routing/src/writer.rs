@@ -31,6 +31,22 @@ pub struct RoleObservation {
     /// How far a replica's visible data is behind; `None` when unknown.
     /// Zero on a writer.
     pub lag: Option<Duration>,
+    /// What Aurora's own functions report, when the endpoint is Aurora.
+    pub aurora: Option<AuroraStatus>,
+}
+
+/// An Aurora endpoint's view of its global database, from
+/// `aurora_global_db_instance_status()` and `aurora_global_db_status()`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AuroraStatus {
+    /// The Region of the instance the probe is connected to.
+    pub region: Option<String>,
+    /// The Region of the instance holding `MASTER_SESSION_ID` (the writer),
+    /// as this endpoint sees it.
+    pub writer_region: Option<String>,
+    /// This Region's RPO lag (`rpo_lag_in_msec`); `None` on the primary
+    /// Region (where Aurora reports -1) or when unknown.
+    pub rpo_lag: Option<Duration>,
 }
 
 /// One endpoint as the writer rule sees it.
@@ -239,6 +255,7 @@ mod tests {
             read_only: false,
             timeline: Some(timeline),
             lag: Some(Duration::ZERO),
+            aurora: None,
         }
     }
 
@@ -247,6 +264,7 @@ mod tests {
             read_only: true,
             timeline: Some(timeline),
             lag: Some(Duration::ZERO),
+            aurora: None,
         }
     }
 
