@@ -814,7 +814,7 @@ fn sts_error(status: u16, kind: &str, code: &str, message: &str, request_id: &st
     .with_header("x-amzn-RequestId", request_id)
 }
 
-pub(crate) fn xml_escape(s: &str) -> String {
+pub fn xml_escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")

@@ -27,6 +27,9 @@ pub struct GlobalOptions {
     pub primary_in_proxy: bool,
     /// Extra `[routing]` lines.
     pub routing: Vec<String>,
+    /// The proxy's AWS environment (inherited `AWS_*` variables are
+    /// removed first).
+    pub proxy_env: Vec<(String, String)>,
     /// SQL run as superuser in the app database on the primary before the
     /// standbys are cloned (so they have it too) and the proxy starts.
     pub primary_setup: Vec<String>,
@@ -39,6 +42,7 @@ impl Default for GlobalOptions {
             primary_in_proxy: true,
             routing: Vec::new(),
             primary_setup: Vec::new(),
+            proxy_env: Vec::new(),
         }
     }
 }
@@ -79,7 +83,8 @@ impl GlobalStack {
             .map(|(name, pg)| (*name, pg))
             .collect();
         let toml = global_toml(listen, read_only, admin, &endpoints, &opts.routing);
-        let proxy = ProxyProcess::start_with(&toml, listen);
+        let mut proxy = ProxyProcess::spawn_with_env(&toml, &[], &opts.proxy_env);
+        proxy.wait_ready(listen, Duration::from_secs(30));
         GlobalStack {
             proxy,
             listen,

@@ -21,6 +21,7 @@ pub mod pg;
 pub mod pki;
 pub mod process;
 pub mod proxy;
+pub mod rds;
 pub mod regions;
 pub mod replication;
 pub mod route53;

@@ -4,8 +4,10 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
+use dsql_proxy_tests::dsql_stack::aws_env;
 use dsql_proxy_tests::fixture::client_config;
 use dsql_proxy_tests::global::{sql_in, GlobalOptions, GlobalStack, FAKE_AURORA_FUNCTIONS};
+use dsql_proxy_tests::rds::{GlobalClusterState, RdsServer};
 use dsql_proxy_tests::{Replication, APP_DB, APP_USER};
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
@@ -435,4 +437,92 @@ async fn aurora_endpoints_are_detected_and_their_lag_is_aurora_s() {
     }
     assert_eq!(read_port().await, standby.port());
     assert_eq!(stack.metric("replica_lag_seconds", west), Some(0.02));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_decides_between_two_writable_aurora_endpoints() {
+    let rds = RdsServer::start(GlobalClusterState {
+        id: "app-global".into(),
+        members: vec![
+            (GlobalClusterState::arn("east"), true),
+            (GlobalClusterState::arn("west"), false),
+        ],
+        failover: None,
+    });
+    let mut env = aws_env("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY");
+    env.push(rds.env());
+    let stack = GlobalStack::start(GlobalOptions {
+        routing: vec![
+            "global_cluster_id = \"app-global\"".into(),
+            "global_cluster_poll_interval = \"1s\"".into(),
+            "writer_wait = \"15s\"".into(),
+        ],
+        primary_setup: vec![FAKE_AURORA_FUNCTIONS.into()],
+        proxy_env: env,
+        ..GlobalOptions::default()
+    });
+    let (primary, standby) = (&stack.servers[0], &stack.servers[1]);
+    assert!(
+        stack.wait_for_writer("east", Duration::from_secs(10)),
+        "{}",
+        stack.proxy.logs()
+    );
+
+    // The control plane starts a failover: no writer, new sessions wait.
+    rds.set(|s| s.failover = Some("failing-over".into()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline
+        && stack.metric("writer", "endpoint=\"east\",region=\"east\"") != Some(0.0)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = stack.admin_get("/status");
+    assert!(
+        status.contains("FailoverState failing-over"),
+        "{status}\n{}",
+        stack.proxy.logs()
+    );
+    let listen = stack.listen;
+    let pending = tokio::spawn(async move {
+        let (c, _) = open(listen).await?;
+        write(&c, "after failover").await
+    });
+
+    // The standby is promoted while the old primary keeps accepting
+    // writes. Aurora has no timeline to compare: only the control plane
+    // can tell which is newer, and it names west once the failover is done.
+    standby.promote();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !pending.is_finished(),
+        "a session was served during the failover window"
+    );
+    rds.set_writer("west");
+    rds.set(|s| s.failover = None);
+    assert!(
+        stack.wait_for_writer("west", Duration::from_secs(10)),
+        "{}",
+        stack.proxy.logs()
+    );
+    let port = pending
+        .await
+        .expect("task")
+        .unwrap_or_else(|e| panic!("{}\n{}", describe(&e), stack.proxy.logs()));
+    assert_eq!(port, standby.port());
+    assert!(
+        !primary.in_recovery(),
+        "the old primary still accepts writes"
+    );
+    assert_eq!(
+        stack.metric("endpoint_fenced", "endpoint=\"east\",region=\"east\""),
+        Some(1.0)
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&stack.admin_get("/status")).expect("status JSON");
+    assert_eq!(status["control_plane"]["writer_region"], "west", "{status}");
+    assert_eq!(status["control_plane"]["fresh"], true);
+    let requests = rds.http.requests();
+    assert!(requests
+        .iter()
+        .all(|r| r.form_value("GlobalClusterIdentifier").as_deref() == Some("app-global")));
 }

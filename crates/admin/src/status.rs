@@ -95,8 +95,22 @@ pub fn status_json(
         Ok(_) => json!({"endpoint": table.writer_name(), "changes_total": r.writer_changes_total}),
         Err(why) => json!({"endpoint": null, "why_none": why.describe(table.endpoints()), "changes_total": r.writer_changes_total}),
     });
+    let control_plane = table
+        .roles
+        .as_ref()
+        .and_then(|r| r.control_plane.as_ref())
+        .map(|c| {
+            json!({
+                "writer_region": c.writer_region,
+                "failover": c.failover,
+                "fresh": c.fresh,
+                "age_ms": ms(c.age),
+                "last_error": c.last_error,
+            })
+        });
     json!({
         "writer": writer,
+        "control_plane": control_plane,
         "selected": table.selected().map(|e| e.name.clone()),
         "reason": table.reason().as_str(),
         "generation": table.generation,

@@ -283,10 +283,12 @@ pub struct RoutingConfig {
     /// `kind = "aurora-global"`: replicas lagging more than this take no
     /// new read-only sessions.
     pub max_replica_lag: DurationStr,
-    /// `kind = "aurora-global"`: the global cluster, for a control-plane
-    /// cross-check (accepted, not used yet; see README).
+    /// `kind = "aurora-global"`: the global cluster, for the control-plane
+    /// cross-check (RDS `DescribeGlobalClusters`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub global_cluster_id: Option<String>,
+    /// How often the control plane is asked (with `global_cluster_id`).
+    pub global_cluster_poll_interval: DurationStr,
 }
 
 impl Default for RoutingConfig {
@@ -311,6 +313,7 @@ impl Default for RoutingConfig {
             writer_wait: DurationStr::from_secs(30),
             max_replica_lag: DurationStr::from_secs(5),
             global_cluster_id: None,
+            global_cluster_poll_interval: DurationStr::from_secs(5),
         }
     }
 }
@@ -393,6 +396,11 @@ impl Config {
                     "[listen] read_only_address needs [backend] kind = \"aurora-global\"",
                 );
             }
+            if self.routing.global_cluster_id.is_some() {
+                return invalid(
+                    "[routing] global_cluster_id needs [backend] kind = \"aurora-global\"",
+                );
+            }
             return Ok(());
         }
         if !matches!(
@@ -412,6 +420,12 @@ impl Config {
         }
         if self.listen.read_only_address == Some(self.listen.address) {
             return invalid("[listen] read_only_address must differ from address");
+        }
+        if self.routing.global_cluster_id.as_deref() == Some("") {
+            return invalid("[routing] global_cluster_id must not be empty");
+        }
+        if self.routing.global_cluster_poll_interval.get() < std::time::Duration::from_secs(1) {
+            return invalid("[routing] global_cluster_poll_interval must be at least 1s");
         }
         Ok(())
     }

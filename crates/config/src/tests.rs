@@ -329,6 +329,7 @@ fn aurora_global_settings_parse_with_defaults() {
     assert_eq!(c.routing.writer_wait.get().as_secs(), 2);
     assert_eq!(c.routing.max_replica_lag.get().as_millis(), 500);
     assert_eq!(c.routing.global_cluster_id.as_deref(), Some("my-global"));
+    assert_eq!(c.routing.global_cluster_poll_interval.get().as_secs(), 5);
 }
 
 #[test]
@@ -350,6 +351,21 @@ fn aurora_global_rules_are_explained() {
             "read_only_address needs",
         ),
         (GLOBAL.replace("5433", "5432"), "must differ from address"),
+        (
+            format!("{GLOBAL}[routing]\nglobal_cluster_poll_interval = \"100ms\"\n"),
+            "at least 1s",
+        ),
+        (
+            format!("{GLOBAL}[routing]\nglobal_cluster_id = \"\"\n"),
+            "must not be empty",
+        ),
+        (
+            GLOBAL
+                .replace("kind = \"aurora-global\"", "kind = \"postgres\"")
+                .replace("read_only_address = \"127.0.0.1:5433\"", "")
+                + "[routing]\nglobal_cluster_id = \"g\"\n",
+            "global_cluster_id needs",
+        ),
     ];
     for (text, needle) in cases {
         let err = Config::parse(&text).unwrap_err().to_string();

@@ -242,6 +242,7 @@ async fn serve(config: Config, source: ConfigSource) -> Result<()> {
         true => monitor::route53_reader(&config, None).await,
         false => None,
     };
+    let control_plane = monitor::control_plane(&config).await;
     let admin = AdminServer::bind(config.admin.address).await?;
     let admin_state = Arc::new(AdminState {
         metrics: Arc::clone(&metrics),
@@ -269,7 +270,10 @@ async fn serve(config: Config, source: ConfigSource) -> Result<()> {
                 reports_rx,
                 &backend_settings,
                 &credentials,
-                route53.as_ref(),
+                monitor::Pollers {
+                    route53: route53.as_ref(),
+                    control_plane: control_plane.as_ref(),
+                },
                 Arc::clone(&metrics),
             )
             .await,
@@ -306,6 +310,7 @@ async fn serve(config: Config, source: ConfigSource) -> Result<()> {
         router,
         monitor,
         route53,
+        control_plane,
         admin: Arc::clone(&admin_state),
         metrics,
     }

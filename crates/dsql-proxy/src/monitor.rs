@@ -7,11 +7,14 @@ use std::time::Duration;
 
 use dsql_proxy_config::{BackendKind, Config};
 use dsql_proxy_credentials::CredentialSource;
+use dsql_proxy_health::control_plane::SdkGlobalClusters;
+use dsql_proxy_health::monitor::ControlPlanePoll;
 use dsql_proxy_health::route53::{HealthCheckSource, SdkHealthChecks};
 use dsql_proxy_health::{Monitor, MonitorSettings, PgProbe};
 use dsql_proxy_metrics::Metrics;
 use dsql_proxy_routing::{Endpoint, Report, TableRouter};
 use dsql_proxy_session::backend::BackendSettings;
+use tracing::info;
 
 /// A Route 53 reader and the poll interval its timeout was derived from.
 #[derive(Clone)]
@@ -69,13 +72,39 @@ pub fn probes(
 }
 
 /// The monitor's settings for `config`; `aurora-global` adds the replica
-/// lag bound.
-pub fn settings(config: &Config) -> MonitorSettings {
+/// lag bound and the control-plane poll.
+pub fn settings(config: &Config, control_plane: Option<&ControlPlanePoll>) -> MonitorSettings {
     let mut settings = MonitorSettings::from_config(&config.routing);
     if config.backend.kind == BackendKind::AuroraGlobal {
         settings.max_replica_lag = Some(config.routing.max_replica_lag.get());
+        settings.control_plane = control_plane.cloned();
     }
     settings
+}
+
+/// The RDS control-plane poll `config` asks for (`aurora-global` with
+/// `global_cluster_id`). Its Region is the SDK's, else the first endpoint's.
+pub async fn control_plane(config: &Config) -> Option<ControlPlanePoll> {
+    if config.backend.kind != BackendKind::AuroraGlobal {
+        return None;
+    }
+    let id = config.routing.global_cluster_id.clone()?;
+    let interval = config.routing.global_cluster_poll_interval.get();
+    let fallback_region = config.endpoints.iter().find_map(|e| e.region.as_deref());
+    let source =
+        SdkGlobalClusters::from_env(interval.min(Duration::from_secs(10)), fallback_region).await;
+    info!(global_cluster_id = %id, interval = ?interval, "polling the RDS control plane for the global cluster's writer and failover state");
+    Some(ControlPlanePoll {
+        global_cluster_id: id,
+        source: Arc::new(source),
+        interval,
+    })
+}
+
+/// What the monitor polls besides the endpoints themselves.
+pub struct Pollers<'a> {
+    pub route53: Option<&'a Route53Reader>,
+    pub control_plane: Option<&'a ControlPlanePoll>,
 }
 
 /// Probes for the router's endpoints and the monitor task over them;
@@ -86,7 +115,7 @@ pub async fn start(
     reports: tokio::sync::mpsc::Receiver<Report>,
     backend: &BackendSettings,
     credentials: &Arc<dyn CredentialSource>,
-    route53: Option<&Route53Reader>,
+    pollers: Pollers<'_>,
     metrics: Arc<Metrics>,
 ) -> Monitor<PgProbe> {
     let probes = probes(config, router.snapshot().endpoints(), backend, credentials);
@@ -94,8 +123,8 @@ pub async fn start(
         router,
         reports,
         probes,
-        route53.map(|r| Arc::clone(&r.source)),
-        settings(config),
+        pollers.route53.map(|r| Arc::clone(&r.source)),
+        settings(config, pollers.control_plane),
         metrics,
     )
     .await

@@ -24,6 +24,7 @@ use anyhow::{bail, Context, Result};
 use dsql_proxy_admin::AdminState;
 use dsql_proxy_config::{BackendAuth, Config};
 use dsql_proxy_credentials::CredentialSource;
+use dsql_proxy_health::monitor::ControlPlanePoll;
 use dsql_proxy_health::{Monitor, MonitorUpdate, PgProbe};
 use dsql_proxy_metrics::Metrics;
 use dsql_proxy_routing::{RoutingTable, TableRouter};
@@ -85,6 +86,8 @@ pub struct Reloader {
     /// `None` with `[routing] probes = false`.
     pub monitor: Option<Monitor<PgProbe>>,
     pub route53: Option<Route53Reader>,
+    /// Made at startup; `global_cluster_id` is restart-only.
+    pub control_plane: Option<ControlPlanePoll>,
     pub admin: Arc<AdminState>,
     pub metrics: Arc<Metrics>,
 }
@@ -158,7 +161,7 @@ impl Reloader {
                     probes: monitor::probes(&config, &plan.endpoints, &ctx.backend, &credentials),
                     endpoints: plan.endpoints,
                     route53: route53.as_ref().map(|r| Arc::clone(&r.source)),
-                    settings: monitor::settings(&config),
+                    settings: monitor::settings(&config, self.control_plane.as_ref()),
                 };
                 if !running.reconfigure(update).await {
                     bail!("the health monitor is not running");
@@ -245,6 +248,12 @@ fn keep_startup_settings(running: &Config, mut loaded: Config) -> Result<Config>
     );
     keep("[shutdown]", loaded.shutdown != running.shutdown);
     keep(
+        "[routing] global_cluster_id",
+        loaded.routing.global_cluster_id != running.routing.global_cluster_id
+            || loaded.routing.global_cluster_poll_interval
+                != running.routing.global_cluster_poll_interval,
+    );
+    keep(
         "[routing] busy_cooldown",
         loaded.routing.busy_cooldown != running.routing.busy_cooldown,
     );
@@ -259,6 +268,8 @@ fn keep_startup_settings(running: &Config, mut loaded: Config) -> Result<Config>
     loaded.backend.token_expires_in = running.backend.token_expires_in;
     loaded.routing.probes = running.routing.probes;
     loaded.routing.busy_cooldown = running.routing.busy_cooldown;
+    loaded.routing.global_cluster_id = running.routing.global_cluster_id.clone();
+    loaded.routing.global_cluster_poll_interval = running.routing.global_cluster_poll_interval;
     loaded.shutdown = running.shutdown.clone();
     loaded.validate().with_context(|| {
         format!(

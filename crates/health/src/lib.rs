@@ -6,9 +6,12 @@
 //! * [`route53`]: Route 53 health checks through `aws-sdk-route53`.
 //! * [`route53_admin`]: creating, listing and deleting the health checks
 //!   (`dsql-proxy route53`).
+//! * [`control_plane`]: the RDS `DescribeGlobalClusters` view of an Aurora
+//!   global database (`aws-sdk-rds`).
 //! * [`monitor`]: the task that owns all health state, applies the
 //!   selection rule and publishes tables through `TableRouter`.
 
+pub mod control_plane;
 pub mod monitor;
 pub mod probe;
 mod roles;
@@ -26,4 +29,5 @@ use dsql_proxy_routing::{EndpointId, ProbeOutcome};
 pub(crate) enum Event {
     Probe(EndpointId, ProbeOutcome),
     Route53(EndpointId, Result<Route53Reading, route53::Route53Error>),
+    ControlPlane(Result<control_plane::GlobalClusterView, control_plane::ControlPlaneError>),
 }

@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, info, warn};
 
+use crate::control_plane::GlobalClusterSource;
 use crate::probe::Probe;
 use crate::roles::{EndpointView, RoleSignal, RoleState};
 use crate::route53::HealthCheckSource;
@@ -38,6 +39,26 @@ pub struct MonitorSettings {
     pub route53_max_staleness: Duration,
     /// `kind = "aurora-global"`: track roles, with this replica lag bound.
     pub max_replica_lag: Option<Duration>,
+    /// `kind = "aurora-global"` with `global_cluster_id`: poll the RDS
+    /// control plane.
+    pub control_plane: Option<ControlPlanePoll>,
+}
+
+/// Where and how often the monitor asks the RDS control plane.
+#[derive(Clone)]
+pub struct ControlPlanePoll {
+    pub global_cluster_id: String,
+    pub source: Arc<dyn GlobalClusterSource>,
+    pub interval: Duration,
+}
+
+impl std::fmt::Debug for ControlPlanePoll {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlanePoll")
+            .field("global_cluster_id", &self.global_cluster_id)
+            .field("interval", &self.interval)
+            .finish_non_exhaustive()
+    }
 }
 
 impl MonitorSettings {
@@ -58,6 +79,7 @@ impl MonitorSettings {
             route53_poll_interval: c.route53_poll_interval.get(),
             route53_max_staleness: c.route53_max_staleness.get(),
             max_replica_lag: None,
+            control_plane: None,
         }
     }
 }
@@ -129,6 +151,24 @@ pub async fn start<P: Probe>(
     Monitor {
         control: control_tx,
         _task: task,
+    }
+}
+
+/// How long a control-plane view counts after it was read: three polls, so
+/// one failed request does not drop it.
+fn control_plane_max_age(interval: Duration) -> Duration {
+    interval * 3
+}
+
+async fn poll_control_plane(poll: ControlPlanePoll, events: mpsc::Sender<Event>) {
+    let mut ticker = tokio::time::interval(poll.interval);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let result = poll.source.describe(&poll.global_cluster_id).await;
+        if events.send(Event::ControlPlane(result)).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -277,6 +317,10 @@ impl MonitorState {
                 }
                 .run(),
             );
+        }
+        if let Some(poll) = &self.settings.control_plane {
+            self.helpers
+                .spawn(poll_control_plane(poll.clone(), self.events.clone()));
         }
         let Some(source) = route53 else { return };
         for state in &self.endpoints {
@@ -456,6 +500,17 @@ impl MonitorState {
                     return self.roles.is_some();
                 }
                 self.on_transition(id, transition) || role_changed
+            }
+            Event::ControlPlane(result) => {
+                let max_age = self
+                    .settings
+                    .control_plane
+                    .as_ref()
+                    .map_or(Duration::ZERO, |p| control_plane_max_age(p.interval));
+                match &mut self.roles {
+                    Some(roles) => roles.record_control(result, std::time::Instant::now(), max_age),
+                    None => false,
+                }
             }
             Event::Route53(id, result) => {
                 let now = std::time::Instant::now();

@@ -8,8 +8,12 @@ use std::time::{Duration, Instant};
 
 use dsql_proxy_metrics::{Gauge, IntGauge, Metrics};
 use dsql_proxy_routing::writer::{
-    read_only_order, NoWriter, ReplicaInput, RoleInput, RoleObservation, WriterTracker,
+    read_only_order, ControlInput, NoWriter, ReplicaInput, RoleInput, RoleObservation,
+    WriterTracker,
 };
+use dsql_proxy_routing::ControlPlaneStatus;
+
+use crate::control_plane::{ControlPlaneError, GlobalClusterView};
 use dsql_proxy_routing::{Endpoint, EndpointId, Roles};
 use tracing::{info, warn};
 
@@ -71,6 +75,25 @@ pub(crate) struct RoleState {
     logged: Option<Result<EndpointId, NoWriter>>,
     gauges: Vec<RoleGauges>,
     metrics: Arc<Metrics>,
+    /// The RDS control plane's last view (`global_cluster_id`).
+    control: Option<ControlState>,
+}
+
+struct ControlState {
+    /// The last view read, and when.
+    view: Option<(GlobalClusterView, Instant)>,
+    /// After this a view no longer counts.
+    max_age: Duration,
+    last_error: Option<String>,
+}
+
+impl ControlState {
+    fn fresh(&self, now: Instant) -> Option<&GlobalClusterView> {
+        self.view
+            .as_ref()
+            .filter(|(_, at)| now.saturating_duration_since(*at) <= self.max_age)
+            .map(|(v, _)| v)
+    }
 }
 
 impl RoleState {
@@ -92,7 +115,81 @@ impl RoleState {
             logged: None,
             gauges,
             metrics,
+            control: None,
         }
+    }
+
+    /// Records a control-plane poll; true when routing may change (the
+    /// writer Region or the failover state differs from the last view).
+    pub fn record_control(
+        &mut self,
+        result: Result<GlobalClusterView, ControlPlaneError>,
+        now: Instant,
+        max_age: Duration,
+    ) -> bool {
+        let state = self.control.get_or_insert(ControlState {
+            view: None,
+            max_age,
+            last_error: None,
+        });
+        state.max_age = max_age;
+        let before = state
+            .fresh(now)
+            .map(|v| (v.writer_region().map(str::to_owned), v.failover.clone()));
+        match result {
+            Ok(view) => {
+                let after = (
+                    view.writer_region().map(str::to_owned),
+                    view.failover.clone(),
+                );
+                if before.as_ref() != Some(&after) {
+                    info!(
+                        writer_region = after.0.as_deref().unwrap_or("none"),
+                        failover = after.1.as_deref().unwrap_or("none"),
+                        "RDS control plane: global cluster view changed"
+                    );
+                }
+                state.view = Some((view, now));
+                state.last_error = None;
+                before != Some(after)
+            }
+            Err(e) => {
+                warn!(error = %e, "RDS control plane: DescribeGlobalClusters failed; keeping the last view while it is fresh");
+                state.last_error = Some(e.to_string());
+                // Going stale is noticed by the next evaluation.
+                false
+            }
+        }
+    }
+
+    /// The control plane's word mapped to endpoints: the writer is the
+    /// endpoint whose Region (configured, or reported by Aurora) is the
+    /// `IsWriter` member's, preferring one that accepts writes.
+    fn control_input(&self, views: &[EndpointView<'_>], now: Instant) -> Option<ControlInput> {
+        let view = self.control.as_ref()?.fresh(now)?;
+        let writer = view.writer_region().and_then(|region| {
+            let in_region = |v: &&EndpointView<'_>| {
+                v.endpoint.region.as_deref() == Some(region)
+                    || v.endpoint.region_label() == region
+                    || observed_in(&self.observed, v.endpoint.id)
+                        .and_then(|o| o.aurora.as_ref())
+                        .and_then(|a| a.region.as_deref())
+                        == Some(region)
+            };
+            let writable = |v: &&EndpointView<'_>| {
+                observed_in(&self.observed, v.endpoint.id).is_some_and(|o| !o.read_only)
+            };
+            views
+                .iter()
+                .filter(in_region)
+                .find(writable)
+                .or_else(|| views.iter().find(in_region))
+                .map(|v| v.endpoint.id)
+        });
+        Some(ControlInput {
+            writer,
+            failover: view.failover.clone(),
+        })
     }
 
     /// Follows a new endpoint set after a reload: endpoints that stay keep
@@ -163,7 +260,9 @@ impl RoleState {
                 role: observed_in(&self.observed, v.endpoint.id),
             })
             .collect();
-        let decision = self.tracker.evaluate(&inputs);
+        let now = Instant::now();
+        let control = self.control_input(views, now);
+        let decision = self.tracker.evaluate(&inputs, control.as_ref());
         let name = |id: EndpointId| {
             views
                 .iter()
@@ -211,7 +310,6 @@ impl RoleState {
             }
         }
         self.logged = Some(decision.writer.clone());
-        let now = Instant::now();
         if let Some(since) = self.without_writer_since.take() {
             self.metrics
                 .no_writer_seconds_total
@@ -243,6 +341,18 @@ impl RoleState {
             read_order,
             observed: self.observed.clone(),
             writer_changes_total: self.writer_changes,
+            control_plane: self.control.as_ref().map(|c| ControlPlaneStatus {
+                writer_region: c
+                    .fresh(now)
+                    .and_then(|v| v.writer_region().map(str::to_owned)),
+                failover: c.fresh(now).and_then(|v| v.failover.clone()),
+                age: c
+                    .view
+                    .as_ref()
+                    .map(|(_, at)| now.saturating_duration_since(*at)),
+                fresh: c.fresh(now).is_some(),
+                last_error: c.last_error.clone(),
+            }),
         };
         (roles, signals)
     }

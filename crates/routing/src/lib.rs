@@ -27,7 +27,9 @@ pub use backpressure::Backpressure;
 pub use endpoint::{Endpoint, EndpointId};
 pub use health::{FailureKind, Liveness, PassiveSignal, ProbeOutcome};
 pub use policy::{SelectionPolicy, SelectionReason};
-pub use table::{endpoints_from_configs, EndpointStatus, Roles, Route53Status, RoutingTable};
+pub use table::{
+    endpoints_from_configs, ControlPlaneStatus, EndpointStatus, Roles, Route53Status, RoutingTable,
+};
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum RouteError {

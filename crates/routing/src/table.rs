@@ -23,6 +23,22 @@ pub struct Roles {
     /// The last role each endpoint's probe saw.
     pub observed: Vec<(EndpointId, RoleObservation)>,
     pub writer_changes_total: u64,
+    /// The RDS control plane's view, when `global_cluster_id` is set.
+    pub control_plane: Option<ControlPlaneStatus>,
+}
+
+/// The RDS control plane's view as the last evaluation used it.
+#[derive(Debug, Clone)]
+pub struct ControlPlaneStatus {
+    /// The `IsWriter` member's Region (only while the view is fresh).
+    pub writer_region: Option<String>,
+    /// `FailoverState.Status` (only while the view is fresh).
+    pub failover: Option<String>,
+    /// Since the last successful read.
+    pub age: Option<Duration>,
+    /// Whether the view still counts.
+    pub fresh: bool,
+    pub last_error: Option<String>,
 }
 
 impl Roles {

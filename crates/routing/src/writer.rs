@@ -68,6 +68,19 @@ pub enum NoWriter {
     SplitBrain(Vec<EndpointId>),
     /// The newest writer does not answer probes.
     Unreachable(EndpointId),
+    /// The RDS control plane reports a failover or switchover under way
+    /// (`FailoverState.Status`).
+    FailoverInProgress(String),
+}
+
+/// The RDS control plane's word (`DescribeGlobalClusters`), mapped to
+/// endpoints.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ControlInput {
+    /// The endpoint in the Region of the member marked `IsWriter`.
+    pub writer: Option<EndpointId>,
+    /// `FailoverState.Status` while a failover or switchover runs.
+    pub failover: Option<String>,
 }
 
 impl NoWriter {
@@ -94,6 +107,9 @@ impl NoWriter {
             Self::Unreachable(id) => {
                 format!("the newest writer {} does not answer probes", name(*id))
             }
+            Self::FailoverInProgress(status) => format!(
+                "the RDS control plane reports a global database failover or switchover in progress (FailoverState {status})"
+            ),
         }
     }
 }
@@ -145,7 +161,13 @@ impl WriterTracker {
         }
     }
 
-    pub fn evaluate(&mut self, inputs: &[RoleInput<'_>]) -> WriterDecision {
+    /// Applies the rule to the latest observations; `control` is the RDS
+    /// control plane's view when one is configured and fresh.
+    pub fn evaluate(
+        &mut self,
+        inputs: &[RoleInput<'_>],
+        control: Option<&ControlInput>,
+    ) -> WriterDecision {
         let mut released = Vec::new();
         for input in inputs {
             if self.is_fenced(input.id)
@@ -161,12 +183,28 @@ impl WriterTracker {
             .filter(|x| !self.is_fenced(x.id) && x.role.is_some_and(|r| !r.read_only))
             .collect();
         let mut newly_fenced = Vec::new();
+        // The control plane proves a writer newer when timelines cannot
+        // (Aurora has none to compare across Regions).
         let winner = match writable.as_slice() {
             [] => Err(NoWriter::NoneWritable),
             [only] => Ok(*only),
             several => newest(several)
+                .or_else(|| named_by_control(several, control))
                 .ok_or_else(|| NoWriter::SplitBrain(several.iter().map(|x| x.id).collect())),
         };
+        if let Some(status) = control.and_then(|c| c.failover.as_ref()) {
+            // A failover window: roles are in flux, so nobody is fenced
+            // now and writes wait for the control plane to finish.
+            let writer = Err(NoWriter::FailoverInProgress(status.clone()));
+            let moved_from = self.writer.is_some().then_some(self.writer);
+            self.writer = None;
+            return WriterDecision {
+                writer,
+                moved_from,
+                newly_fenced,
+                released,
+            };
+        }
         if let Ok(w) = winner {
             for x in &writable {
                 if x.id != w.id {
@@ -190,6 +228,15 @@ impl WriterTracker {
             released,
         }
     }
+}
+
+/// The writable endpoint the control plane marks as the writer.
+fn named_by_control<'a, 'b>(
+    several: &[&'a RoleInput<'b>],
+    control: Option<&ControlInput>,
+) -> Option<&'a RoleInput<'b>> {
+    let id = control?.writer?;
+    several.iter().find(|x| x.id == id).copied()
 }
 
 /// The one endpoint with a strictly higher timeline than every other, when
@@ -250,6 +297,10 @@ pub fn read_only_order(
 mod tests {
     use super::*;
 
+    fn eval(t: &mut WriterTracker, inputs: &[RoleInput<'_>]) -> WriterDecision {
+        t.evaluate(inputs, None)
+    }
+
     fn primary(timeline: u32) -> RoleObservation {
         RoleObservation {
             read_only: false,
@@ -283,11 +334,17 @@ mod tests {
     fn the_one_writable_endpoint_is_the_writer() {
         let mut t = WriterTracker::new();
         let (p, s) = (primary(1), standby(1));
-        let d = t.evaluate(&[input(0, true, Some(&p)), input(1, true, Some(&s))]);
+        let d = eval(
+            &mut t,
+            &[input(0, true, Some(&p)), input(1, true, Some(&s))],
+        );
         assert_eq!(d.writer, Ok(A));
         assert_eq!(d.moved_from, Some(None));
         assert!(d.newly_fenced.is_empty());
-        let d = t.evaluate(&[input(0, true, Some(&p)), input(1, true, Some(&s))]);
+        let d = eval(
+            &mut t,
+            &[input(0, true, Some(&p)), input(1, true, Some(&s))],
+        );
         assert_eq!(d.moved_from, None);
     }
 
@@ -295,30 +352,45 @@ mod tests {
     fn a_promotion_with_the_old_primary_still_up_fences_it() {
         let mut t = WriterTracker::new();
         let (old, promoted) = (primary(1), primary(2));
-        t.evaluate(&[
-            input(0, true, Some(&old)),
-            input(1, true, Some(&standby(1))),
-        ]);
-        let d = t.evaluate(&[input(0, true, Some(&old)), input(1, true, Some(&promoted))]);
+        eval(
+            &mut t,
+            &[
+                input(0, true, Some(&old)),
+                input(1, true, Some(&standby(1))),
+            ],
+        );
+        let d = eval(
+            &mut t,
+            &[input(0, true, Some(&old)), input(1, true, Some(&promoted))],
+        );
         assert_eq!(d.writer, Ok(B));
         assert_eq!(d.moved_from, Some(Some(A)));
         assert_eq!(d.newly_fenced, vec![A]);
         assert!(t.is_fenced(A));
         // Still writable: stays fenced, and is not fenced "again".
-        let d = t.evaluate(&[input(0, true, Some(&old)), input(1, true, Some(&promoted))]);
+        let d = eval(
+            &mut t,
+            &[input(0, true, Some(&old)), input(1, true, Some(&promoted))],
+        );
         assert_eq!(d.writer, Ok(B));
         assert!(d.newly_fenced.is_empty() && d.moved_from.is_none());
         // Unreachable: stays fenced.
-        t.evaluate(&[
-            input(0, false, Some(&standby(2))),
-            input(1, true, Some(&promoted)),
-        ]);
+        eval(
+            &mut t,
+            &[
+                input(0, false, Some(&standby(2))),
+                input(1, true, Some(&promoted)),
+            ],
+        );
         assert!(t.is_fenced(A));
         // Rejoined as a replica: released, and B stays the writer.
-        let d = t.evaluate(&[
-            input(0, true, Some(&standby(2))),
-            input(1, true, Some(&promoted)),
-        ]);
+        let d = eval(
+            &mut t,
+            &[
+                input(0, true, Some(&standby(2))),
+                input(1, true, Some(&promoted)),
+            ],
+        );
         assert_eq!(d.released, vec![A]);
         assert!(!t.is_fenced(A));
         assert_eq!(d.writer, Ok(B));
@@ -328,8 +400,14 @@ mod tests {
     fn two_writers_with_equal_or_unknown_timelines_get_no_writes() {
         let mut t = WriterTracker::new();
         let p = primary(1);
-        t.evaluate(&[input(0, true, Some(&p)), input(1, true, Some(&standby(1)))]);
-        let d = t.evaluate(&[input(0, true, Some(&p)), input(1, true, Some(&primary(1)))]);
+        eval(
+            &mut t,
+            &[input(0, true, Some(&p)), input(1, true, Some(&standby(1)))],
+        );
+        let d = eval(
+            &mut t,
+            &[input(0, true, Some(&p)), input(1, true, Some(&primary(1)))],
+        );
         assert_eq!(d.writer, Err(NoWriter::SplitBrain(vec![A, B])));
         assert_eq!(d.moved_from, Some(Some(A)));
         assert!(d.newly_fenced.is_empty());
@@ -337,7 +415,10 @@ mod tests {
             timeline: None,
             ..primary(9)
         };
-        let d = t.evaluate(&[input(0, true, Some(&p)), input(1, true, Some(&unknown))]);
+        let d = eval(
+            &mut t,
+            &[input(0, true, Some(&p)), input(1, true, Some(&unknown))],
+        );
         assert!(matches!(d.writer, Err(NoWriter::SplitBrain(_))));
         assert!(!t.is_fenced(A) && !t.is_fenced(B));
     }
@@ -346,29 +427,41 @@ mod tests {
     fn an_unreachable_old_primary_still_counts_until_proven_older() {
         let mut t = WriterTracker::new();
         let old = primary(1);
-        t.evaluate(&[
-            input(0, true, Some(&old)),
-            input(1, true, Some(&standby(1))),
-        ]);
+        eval(
+            &mut t,
+            &[
+                input(0, true, Some(&old)),
+                input(1, true, Some(&standby(1))),
+            ],
+        );
         // The primary dies; nothing was promoted: no writer, nothing fenced.
-        let d = t.evaluate(&[
-            input(0, false, Some(&old)),
-            input(1, true, Some(&standby(1))),
-        ]);
+        let d = eval(
+            &mut t,
+            &[
+                input(0, false, Some(&old)),
+                input(1, true, Some(&standby(1))),
+            ],
+        );
         assert_eq!(d.writer, Err(NoWriter::Unreachable(A)));
         assert_eq!(d.moved_from, Some(Some(A)));
         // The standby is promoted: it is newer, so the dead one is fenced
         // and cannot take writes when it comes back.
-        let d = t.evaluate(&[
-            input(0, false, Some(&old)),
-            input(1, true, Some(&primary(2))),
-        ]);
+        let d = eval(
+            &mut t,
+            &[
+                input(0, false, Some(&old)),
+                input(1, true, Some(&primary(2))),
+            ],
+        );
         assert_eq!(d.writer, Ok(B));
         assert_eq!(d.newly_fenced, vec![A]);
-        let d = t.evaluate(&[
-            input(0, true, Some(&old)),
-            input(1, true, Some(&primary(2))),
-        ]);
+        let d = eval(
+            &mut t,
+            &[
+                input(0, true, Some(&old)),
+                input(1, true, Some(&primary(2))),
+            ],
+        );
         assert_eq!(d.writer, Ok(B));
         assert!(t.is_fenced(A));
     }
@@ -376,10 +469,13 @@ mod tests {
     #[test]
     fn a_newer_writer_that_is_unreachable_is_not_used() {
         let mut t = WriterTracker::new();
-        let d = t.evaluate(&[
-            input(0, true, Some(&primary(1))),
-            input(1, false, Some(&primary(2))),
-        ]);
+        let d = eval(
+            &mut t,
+            &[
+                input(0, true, Some(&primary(1))),
+                input(1, false, Some(&primary(2))),
+            ],
+        );
         assert_eq!(d.writer, Err(NoWriter::Unreachable(B)));
         assert_eq!(d.newly_fenced, vec![A]);
     }
@@ -387,7 +483,10 @@ mod tests {
     #[test]
     fn nothing_writable_is_no_writer() {
         let mut t = WriterTracker::new();
-        let d = t.evaluate(&[input(0, true, Some(&standby(1))), input(1, true, None)]);
+        let d = eval(
+            &mut t,
+            &[input(0, true, Some(&standby(1))), input(1, true, None)],
+        );
         assert_eq!(d.writer, Err(NoWriter::NoneWritable));
         assert_eq!(d.moved_from, None);
     }
@@ -429,5 +528,68 @@ mod tests {
         let order = read_only_order(&inputs, Some(EndpointId(0)), max);
         assert_eq!(order, vec![EndpointId(2), EndpointId(1), EndpointId(0)]);
         assert_eq!(read_only_order(&inputs[3..4], None, max), vec![]);
+    }
+
+    #[test]
+    fn the_control_plane_settles_a_split_brain_without_timelines() {
+        // Aurora: no timelines; both Regions' clusters accept writes.
+        let aurora = RoleObservation {
+            timeline: None,
+            ..primary(1)
+        };
+        let inputs = [input(0, true, Some(&aurora)), input(1, true, Some(&aurora))];
+        let mut t = WriterTracker::new();
+        assert!(matches!(
+            eval(&mut t, &inputs).writer,
+            Err(NoWriter::SplitBrain(_))
+        ));
+        let control = ControlInput {
+            writer: Some(B),
+            failover: None,
+        };
+        let d = t.evaluate(&inputs, Some(&control));
+        assert_eq!(d.writer, Ok(B));
+        assert_eq!(d.newly_fenced, [A]);
+        // A control plane naming an endpoint that is not writable proves
+        // nothing.
+        let mut t = WriterTracker::new();
+        let standby_b = [
+            input(0, true, Some(&aurora)),
+            input(1, true, Some(&standby(1))),
+        ];
+        let wrong = ControlInput {
+            writer: Some(B),
+            failover: None,
+        };
+        assert_eq!(t.evaluate(&standby_b, Some(&wrong)).writer, Ok(A));
+    }
+
+    #[test]
+    fn a_failover_in_progress_means_no_writer_and_no_fencing() {
+        let mut t = WriterTracker::new();
+        let inputs = [
+            input(0, true, Some(&primary(1))),
+            input(1, true, Some(&standby(1))),
+        ];
+        assert_eq!(eval(&mut t, &inputs).writer, Ok(A));
+        let control = ControlInput {
+            writer: Some(A),
+            failover: Some("failing-over".into()),
+        };
+        let both = [
+            input(0, true, Some(&primary(1))),
+            input(1, true, Some(&primary(2))),
+        ];
+        let d = t.evaluate(&both, Some(&control));
+        assert_eq!(
+            d.writer,
+            Err(NoWriter::FailoverInProgress("failing-over".into()))
+        );
+        assert_eq!(d.moved_from, Some(Some(A)));
+        assert!(d.newly_fenced.is_empty() && !t.is_fenced(A));
+        // Once it is over, the rule applies again: B is newer.
+        let d = t.evaluate(&both, Some(&ControlInput::default()));
+        assert_eq!(d.writer, Ok(B));
+        assert_eq!(d.newly_fenced, [A]);
     }
 }

@@ -273,6 +273,7 @@ mod tests {
             read_order,
             observed: Vec::new(),
             writer_changes_total: 0,
+            control_plane: None,
         }));
         t
     }
