@@ -199,7 +199,7 @@ fn run(cli: &Cli) -> Result<()> {
             .build(),
     }
     .context("cannot start the async runtime")?;
-    let result = runtime.block_on(serve(config, config_source(cli)));
+    let result = runtime.block_on(serve(config, config_source(cli), ServeHooks::default()));
     // Sessions were told to close and given time to; whatever is still
     // stuck (a peer that stopped reading, a blocking task) must not keep
     // the process alive.
@@ -207,7 +207,16 @@ fn run(cli: &Cli) -> Result<()> {
     result
 }
 
-async fn serve(config: Config, source: ConfigSource) -> Result<()> {
+/// What `dsql-proxy demo` adds to a normal run; `run` passes the default.
+#[derive(Default)]
+pub(crate) struct ServeHooks {
+    /// Serves `POST /demo/...` on the admin server.
+    pub demo_control: Option<Arc<dyn dsql_proxy_admin::DemoControl>>,
+    /// Gets the admin state once the admin server is up.
+    pub admin_ready: Option<tokio::sync::oneshot::Sender<Arc<AdminState>>>,
+}
+
+pub(crate) async fn serve(config: Config, source: ConfigSource, hooks: ServeHooks) -> Result<()> {
     // Before anything slow, so an early SIGHUP does not kill the process.
     let hangups = reload::hangups();
     // One line in either log format; secrets are redacted by the model.
@@ -252,7 +261,13 @@ async fn serve(config: Config, source: ConfigSource) -> Result<()> {
         quit: Notify::new(),
         policy: ArcSwap::from_pointee(policy_json(&config)),
         before_render: Some(token_counter_sync(Arc::clone(&credentials))),
+        demo: hooks.demo_control,
     });
+    if let Some(ready) = hooks.admin_ready {
+        // The demo drives the proxy through the same state the admin
+        // server reads (its live table, `quit`).
+        let _ = ready.send(Arc::clone(&admin_state));
+    }
     info!(address = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin server listening");
     tokio::spawn(admin.serve(Arc::clone(&admin_state)));
     // From here a SIGTERM/SIGINT starts a graceful shutdown, even one that

@@ -9,6 +9,7 @@
 mod backpressure;
 mod endpoint;
 pub mod health;
+mod manual;
 pub mod policy;
 pub mod route53;
 mod table;
@@ -25,6 +26,7 @@ use tokio::sync::{mpsc, watch};
 pub use backpressure::Backpressure;
 pub use endpoint::{Endpoint, EndpointId};
 pub use health::{FailureKind, Liveness, PassiveSignal, ProbeOutcome};
+pub use manual::ManualOverrides;
 pub use policy::{SelectionPolicy, SelectionReason};
 pub use table::{endpoints_from_configs, EndpointStatus, Route53Status, RoutingTable};
 
@@ -32,6 +34,10 @@ pub use table::{endpoints_from_configs, EndpointStatus, Route53Status, RoutingTa
 pub enum RouteError {
     #[error("no endpoint is configured")]
     NoEndpoints,
+    #[error("no endpoint is named {name:?} (endpoints: {})", known.join(", "))]
+    UnknownEndpoint { name: String, known: Vec<String> },
+    #[error("draining needs the health monitor ([routing] probes = true): without it nothing re-evaluates the selection")]
+    DrainNeedsProbes,
 }
 
 /// Tells sessions an endpoint went down. The value counts down events;
@@ -84,6 +90,8 @@ pub struct TableRouter {
     /// The next id for an endpoint a reload adds or changes.
     next_id: AtomicU32,
     backpressure: Backpressure,
+    /// Drained endpoints (admin API); the monitor applies them.
+    manual: ManualOverrides,
 }
 
 struct DownSender {
@@ -128,6 +136,7 @@ impl TableRouter {
             reports: None,
             next_id: AtomicU32::new(next_id),
             backpressure,
+            manual: ManualOverrides::default(),
         }
     }
 
@@ -204,6 +213,8 @@ impl TableRouter {
         self.down.store(Arc::new(down));
         self.backpressure
             .set_endpoints(table.endpoints().iter().map(|e| e.id));
+        self.manual
+            .retain(|id| table.endpoints().iter().any(|e| e.id == id));
         self.table.store(Arc::new(table));
     }
 
