@@ -3,6 +3,7 @@
 //! signals and the session layer together; the work lives in the crates.
 
 mod admin_client;
+mod demo;
 mod route53_cli;
 mod shutdown;
 mod status_cli;
@@ -47,7 +48,7 @@ struct Cli {
     )]
     config: PathBuf,
     /// Client listen address; overrides [listen] address.
-    #[arg(long, env = "DSQL_PROXY_LISTEN")]
+    #[arg(long, env = "DSQL_PROXY_LISTEN", global = true)]
     listen: Option<SocketAddr>,
     /// Admin HTTP address; overrides [admin] address. For `status` and
     /// `healthcheck`: the running proxy's admin server to ask.
@@ -84,6 +85,12 @@ enum Command {
     Check,
     /// Run the proxy (the default).
     Run,
+    /// Try it out locally: three simulated Regions (PostgreSQL behind the
+    /// DSQL endpoint emulator, IAM tokens checked, added latency) behind
+    /// the proxy, a live table of Regions, and commands (fail, hang, heal,
+    /// slow) on stdin or the admin API. Needs the PostgreSQL server
+    /// binaries; --listen and --admin default to 127.0.0.1:5432 and :9090.
+    Demo,
     /// Show a running proxy's endpoints and routing (its /status) as a table.
     Status,
     /// Exit 0 if a running proxy's /healthz answers 200, else 1 (for
@@ -119,6 +126,15 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Some(Command::Check) => check(&cli),
         Some(Command::Run) | None => run(&cli),
+        Some(Command::Demo) => demo::run(demo::DemoOptions {
+            listen: cli
+                .listen
+                .unwrap_or(dsql_proxy_config::ListenConfig::default().address),
+            admin: cli
+                .admin
+                .unwrap_or(dsql_proxy_config::AdminConfig::default().address),
+            worker_threads: cli.worker_threads,
+        }),
         Some(Command::Route53 { action }) => {
             load_config(&cli).and_then(|config| route53_cli::run(action, &cli.config, &config))
         }
@@ -146,6 +162,13 @@ fn init_logging(cli: &Cli) {
     // unless a filter was asked for.
     let level = match cli.command {
         Some(Command::Route53 { .. }) if cli.log_level == "info" => "warn",
+        // The demo's table is redrawn on the terminal; info lines would
+        // scroll it away.
+        Some(Command::Demo)
+            if cli.log_level == "info" && std::io::IsTerminal::is_terminal(&std::io::stdout()) =>
+        {
+            "warn"
+        }
         _ => cli.log_level.as_str(),
     };
     let filter = secret_safe(
