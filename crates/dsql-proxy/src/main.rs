@@ -4,6 +4,7 @@
 
 mod admin_client;
 mod demo;
+mod drill;
 mod route53_cli;
 mod shutdown;
 mod status_cli;
@@ -96,6 +97,11 @@ enum Command {
     /// Exit 0 if a running proxy's /healthz answers 200, else 1 (for
     /// container HEALTHCHECKs; no curl needed).
     Healthcheck,
+    /// Failover drill against a running proxy (--admin): drain the endpoint
+    /// new sessions use, check that they move and how fast, undrain it,
+    /// check that they come back; prints a timeline, exits non-zero
+    /// naming the failed step. The endpoint is always restored.
+    Drill(drill::DrillArgs),
     /// Create, delete or inspect the Route 53 health checks of the config's
     /// endpoints (AWS credentials from the SDK's default chain).
     Route53 {
@@ -120,6 +126,9 @@ fn main() -> ExitCode {
         Some(Command::Healthcheck) => {
             return status_cli::healthcheck(status_cli::admin_target(cli.admin, &cli.config))
         }
+        Some(Command::Drill(ref args)) => {
+            return drill::run(status_cli::admin_target(cli.admin, &cli.config), args)
+        }
         _ => {}
     }
     init_logging(&cli);
@@ -138,7 +147,7 @@ fn main() -> ExitCode {
         Some(Command::Route53 { action }) => {
             load_config(&cli).and_then(|config| route53_cli::run(action, &cli.config, &config))
         }
-        Some(Command::Status | Command::Healthcheck) => Ok(()),
+        Some(Command::Status | Command::Healthcheck | Command::Drill(_)) => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
