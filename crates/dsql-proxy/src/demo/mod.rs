@@ -61,11 +61,17 @@ pub fn run(options: DemoOptions) -> Result<()> {
     // Before anything starts: say exactly what is missing.
     let bin_dir = postgres::find_server_binaries()?;
     let server_user = postgres::server_user()?;
-    use_demo_credentials();
+    for (address, flag) in [(options.listen, "--listen"), (options.admin, "--admin")] {
+        // Found out now rather than after three servers were set up.
+        std::net::TcpListener::bind(address).with_context(|| {
+            format!("cannot listen on {address}; choose another address with {flag}")
+        })?;
+    }
     let dir = tempfile::Builder::new()
         .prefix("dsql-proxy-demo-")
         .tempdir()
         .context("cannot create the demo's temporary directory")?;
+    use_demo_credentials(dir.path())?;
     // The servers run as `postgres` when we are root: they must reach
     // their directories inside it.
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
@@ -96,9 +102,13 @@ pub fn run(options: DemoOptions) -> Result<()> {
 }
 
 /// The proxy's AWS SDK chain must find the demo credentials and nothing
-/// else (no profile, no instance metadata wait). Called before any thread
-/// or runtime exists.
-fn use_demo_credentials() {
+/// else (no profile, no instance metadata wait): empty config files in
+/// `dir`. Called before any thread or runtime exists.
+fn use_demo_credentials(dir: &Path) -> Result<()> {
+    let (config, credentials) = (dir.join("aws-config"), dir.join("aws-credentials"));
+    for file in [&config, &credentials] {
+        std::fs::write(file, "").with_context(|| format!("cannot write {}", file.display()))?;
+    }
     for name in [
         "AWS_SESSION_TOKEN",
         "AWS_PROFILE",
@@ -115,15 +125,13 @@ fn use_demo_credentials() {
         ("AWS_ACCESS_KEY_ID", DEMO_ACCESS_KEY_ID),
         ("AWS_SECRET_ACCESS_KEY", DEMO_SECRET_ACCESS_KEY),
         ("AWS_REGION", REGIONS[0].0),
-        ("AWS_CONFIG_FILE", "/nonexistent/dsql-proxy-demo/aws-config"),
-        (
-            "AWS_SHARED_CREDENTIALS_FILE",
-            "/nonexistent/dsql-proxy-demo/aws-credentials",
-        ),
         ("AWS_EC2_METADATA_DISABLED", "true"),
     ] {
         std::env::set_var(name, value);
     }
+    std::env::set_var("AWS_CONFIG_FILE", config);
+    std::env::set_var("AWS_SHARED_CREDENTIALS_FILE", credentials);
+    Ok(())
 }
 
 fn cluster_host(region: &str) -> String {

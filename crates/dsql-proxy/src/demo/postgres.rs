@@ -22,17 +22,23 @@ const DEBIAN_DIR: &str = "/usr/lib/postgresql";
 /// `/usr/lib/postgresql/<version>/bin`, then `pg_config --bindir`, then
 /// PATH. The error says where it looked and what to install.
 pub fn find_server_binaries() -> Result<PathBuf> {
-    let found = debian_bin_dir()
-        .or_else(pg_config_bin_dir)
-        .or_else(|| find_on_path("initdb").and_then(|p| p.parent().map(Path::to_path_buf)))
+    find_server_binaries_in(Path::new(DEBIAN_DIR), std::env::var_os("PATH"))
+}
+
+fn find_server_binaries_in(debian_dir: &Path, path: Option<std::ffi::OsString>) -> Result<PathBuf> {
+    let on_path = |name: &str| find_on_path(path.as_deref(), name);
+    let found = debian_bin_dir(debian_dir)
+        .or_else(|| on_path("pg_config").and_then(|p| pg_config_bin_dir(&p)))
+        .or_else(|| on_path("initdb").and_then(|p| p.parent().map(Path::to_path_buf)))
         .filter(|d| has_server_binaries(d));
     match found {
         Some(dir) => Ok(dir),
         None => bail!(
             "the demo needs the PostgreSQL server binaries (initdb, pg_ctl, postgres) and found none \
-             (looked in {DEBIAN_DIR}/<version>/bin, `pg_config --bindir` and PATH). Install them: \
+             (looked in {}/<version>/bin, `pg_config --bindir` and PATH). Install them: \
              `sudo apt-get install postgresql` (Debian/Ubuntu), `sudo dnf install postgresql-server` \
-             (Fedora/RHEL) or `brew install postgresql` (macOS)"
+             (Fedora/RHEL) or `brew install postgresql` (macOS)",
+            debian_dir.display()
         ),
     }
 }
@@ -43,8 +49,8 @@ fn has_server_binaries(dir: &Path) -> bool {
         .all(|b| dir.join(b).is_file())
 }
 
-fn debian_bin_dir() -> Option<PathBuf> {
-    fs::read_dir(DEBIAN_DIR)
+fn debian_bin_dir(debian_dir: &Path) -> Option<PathBuf> {
+    fs::read_dir(debian_dir)
         .ok()?
         .filter_map(Result::ok)
         .filter_map(|entry| {
@@ -62,14 +68,14 @@ fn debian_bin_dir() -> Option<PathBuf> {
         .map(|(_, bin)| bin)
 }
 
-fn pg_config_bin_dir() -> Option<PathBuf> {
-    let out = Command::new("pg_config").arg("--bindir").output().ok()?;
+fn pg_config_bin_dir(pg_config: &Path) -> Option<PathBuf> {
+    let out = Command::new(pg_config).arg("--bindir").output().ok()?;
     let dir = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
     (out.status.success() && has_server_binaries(&dir)).then_some(dir)
 }
 
-pub fn find_on_path(name: &str) -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
+fn find_on_path(path: Option<&std::ffi::OsStr>, name: &str) -> Option<PathBuf> {
+    std::env::split_paths(path?)
         .map(|dir| dir.join(name))
         .find(|p| p.is_file())
 }
@@ -261,4 +267,32 @@ pub fn free_port() -> Result<u16> {
     let listener =
         TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot find a free local port")?;
     Ok(listener.local_addr()?.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_binaries_say_where_it_looked_and_what_to_install() {
+        let err = find_server_binaries_in(Path::new("/nonexistent/postgresql"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/nonexistent/postgresql/<version>/bin"),
+            "{err}"
+        );
+        assert!(err.contains("apt-get install postgresql"), "{err}");
+    }
+
+    #[test]
+    fn finds_a_directory_with_the_server_binaries_on_path() {
+        let dir = tempfile::tempdir().unwrap();
+        for bin in ["initdb", "pg_ctl", "postgres"] {
+            fs::write(dir.path().join(bin), "").unwrap();
+        }
+        let found =
+            find_server_binaries_in(Path::new("/nonexistent"), Some(dir.path().into())).unwrap();
+        assert_eq!(found, dir.path());
+    }
 }
