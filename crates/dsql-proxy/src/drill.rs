@@ -1,11 +1,13 @@
 //! `dsql-proxy drill`: a failover drill against a running proxy. It takes
-//! the endpoint new sessions use out of rotation (admin API drain), checks
-//! that new sessions move to another endpoint and how long that takes,
-//! puts it back (undrain) and checks that new sessions return, printing a
-//! timeline. The endpoint is always restored, whatever fails after the
-//! drain (Ctrl-C included).
+//! the endpoint new sessions use out of rotation (admin API drain, or with
+//! `--method route53` by inverting its Route 53 health check), checks that
+//! new sessions move to another endpoint and how long that takes, puts it
+//! back and checks that new sessions return, printing a timeline. The
+//! endpoint is always restored, whatever fails after it was taken out
+//! (Ctrl-C included).
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,7 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use dsql_proxy_config::DurationStr;
+use dsql_proxy_config::{Config, DurationStr};
+use dsql_proxy_health::route53_admin::Route53Admin;
 use serde_json::Value;
 
 use crate::admin_client;
@@ -32,8 +35,11 @@ pub struct DrillArgs {
         default_value = "host=127.0.0.1 port=5432 user=admin dbname=postgres"
     )]
     connect: String,
-    /// How to take the endpoint out. Only `admin` (POST
-    /// /endpoints/<name>/drain) is implemented.
+    /// How to take the endpoint out: `admin` drains it (POST
+    /// /endpoints/<name>/drain); `route53` inverts its Route 53 health
+    /// check (UpdateHealthCheck Inverted=true; needs [routing] route53 =
+    /// "veto" and AWS credentials; the check id comes from /status or the
+    /// --config file).
     #[arg(long, value_enum, default_value = "admin")]
     method: Method,
     /// How long each waiting step may take, e.g. 30s.
@@ -41,9 +47,24 @@ pub struct DrillArgs {
     timeout: DurationStr,
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 enum Method {
     Admin,
+    Route53,
+}
+
+/// The endpoint the drill took out, and how, so it can be put back.
+struct TakenOut {
+    name: String,
+    how: Takeout,
+}
+
+enum Takeout {
+    Drained,
+    Inverted {
+        route53: Route53Admin,
+        check_id: String,
+    },
 }
 
 /// A failed step, named for the report.
@@ -67,8 +88,7 @@ impl Timeline {
     }
 }
 
-pub fn run(admin: SocketAddr, args: &DrillArgs) -> ExitCode {
-    let Method::Admin = args.method;
+pub fn run(admin: SocketAddr, config_path: &Path, args: &DrillArgs) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -94,6 +114,8 @@ pub fn run(admin: SocketAddr, args: &DrillArgs) -> ExitCode {
     let drill = Drill {
         admin,
         connect: args.connect.clone(),
+        method: args.method,
+        config_path: config_path.to_path_buf(),
         timeout: args.timeout.get(),
         runtime: &runtime,
         interrupted: &interrupted,
@@ -106,20 +128,18 @@ pub fn run(admin: SocketAddr, args: &DrillArgs) -> ExitCode {
         args.connect
     );
     drill.timeline.note("start");
-    let mut drained = None;
-    let result = drill.steps(&mut drained);
-    // Step 4 may not have been reached: restore whatever is still drained.
-    let restore_failed = drained
-        .as_deref()
-        .and_then(|name| match drill.undrain(name) {
-            Ok(()) => {
-                drill
-                    .timeline
-                    .note(&format!("restored {name} (undrain after the failure)"));
-                None
-            }
-            Err(e) => Some(e),
-        });
+    let mut taken_out = None;
+    let result = drill.steps(&mut taken_out);
+    // Step 4 may not have been reached: restore whatever is still out.
+    let restore_failed = taken_out.as_ref().and_then(|out| match drill.restore(out) {
+        Ok(how) => {
+            drill
+                .timeline
+                .note(&format!("restored {} ({how}) after the failure", out.name));
+            None
+        }
+        Err(e) => Some(e),
+    });
     match (result, restore_failed) {
         (Ok(()), _) => {
             println!("drill passed");
@@ -127,10 +147,16 @@ pub fn run(admin: SocketAddr, args: &DrillArgs) -> ExitCode {
         }
         (Err(failure), restore) => {
             eprintln!("drill FAILED at step {}: {:#}", failure.step, failure.error);
-            if let (Some(e), Some(name)) = (restore, drained) {
-                eprintln!(
-                    "could not restore {name}: {e:#}; run: curl -X POST http://{admin}/endpoints/{name}/undrain"
-                );
+            if let (Some(e), Some(out)) = (restore, taken_out) {
+                let fix = match &out.how {
+                    Takeout::Drained => {
+                        format!("curl -X POST http://{admin}/endpoints/{}/undrain", out.name)
+                    }
+                    Takeout::Inverted { check_id, .. } => format!(
+                        "aws route53 update-health-check --health-check-id {check_id} --no-inverted"
+                    ),
+                };
+                eprintln!("could not restore {}: {e:#}; run: {fix}", out.name);
             }
             ExitCode::FAILURE
         }
@@ -140,6 +166,8 @@ pub fn run(admin: SocketAddr, args: &DrillArgs) -> ExitCode {
 struct Drill<'a> {
     admin: SocketAddr,
     connect: String,
+    method: Method,
+    config_path: PathBuf,
     timeout: Duration,
     runtime: &'a tokio::runtime::Runtime,
     interrupted: &'a AtomicBool,
@@ -147,13 +175,13 @@ struct Drill<'a> {
 }
 
 impl Drill<'_> {
-    /// Steps 1-5; `drained` names the endpoint while it is out, so the
+    /// Steps 1-5; `taken_out` holds the endpoint while it is out, so the
     /// caller can restore it.
-    fn steps(&self, drained: &mut Option<String>) -> Result<(), StepFailure> {
+    fn steps(&self, taken_out: &mut Option<TakenOut>) -> Result<(), StepFailure> {
         const BASELINE: &str = "1 (baseline session)";
-        const DRAIN: &str = "2 (drain)";
+        const TAKE_OUT: &str = "2 (take the endpoint out)";
         const FAILOVER: &str = "3 (failover)";
-        const UNDRAIN: &str = "4 (undrain)";
+        const RESTORE: &str = "4 (restore)";
         const FAILBACK: &str = "5 (failback)";
 
         self.session().map_err(at(BASELINE))?;
@@ -166,12 +194,11 @@ impl Drill<'_> {
             "step 1: session OK (SELECT 1); new sessions use {original}"
         ));
 
-        self.post(&format!("/endpoints/{original}/drain"))
-            .map_err(at(DRAIN))?;
-        *drained = Some(original.clone());
+        let (out, how) = self.take_out(&original).map_err(at(TAKE_OUT))?;
+        let out = taken_out.insert(out);
         let drained_at = Instant::now();
         self.timeline
-            .note(&format!("step 2: drained {original} through the admin API"));
+            .note(&format!("step 2: took {original} out: {how}"));
 
         let moved_to = self
             .wait_for("new sessions to move to another endpoint", |selected| {
@@ -183,11 +210,11 @@ impl Drill<'_> {
             drained_at.elapsed().as_millis()
         ));
 
-        self.undrain(&original).map_err(at(UNDRAIN))?;
-        *drained = None;
+        let how = self.restore(out).map_err(at(RESTORE))?;
+        *taken_out = None;
         let undrained_at = Instant::now();
         self.timeline
-            .note(&format!("step 4: restored {original} (undrain)"));
+            .note(&format!("step 4: restored {original} ({how})"));
 
         self.wait_for(
             &format!("new sessions to return to {original}"),
@@ -257,8 +284,7 @@ impl Drill<'_> {
         })
     }
 
-    /// `/status`'s selected endpoint.
-    fn selected(&self) -> Result<Option<String>> {
+    fn status(&self) -> Result<Value> {
         let reply = admin_client::get(self.admin, "/status", ADMIN_TIMEOUT)?;
         if reply.status != 200 {
             bail!(
@@ -267,13 +293,110 @@ impl Drill<'_> {
                 reply.body.trim()
             );
         }
-        let status: Value =
-            serde_json::from_str(&reply.body).context("/status did not answer JSON")?;
-        Ok(status["selected"].as_str().map(str::to_owned))
+        serde_json::from_str(&reply.body).context("/status did not answer JSON")
     }
 
-    fn undrain(&self, name: &str) -> Result<()> {
-        self.post(&format!("/endpoints/{name}/undrain"))
+    /// `/status`'s selected endpoint.
+    fn selected(&self) -> Result<Option<String>> {
+        Ok(self.status()?["selected"].as_str().map(str::to_owned))
+    }
+
+    /// Takes `name` out of rotation by the chosen method; also says how.
+    fn take_out(&self, name: &str) -> Result<(TakenOut, String)> {
+        match self.method {
+            Method::Admin => {
+                self.post(&format!("/endpoints/{name}/drain"))?;
+                let out = TakenOut {
+                    name: name.to_owned(),
+                    how: Takeout::Drained,
+                };
+                Ok((out, "drained through the admin API".into()))
+            }
+            Method::Route53 => {
+                let status = self.status()?;
+                let policy = status["policy"]["route53"].as_str().unwrap_or("unknown");
+                if policy != "veto" {
+                    bail!(
+                        "the proxy's [routing] route53 is {policy:?}: an inverted health check \
+                         moves no traffic unless it is \"veto\""
+                    );
+                }
+                let check_id = self.health_check_id(&status, name)?;
+                let route53 = self
+                    .runtime
+                    .block_on(Route53Admin::from_env(ADMIN_TIMEOUT * 2))
+                    .context("cannot set up the Route 53 client")?;
+                let check = self
+                    .runtime
+                    .block_on(route53.get(&check_id))
+                    .with_context(|| format!("cannot read health check {check_id}"))?
+                    .ok_or_else(|| anyhow!("Route 53 has no health check {check_id}"))?;
+                if check.inverted {
+                    bail!(
+                        "health check {check_id} is already inverted: something else took {name} \
+                         out; the drill leaves it alone"
+                    );
+                }
+                self.runtime
+                    .block_on(route53.set_inverted(&check_id, true))
+                    .with_context(|| format!("cannot invert health check {check_id}"))?;
+                let how = format!(
+                    "Route 53 health check {check_id} inverted (UpdateHealthCheck Inverted=true)"
+                );
+                let out = TakenOut {
+                    name: name.to_owned(),
+                    how: Takeout::Inverted { route53, check_id },
+                };
+                Ok((out, how))
+            }
+        }
+    }
+
+    /// Puts the endpoint back; says how.
+    fn restore(&self, out: &TakenOut) -> Result<String> {
+        match &out.how {
+            Takeout::Drained => {
+                self.post(&format!("/endpoints/{}/undrain", out.name))?;
+                Ok("undrained".into())
+            }
+            Takeout::Inverted { route53, check_id } => {
+                self.runtime
+                    .block_on(route53.set_inverted(check_id, false))
+                    .with_context(|| format!("cannot restore health check {check_id}"))?;
+                Ok(format!("health check {check_id} no longer inverted"))
+            }
+        }
+    }
+
+    /// The endpoint's health check: from `/status`, else from the
+    /// `--config` file.
+    fn health_check_id(&self, status: &Value, name: &str) -> Result<String> {
+        let from_status = status["endpoints"]
+            .as_array()
+            .and_then(|e| e.iter().find(|e| e["name"] == name))
+            .and_then(|e| e["route53"]["health_check_id"].as_str())
+            .filter(|id| !id.is_empty())
+            .map(str::to_owned);
+        if let Some(id) = from_status {
+            return Ok(id);
+        }
+        let config = Config::load(&self.config_path, std::env::vars()).with_context(|| {
+            format!(
+                "{name} has no Route 53 health check in /status, and --config {} cannot be read",
+                self.config_path.display()
+            )
+        })?;
+        config
+            .endpoints
+            .iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.route53_health_check_id.clone())
+            .ok_or_else(|| {
+                anyhow!(
+                    "{name} has no route53_health_check_id (neither in /status nor in {})",
+                    self.config_path.display()
+                )
+            })
     }
 
     fn post(&self, path: &str) -> Result<()> {

@@ -127,7 +127,11 @@ fn main() -> ExitCode {
             return status_cli::healthcheck(status_cli::admin_target(cli.admin, &cli.config))
         }
         Some(Command::Drill(ref args)) => {
-            return drill::run(status_cli::admin_target(cli.admin, &cli.config), args)
+            return drill::run(
+                status_cli::admin_target(cli.admin, &cli.config),
+                &cli.config,
+                args,
+            )
         }
         _ => {}
     }
