@@ -48,8 +48,11 @@ const DEMO_SECRET_ACCESS_KEY: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
 const DEMO_CLUSTER_ID: &str = "dsqlproxydemoclusterabcdef";
 /// The simulated Regions and their added round-trip latency.
 const REGIONS: [(&str, u64); 3] = [("us-east-1", 5), ("us-east-2", 40), ("us-west-2", 80)];
-/// How often the terminal table is redrawn (and changes are looked for).
+/// How often changes are looked for.
 const REFRESH: Duration = Duration::from_millis(500);
+/// Latencies alone redraw the terminal at most this often: a redraw wipes
+/// the command being typed from the screen (not from the input).
+const LATENCY_REDRAW: Duration = Duration::from_secs(3);
 
 pub struct DemoOptions {
     pub listen: SocketAddr,
@@ -360,6 +363,7 @@ struct Screen {
     messages: Vec<String>,
     last_key: String,
     last_drawn: String,
+    last_drawn_at: Instant,
 }
 
 impl Screen {
@@ -380,6 +384,7 @@ impl Screen {
             messages: Vec::new(),
             last_key: String::new(),
             last_drawn: String::new(),
+            last_drawn_at: Instant::now(),
         }
     }
 
@@ -411,11 +416,17 @@ impl Screen {
                 screen.push('\n');
             }
             screen.push_str("> ");
-            if screen != self.last_drawn {
+            let key = view::change_key(rows);
+            let due = key != self.last_key
+                || self.last_drawn.is_empty()
+                || self.last_drawn_at.elapsed() >= LATENCY_REDRAW;
+            if due && screen != self.last_drawn {
                 // Home, clear to the end, draw: no scrolling history.
                 print!("\x1b[H\x1b[J{screen}");
                 flush();
                 self.last_drawn = screen;
+                self.last_drawn_at = Instant::now();
+                self.last_key = key;
             }
         } else {
             let key = view::change_key(rows);
