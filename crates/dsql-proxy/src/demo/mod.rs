@@ -449,13 +449,15 @@ fn flush() {
 
 /// A background `sh` that waits for this process to disappear and then
 /// stops the demo's servers and removes its directory: destructors cover
-/// errors, Ctrl-C and `quit`; this covers SIGKILL. Killed when dropped.
+/// errors, Ctrl-C and `quit`; this covers SIGKILL. `/proc/PID/exe` is
+/// unreadable once the process is gone or a zombie (`kill -0` would still
+/// succeed on a zombie whose parent does not reap it). Killed when dropped.
 struct Watchdog(Option<Child>);
 
 impl Watchdog {
     fn spawn(dir: &Path) -> Watchdog {
         let script = "trap '' HUP INT TERM\n\
-             while kill -0 \"$0\" 2>/dev/null; do sleep 1; done\n\
+             while readlink \"/proc/$0/exe\" >/dev/null 2>&1; do sleep 1; done\n\
              for pidfile in \"$1\"/*/data/postmaster.pid; do\n\
                [ -f \"$pidfile\" ] && kill -QUIT \"$(head -n 1 \"$pidfile\")\" 2>/dev/null\n\
              done\n\
