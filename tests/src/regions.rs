@@ -101,6 +101,20 @@ impl RegionsStack {
             .unwrap_or_else(|| panic!("no region {name}"))
     }
 
+    /// The proxy's admin address, from its config file.
+    pub fn admin_addr(&self) -> SocketAddr {
+        let toml = std::fs::read_to_string(self.proxy.config_path()).expect("read proxy config");
+        let section = toml
+            .split("[admin]")
+            .nth(1)
+            .expect("the config has an [admin] section");
+        section
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("address = "))
+            .and_then(|v| v.trim_matches('"').parse().ok())
+            .expect("[admin] address")
+    }
+
     /// Connects through the proxy as the app user.
     pub async fn try_connect(&self) -> Result<Client, tokio_postgres::Error> {
         connect_with(&client_config(self.listen, APP_USER, APP_DB), None).await

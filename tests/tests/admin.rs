@@ -107,3 +107,76 @@ fn quitquitquit_shuts_down_with_exit_zero() {
     let status = proxy.wait_exit(Duration::from_secs(10)).expect("exits");
     assert!(status.success(), "{}", proxy.logs());
 }
+
+/// Drain/undrain through the admin API: unknown names are 404, a drained
+/// endpoint is not selected and gets no new sessions, `/status` and
+/// `/metrics` show it, and undrain brings it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drained_endpoints_get_no_new_sessions_until_undrained() {
+    use dsql_proxy_tests::{RegionsOptions, RegionsStack};
+    let stack = RegionsStack::start(RegionsOptions {
+        routing: vec![
+            "probe_interval = \"200ms\"".into(),
+            "switch_after = 2".into(),
+        ],
+        ..RegionsOptions::default()
+    });
+    let admin = stack.admin_addr();
+    let (code, text) = http(admin, "POST", "/endpoints/nowhere/drain");
+    assert_eq!(code, 404, "{text}");
+    assert!(
+        text.contains("no endpoint is named \"nowhere\" (endpoints: region-a, region-b)"),
+        "{text}"
+    );
+    assert_eq!(http(admin, "GET", "/endpoints/region-a/drain").0, 405);
+    assert_eq!(
+        http(admin, "POST", "/demo/fail/region-a").0,
+        404,
+        "not a demo"
+    );
+    assert!(
+        stack
+            .wait_for_landing("region-a", Duration::from_secs(10))
+            .await
+            .is_some(),
+        "the faster region-a is selected first"
+    );
+    let open = stack.connect().await;
+
+    let (code, text) = http(admin, "POST", "/endpoints/region-a/drain");
+    assert_eq!(code, 200, "{text}");
+    let status = dsql_proxy_tests::metrics::status(admin);
+    assert_eq!(status["selected"], "region-b", "{status:#}");
+    let a = &status["endpoints"][0];
+    assert_eq!(
+        (a["name"].as_str(), a["drained"].as_bool()),
+        (Some("region-a"), Some(true))
+    );
+    assert_eq!(a["state"], "up", "drained, not down");
+    for _ in 0..5 {
+        assert_eq!(stack.landing().await.unwrap(), "region-b");
+    }
+    // The session opened before the drain is left alone.
+    assert_eq!(stack.region_of(&open).await, "region-a");
+    let scrape = dsql_proxy_tests::metrics::scrape(admin);
+    assert_eq!(
+        scrape.value("dsql_proxy_endpoint_drained", &[("endpoint", "region-a")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        scrape.value("dsql_proxy_endpoint_up", &[("endpoint", "region-a")]),
+        Some(1.0)
+    );
+    let out = dsql_proxy_tests::run_proxy_cmd(&["status", "--admin", &admin.to_string()]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("no (drained)"), "{table}");
+
+    let (code, text) = http(admin, "POST", "/endpoints/region-a/undrain");
+    assert_eq!(code, 200, "{text}");
+    let back = stack
+        .wait_for_landing("region-a", Duration::from_secs(10))
+        .await;
+    assert!(back.is_some(), "{}", stack.proxy.logs());
+    let status = dsql_proxy_tests::metrics::status(admin);
+    assert_eq!(status["endpoints"][0]["drained"], false);
+}

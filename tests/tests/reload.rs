@@ -391,3 +391,57 @@ async fn a_listen_address_change_waits_for_a_restart() {
         "the proxy listens on the new address without a restart"
     );
 }
+
+/// A drained endpoint that a reload keeps stays drained (and unselected);
+/// one whose address changes comes back undrained, as a new endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_keeps_the_drained_state_of_endpoints_that_stay() {
+    use dsql_proxy_tests::metrics::{http, status};
+    let servers = Servers::start();
+    let mut setup = Setup::new();
+    let proxy = setup.start(&servers, &[("a", &servers.a, 1), ("b", &servers.b, 2)]);
+    let (code, body) = http(setup.admin, "POST", "/endpoints/a/drain");
+    assert_eq!(code, 200, "{body}");
+    let drained = |s: &serde_json::Value, name: &str| {
+        s["endpoints"]
+            .as_array()
+            .and_then(|e| e.iter().find(|e| e["name"] == name))
+            .map(|e| e["drained"].clone())
+    };
+    assert_eq!(status(setup.admin)["selected"], "b");
+
+    // A routing change only: both endpoints stay.
+    setup.routing_extra = "switch_after = 2".into();
+    reload(
+        &proxy,
+        &setup.toml(&servers, &[("a", &servers.a, 1), ("b", &servers.b, 2)]),
+        RELOADED,
+        1,
+    );
+    // Give a re-made selection time to show (a probe round or two).
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let s = status(setup.admin);
+    assert_eq!(
+        drained(&s, "a"),
+        Some(serde_json::Value::Bool(true)),
+        "{s:#}"
+    );
+    assert_eq!(s["selected"], "b", "{s:#}\n{}", proxy.logs());
+
+    // "a" now points at the other server: a new endpoint, not drained.
+    reload(
+        &proxy,
+        &setup.toml(&servers, &[("a", &servers.b, 1), ("b", &servers.b, 2)]),
+        RELOADED,
+        2,
+    );
+    let deadline = Instant::now() + WITHIN;
+    loop {
+        let s = status(setup.admin);
+        if drained(&s, "a") == Some(serde_json::Value::Bool(false)) && s["selected"] == "a" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{s:#}\n{}", proxy.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

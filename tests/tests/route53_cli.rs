@@ -638,3 +638,102 @@ fn a_reference_conflict_that_never_ends_is_a_clear_error() {
     assert_eq!(created_references(&server).len(), 20);
     assert_eq!(config.text(), ONE_ENDPOINT, "nothing written");
 }
+
+/// `dsql-proxy drill --method route53`: the selected Region's health check
+/// is inverted (UpdateHealthCheck Inverted=true) so the proxy's Route 53
+/// veto moves new sessions away, then restored; moto plays Route 53.
+#[test]
+fn the_drill_inverts_the_selected_regions_health_check_and_restores_it() {
+    use dsql_proxy_tests::{RegionsOptions, RegionsStack};
+    let moto = MotoServer::start();
+    let client = client(&moto);
+    let check = runtime().block_on(async {
+        client
+            .create_health_check()
+            .caller_reference("drill-region-a")
+            .health_check_config(
+                HealthCheckConfig::builder()
+                    .r#type(HealthCheckType::Tcp)
+                    .fully_qualified_domain_name("db.test.internal")
+                    .port(5432)
+                    .build()
+                    .expect("config"),
+            )
+            .send()
+            .await
+            .expect("create")
+            .health_check()
+            .expect("check")
+            .id()
+            .to_owned()
+    });
+    let stack = RegionsStack::start(RegionsOptions {
+        routing: vec![
+            "probe_interval = \"200ms\"".into(),
+            "switch_after = 2".into(),
+            "route53_poll_interval = \"1s\"".into(),
+        ],
+        endpoint_extra: vec![
+            vec![format!("route53_health_check_id = \"{check}\"")],
+            Vec::new(),
+        ],
+        env: moto.env(),
+        ..RegionsOptions::default()
+    });
+    let admin = stack.admin_addr();
+    let runtime = runtime();
+    assert!(
+        runtime
+            .block_on(stack.wait_for_landing("region-a", std::time::Duration::from_secs(15)))
+            .is_some(),
+        "{}",
+        stack.proxy.logs()
+    );
+    let out = run_proxy_cmd_with_env(
+        &[
+            "drill",
+            "--method",
+            "route53",
+            "--admin",
+            &admin.to_string(),
+            "--connect",
+            &format!(
+                "host=127.0.0.1 port={} user={} dbname={}",
+                stack.listen.port(),
+                dsql_proxy_tests::APP_USER,
+                dsql_proxy_tests::APP_DB
+            ),
+            "--timeout",
+            "20s",
+        ],
+        &moto.env(),
+    );
+    let timeline = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{timeline}\n{}\n--- proxy ---\n{}",
+        stderr(&out),
+        stack.proxy.logs()
+    );
+    for step in [
+        format!("step 2: took region-a out: Route 53 health check {check} inverted"),
+        "step 3: new sessions work and use region-b".to_owned(),
+        format!("step 4: restored region-a (health check {check} no longer inverted)"),
+        "step 5: new sessions work and use region-a again".to_owned(),
+        "drill passed".to_owned(),
+    ] {
+        assert!(timeline.contains(&step), "{step:?} missing:\n{timeline}");
+    }
+    let inverted = runtime.block_on(async {
+        client
+            .get_health_check()
+            .health_check_id(&check)
+            .send()
+            .await
+            .expect("get")
+            .health_check()
+            .and_then(|c| c.health_check_config())
+            .and_then(|c| c.inverted())
+    });
+    assert_ne!(inverted, Some(true), "the check is restored");
+}

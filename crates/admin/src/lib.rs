@@ -1,7 +1,10 @@
 //! The admin HTTP server (`[admin] address`): `/metrics` for Prometheus,
 //! `/healthz`, `/startup` and `/readyz` for Kubernetes probes (none of them
-//! dials the database), `/status` as JSON, and `POST /quitquitquit` to ask
-//! for a graceful shutdown (batch Jobs).
+//! dials the database), `/status` as JSON, `POST /quitquitquit` to ask
+//! for a graceful shutdown (batch Jobs), `POST /endpoints/<name>/drain` and
+//! `/undrain` to take an endpoint out of (and back into) rotation for new
+//! sessions, and, only under `dsql-proxy demo`, `POST /demo/...` (see
+//! [`DemoControl`]).
 
 mod status;
 
@@ -13,7 +16,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use dsql_proxy_metrics::{Metrics, CONTENT_TYPE};
-use dsql_proxy_routing::TableRouter;
+use dsql_proxy_routing::{RouteError, TableRouter};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -34,6 +37,22 @@ pub enum AdminError {
         address: SocketAddr,
         source: std::io::Error,
     },
+    /// A demo command named something that does not exist (HTTP 404).
+    #[error("{0}")]
+    DemoUnknown(String),
+    /// A demo command with bad arguments (HTTP 400).
+    #[error("{0}")]
+    DemoInvalid(String),
+}
+
+/// The demo's control commands over HTTP: `POST /demo/<command>/<args>...`
+/// (e.g. `/demo/fail/us-east-1`, `/demo/slow/us-east-1/120`). The admin
+/// server only routes; `dsql-proxy demo` fills this in, and without it
+/// every `/demo/` path is 404.
+pub trait DemoControl: Send + Sync {
+    /// Runs one command; the answer text, or [`AdminError::DemoUnknown`] /
+    /// [`AdminError::DemoInvalid`].
+    fn command(&self, command: &str, args: &[&str]) -> Result<String, AdminError>;
 }
 
 /// A hook that updates metric families just before they are rendered.
@@ -57,6 +76,8 @@ pub struct AdminState {
     /// Runs before each `/metrics` render: copies counters kept elsewhere
     /// (the IAM token cache's) into their families.
     pub before_render: Option<MetricsRefresh>,
+    /// Set only by `dsql-proxy demo`: serves `POST /demo/...`.
+    pub demo: Option<Arc<dyn DemoControl>>,
 }
 
 pub struct AdminServer {
@@ -138,6 +159,7 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 &state.metrics,
                 &state.policy.load(),
                 |id| router.busy_remaining(id),
+                |id| router.manual().is_drained(id),
             );
             reply(
                 StatusCode::OK,
@@ -153,7 +175,78 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (_, "/metrics" | "/healthz" | "/startup" | "/readyz" | "/status" | "/quitquitquit") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
-        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        (method, path) => {
+            if let Some(rest) = path.strip_prefix("/endpoints/") {
+                drain_route(state, method, rest)
+            } else if let Some(rest) = path.strip_prefix("/demo/") {
+                demo_route(state, method, rest)
+            } else {
+                text(StatusCode::NOT_FOUND, "not found\n")
+            }
+        }
+    }
+}
+
+/// `POST /endpoints/<name>/drain` and `/undrain`.
+fn drain_route(state: &AdminState, method: &Method, rest: &str) -> Response<Full<Bytes>> {
+    let (name, drained) = match rest.rsplit_once('/') {
+        Some((name, "drain")) if !name.is_empty() => (name, true),
+        Some((name, "undrain")) if !name.is_empty() => (name, false),
+        _ => return text(StatusCode::NOT_FOUND, "not found\n"),
+    };
+    if method != Method::POST {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed: use POST\n",
+        );
+    }
+    match state.router.set_drained(name, drained) {
+        Ok((_, changed)) => {
+            let what = if drained { "drained" } else { "restored" };
+            if changed {
+                info!(endpoint = name, "endpoint {what} through the admin API");
+            }
+            let answer = match (drained, changed) {
+                (true, true) => format!("endpoint {name} drained: new sessions go to other endpoints; open sessions are left alone\n"),
+                (true, false) => format!("endpoint {name} was already drained\n"),
+                (false, true) => format!("endpoint {name} restored: it takes new sessions again when the selection picks it\n"),
+                (false, false) => format!("endpoint {name} was not drained\n"),
+            };
+            text(StatusCode::OK, &answer)
+        }
+        Err(e @ RouteError::UnknownEndpoint { .. }) => {
+            text(StatusCode::NOT_FOUND, &format!("{e}\n"))
+        }
+        Err(e) => text(StatusCode::CONFLICT, &format!("{e}\n")),
+    }
+}
+
+/// `POST /demo/<command>/<args>...`, when the demo is running.
+fn demo_route(state: &AdminState, method: &Method, rest: &str) -> Response<Full<Bytes>> {
+    let Some(demo) = &state.demo else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "not found: /demo/ routes exist only under `dsql-proxy demo`\n",
+        );
+    };
+    if method != Method::POST {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed: use POST\n",
+        );
+    }
+    let mut parts = rest.split('/').filter(|p| !p.is_empty());
+    let Some(command) = parts.next() else {
+        return text(
+            StatusCode::NOT_FOUND,
+            "not found: POST /demo/<command>/<args>\n",
+        );
+    };
+    let args: Vec<&str> = parts.collect();
+    match demo.command(command, &args) {
+        Ok(answer) => text(StatusCode::OK, &format!("{}\n", answer.trim_end())),
+        Err(e @ AdminError::DemoInvalid(_)) => text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
+        Err(e) => text(StatusCode::NOT_FOUND, &format!("{e}\n")),
     }
 }
 
@@ -232,7 +325,96 @@ mod tests {
             quit: Notify::new(),
             policy: ArcSwap::from_pointee(serde_json::Value::Null),
             before_render: None,
+            demo: None,
         }
+    }
+
+    fn body(response: Response<Full<Bytes>>) -> (StatusCode, String) {
+        use http_body_util::BodyExt;
+        let code = response.status();
+        let bytes = futures_lite_block(response.into_body().collect());
+        (
+            code,
+            String::from_utf8_lossy(&bytes.map(|b| b.to_bytes()).unwrap_or_default()).into_owned(),
+        )
+    }
+
+    /// The bodies here are `Full`: ready on the first poll.
+    fn futures_lite_block<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn drain_routes_name_endpoints_and_need_post() {
+        let mut s = state(10);
+        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let table = s.router.snapshot().as_ref().clone();
+        s.router = Arc::new(TableRouter::new(table).with_reports(tx));
+        let (code, text) = body(drain_route(&s, &Method::POST, "nope/drain"));
+        assert_eq!(code, StatusCode::NOT_FOUND);
+        assert!(
+            text.contains("no endpoint is named \"nope\" (endpoints: a)"),
+            "{text}"
+        );
+        let (code, text) = body(drain_route(&s, &Method::POST, "a/drain"));
+        assert_eq!(code, StatusCode::OK, "{text}");
+        assert!(s
+            .router
+            .manual()
+            .is_drained(dsql_proxy_routing::EndpointId(0)));
+        assert_eq!(
+            body(drain_route(&s, &Method::GET, "a/drain")).0,
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(
+            body(drain_route(&s, &Method::POST, "a/flood")).0,
+            StatusCode::NOT_FOUND
+        );
+        let (code, _) = body(drain_route(&s, &Method::POST, "a/undrain"));
+        assert_eq!(code, StatusCode::OK);
+        assert!(!s
+            .router
+            .manual()
+            .is_drained(dsql_proxy_routing::EndpointId(0)));
+    }
+
+    struct Echo;
+    impl DemoControl for Echo {
+        fn command(&self, command: &str, args: &[&str]) -> Result<String, AdminError> {
+            match command {
+                "echo" => Ok(args.join(" ")),
+                "bad" => Err(AdminError::DemoInvalid("bad arguments".into())),
+                other => Err(AdminError::DemoUnknown(format!("no command {other}"))),
+            }
+        }
+    }
+
+    #[test]
+    fn demo_routes_are_404_unless_the_demo_fills_them() {
+        let mut s = state(10);
+        let (code, text) = body(demo_route(&s, &Method::POST, "fail/a"));
+        assert_eq!(code, StatusCode::NOT_FOUND);
+        assert!(text.contains("dsql-proxy demo"), "{text}");
+        s.demo = Some(Arc::new(Echo));
+        assert_eq!(
+            body(demo_route(&s, &Method::POST, "echo/x/1")),
+            (StatusCode::OK, "x 1\n".to_owned())
+        );
+        assert_eq!(
+            body(demo_route(&s, &Method::POST, "bad")).0,
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(
+            body(demo_route(&s, &Method::POST, "zap")).0,
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            body(demo_route(&s, &Method::GET, "echo")).0,
+            StatusCode::METHOD_NOT_ALLOWED
+        );
     }
 
     #[test]

@@ -11,12 +11,14 @@ fn ms(d: Option<std::time::Duration>) -> Value {
 }
 
 /// `busy` tells the time left in an endpoint's busy cooldown (backpressure
-/// after a 53300/53400 answer), if any.
+/// after a 53300/53400 answer), if any; `drained` whether it was drained
+/// through the admin API.
 pub fn status_json(
     table: &RoutingTable,
     metrics: &Metrics,
     policy: &Value,
     busy: impl Fn(EndpointId) -> Option<std::time::Duration>,
+    drained: impl Fn(EndpointId) -> bool,
 ) -> Value {
     let selected = table.selected().map(|e| e.id);
     let ranks: Vec<_> = table.candidates().map(|(e, _)| e.id).collect();
@@ -66,6 +68,7 @@ pub fn status_json(
                 "rank": ranks.iter().position(|id| *id == e.id),
                 "state": s.map(|s| s.liveness.as_str()),
                 "eligible": s.map(|s| s.eligible),
+                "drained": drained(e.id),
                 "latency_ms": ms(s.and_then(|s| s.latency)),
                 "last_rtt_ms": ms(s.and_then(|s| s.last_rtt)),
                 "connect_time_ms": ms(s.and_then(|s| s.connect_time)),

@@ -1,5 +1,6 @@
-//! A minimal HTTP/1.1 GET against a running proxy's admin server, for the
-//! `status` and `healthcheck` commands (container images have no curl).
+//! A minimal HTTP/1.1 client for a running proxy's admin server, for the
+//! `status`, `healthcheck` and `drill` commands (container images have no
+//! curl).
 //! Blocking std sockets with timeouts: one request, `Connection: close`.
 
 use std::io::{Read, Write};
@@ -18,13 +19,22 @@ pub struct Reply {
 
 /// `GET path` on `addr`; connect, send and every read within `timeout`.
 pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Reply> {
+    request(addr, "GET", path, timeout)
+}
+
+/// `POST path` with an empty body.
+pub fn post(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Reply> {
+    request(addr, "POST", path, timeout)
+}
+
+fn request(addr: SocketAddr, method: &str, path: &str, timeout: Duration) -> Result<Reply> {
     let mut stream = TcpStream::connect_timeout(&addr, timeout)
         .with_context(|| format!("cannot reach the admin server at {addr}"))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     write!(
         stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: dsql-proxy-cli\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: dsql-proxy-cli\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .with_context(|| format!("cannot send a request to the admin server at {addr}"))?;
     let mut raw = Vec::new();

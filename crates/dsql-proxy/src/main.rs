@@ -3,6 +3,8 @@
 //! signals and the session layer together; the work lives in the crates.
 
 mod admin_client;
+mod demo;
+mod drill;
 mod route53_cli;
 mod shutdown;
 mod status_cli;
@@ -47,7 +49,7 @@ struct Cli {
     )]
     config: PathBuf,
     /// Client listen address; overrides [listen] address.
-    #[arg(long, env = "DSQL_PROXY_LISTEN")]
+    #[arg(long, env = "DSQL_PROXY_LISTEN", global = true)]
     listen: Option<SocketAddr>,
     /// Admin HTTP address; overrides [admin] address. For `status` and
     /// `healthcheck`: the running proxy's admin server to ask.
@@ -84,11 +86,22 @@ enum Command {
     Check,
     /// Run the proxy (the default).
     Run,
+    /// Try it out locally: three simulated Regions (PostgreSQL behind the
+    /// DSQL endpoint emulator, IAM tokens checked, added latency) behind
+    /// the proxy, a live table of Regions, and commands (fail, hang, heal,
+    /// slow) on stdin or the admin API. Needs the PostgreSQL server
+    /// binaries; --listen and --admin default to 127.0.0.1:5432 and :9090.
+    Demo,
     /// Show a running proxy's endpoints and routing (its /status) as a table.
     Status,
     /// Exit 0 if a running proxy's /healthz answers 200, else 1 (for
     /// container HEALTHCHECKs; no curl needed).
     Healthcheck,
+    /// Failover drill against a running proxy (--admin): drain the endpoint
+    /// new sessions use, check that they move and how fast, undrain it,
+    /// check that they come back; prints a timeline, exits non-zero
+    /// naming the failed step. The endpoint is always restored.
+    Drill(drill::DrillArgs),
     /// Create, delete or inspect the Route 53 health checks of the config's
     /// endpoints (AWS credentials from the SDK's default chain).
     Route53 {
@@ -113,16 +126,32 @@ fn main() -> ExitCode {
         Some(Command::Healthcheck) => {
             return status_cli::healthcheck(status_cli::admin_target(cli.admin, &cli.config))
         }
+        Some(Command::Drill(ref args)) => {
+            return drill::run(
+                status_cli::admin_target(cli.admin, &cli.config),
+                &cli.config,
+                args,
+            )
+        }
         _ => {}
     }
     init_logging(&cli);
     let result = match &cli.command {
         Some(Command::Check) => check(&cli),
         Some(Command::Run) | None => run(&cli),
+        Some(Command::Demo) => demo::run(demo::DemoOptions {
+            listen: cli
+                .listen
+                .unwrap_or(dsql_proxy_config::ListenConfig::default().address),
+            admin: cli
+                .admin
+                .unwrap_or(dsql_proxy_config::AdminConfig::default().address),
+            worker_threads: cli.worker_threads,
+        }),
         Some(Command::Route53 { action }) => {
             load_config(&cli).and_then(|config| route53_cli::run(action, &cli.config, &config))
         }
-        Some(Command::Status | Command::Healthcheck) => Ok(()),
+        Some(Command::Status | Command::Healthcheck | Command::Drill(_)) => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -146,6 +175,13 @@ fn init_logging(cli: &Cli) {
     // unless a filter was asked for.
     let level = match cli.command {
         Some(Command::Route53 { .. }) if cli.log_level == "info" => "warn",
+        // The demo's table is redrawn on the terminal; info lines would
+        // scroll it away.
+        Some(Command::Demo)
+            if cli.log_level == "info" && std::io::IsTerminal::is_terminal(&std::io::stdout()) =>
+        {
+            "warn"
+        }
         _ => cli.log_level.as_str(),
     };
     let filter = secret_safe(
@@ -199,7 +235,7 @@ fn run(cli: &Cli) -> Result<()> {
             .build(),
     }
     .context("cannot start the async runtime")?;
-    let result = runtime.block_on(serve(config, config_source(cli)));
+    let result = runtime.block_on(serve(config, config_source(cli), ServeHooks::default()));
     // Sessions were told to close and given time to; whatever is still
     // stuck (a peer that stopped reading, a blocking task) must not keep
     // the process alive.
@@ -207,7 +243,16 @@ fn run(cli: &Cli) -> Result<()> {
     result
 }
 
-async fn serve(config: Config, source: ConfigSource) -> Result<()> {
+/// What `dsql-proxy demo` adds to a normal run; `run` passes the default.
+#[derive(Default)]
+pub(crate) struct ServeHooks {
+    /// Serves `POST /demo/...` on the admin server.
+    pub demo_control: Option<Arc<dyn dsql_proxy_admin::DemoControl>>,
+    /// Gets the admin state once the admin server is up.
+    pub admin_ready: Option<tokio::sync::oneshot::Sender<Arc<AdminState>>>,
+}
+
+pub(crate) async fn serve(config: Config, source: ConfigSource, hooks: ServeHooks) -> Result<()> {
     // Before anything slow, so an early SIGHUP does not kill the process.
     let hangups = reload::hangups();
     // One line in either log format; secrets are redacted by the model.
@@ -253,7 +298,13 @@ async fn serve(config: Config, source: ConfigSource) -> Result<()> {
         quit: Notify::new(),
         policy: ArcSwap::from_pointee(policy_json(&config)),
         before_render: Some(token_counter_sync(Arc::clone(&credentials))),
+        demo: hooks.demo_control,
     });
+    if let Some(ready) = hooks.admin_ready {
+        // The demo drives the proxy through the same state the admin
+        // server reads (its live table, `quit`).
+        let _ = ready.send(Arc::clone(&admin_state));
+    }
     info!(address = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin server listening");
     tokio::spawn(admin.serve(Arc::clone(&admin_state)));
     // From here a SIGTERM/SIGINT starts a graceful shutdown, even one that

@@ -146,6 +146,7 @@ pub fn render(status: &Value) -> String {
             text(&e["region"]),
             text(&e["state"]),
             match e["eligible"].as_bool() {
+                _ if e["drained"] == Value::Bool(true) => "no (drained)".into(),
                 Some(true) => "yes".into(),
                 Some(false) => "no".into(),
                 None => "-".into(),
@@ -162,6 +163,11 @@ pub fn render(status: &Value) -> String {
                 .as_str()
                 .map_or("-".into(), str::to_owned),
         ]);
+        if e["drained"] == Value::Bool(true) {
+            notes.push(format!(
+                "{name}: drained through the admin API: no new sessions (POST /endpoints/{name}/undrain restores it)"
+            ));
+        }
         if let Some(detail) = e["last_failure"]["detail"].as_str() {
             notes.push(format!("{name}: last probe failure: {detail}"));
         }
@@ -256,7 +262,7 @@ mod tests {
                              "age_seconds": 12, "errors_total": 0, "last_error": null}},
                 {"name": "us-east-2", "region": "us-east-2", "selected": false, "rank": 1,
                  "state": "down", "eligible": false, "latency_ms": null, "last_rtt_ms": null,
-                 "connect_time_ms": null, "sessions_active": 0,
+                 "connect_time_ms": null, "sessions_active": 0, "drained": true,
                  "last_failure": {"reason": "refused", "detail": "connection refused"},
                  "auth_failure": null, "route53": null}
             ]
@@ -279,6 +285,11 @@ mod tests {
         );
         assert!(
             out.contains("us-east-2: last probe failure: connection refused"),
+            "{out}"
+        );
+        assert!(row2.contains("no (drained)"), "{row2}");
+        assert!(
+            out.contains("us-east-2: drained through the admin API"),
             "{out}"
         );
         assert!(out.contains("policy:\n  healthy endpoints only\n"), "{out}");

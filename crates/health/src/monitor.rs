@@ -200,6 +200,7 @@ async fn poll_route53(
 struct EndpointMetrics {
     up: IntGauge,
     selected: IntGauge,
+    drained: IntGauge,
     latency: Histogram,
     route53_healthy: IntGauge,
 }
@@ -225,6 +226,7 @@ impl EndpointState {
             gauges: EndpointMetrics {
                 up: metrics.endpoint_up.with_label_values(&labels),
                 selected: metrics.endpoint_selected.with_label_values(&labels),
+                drained: metrics.endpoint_drained.with_label_values(&labels),
                 latency: metrics.endpoint_latency_seconds.with_label_values(&labels),
                 route53_healthy: metrics.route53_healthy.with_label_values(&labels),
             },
@@ -364,6 +366,7 @@ impl MonitorState {
             if !self.endpoints.iter().any(|s| s.labels() == labels) {
                 let _ = self.metrics.endpoint_up.remove_label_values(&labels);
                 let _ = self.metrics.endpoint_selected.remove_label_values(&labels);
+                let _ = self.metrics.endpoint_drained.remove_label_values(&labels);
                 let _ = self.metrics.route53_healthy.remove_label_values(&labels);
                 let _ = self
                     .metrics
@@ -408,9 +411,13 @@ impl MonitorState {
     ) {
         let mut ready = Some(ready);
         let mut round = rounds(self.settings.probe_interval).await;
+        let mut drains = self.router.manual().subscribe();
         loop {
             let changed = tokio::select! {
                 Some(event) = events.recv() => self.on_event(event),
+                // An endpoint drained or restored through the admin API:
+                // re-evaluate now, like an endpoint going down or up.
+                Ok(()) = drains.changed() => true,
                 Some((id, signal)) = reports.recv() => self.on_passive(id, signal),
                 Some((update, done)) = control.recv() => {
                     let interval = self.settings.probe_interval;
@@ -656,6 +663,7 @@ impl MonitorState {
                 latency: s.health.latency(),
                 route53_healthy: s.route53.as_ref().and_then(|r| r.effective(now, max)),
                 last_up: s.health.last_up(),
+                drained: self.router.manual().is_drained(s.endpoint.id),
             })
             .collect();
         let previous = self.selector.current();
@@ -665,6 +673,17 @@ impl MonitorState {
         let eligible: Vec<bool> = candidates
             .iter()
             .map(|c| c.eligible(&self.settings.policy))
+            .collect();
+        // endpoint_up tells health; a drained endpoint may well be healthy.
+        let healthy: Vec<bool> = candidates
+            .iter()
+            .map(|c| {
+                Candidate {
+                    drained: false,
+                    ..c.clone()
+                }
+                .eligible(&self.settings.policy)
+            })
             .collect();
         drop(candidates);
         if selection.changed {
@@ -693,12 +712,15 @@ impl MonitorState {
         }
         self.generation += 1;
         let selected = selection.selected();
-        for (s, ok) in self.endpoints.iter().zip(&eligible) {
+        for (s, ok) in self.endpoints.iter().zip(&healthy) {
             let up = *ok && s.health.liveness() != Liveness::Down;
             s.gauges.up.set(i64::from(up));
             s.gauges
                 .selected
                 .set(i64::from(selected == Some(s.endpoint.id)));
+            s.gauges
+                .drained
+                .set(i64::from(self.router.manual().is_drained(s.endpoint.id)));
             let r53 = match s.route53.as_ref().and_then(|r| r.effective(now, max)) {
                 Some(true) => 1,
                 Some(false) => 0,

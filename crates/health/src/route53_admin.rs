@@ -409,6 +409,21 @@ impl Route53Admin {
             .unwrap_or_default())
     }
 
+    /// `UpdateHealthCheck` with only `Inverted` set: an inverted check
+    /// reports the opposite of what its checkers see, which Route 53
+    /// documents for taking a resource out of rotation (the failover
+    /// drill's `--method route53`).
+    pub async fn set_inverted(&self, id: &str, inverted: bool) -> Result<(), Route53Error> {
+        self.client
+            .update_health_check()
+            .health_check_id(id)
+            .inverted(inverted)
+            .send()
+            .await
+            .map_err(classify)?;
+        Ok(())
+    }
+
     /// `GetHealthCheck`; `None` when there is no such check.
     pub async fn get(&self, id: &str) -> Result<Option<ExistingCheck>, Route53Error> {
         match self

@@ -9,6 +9,7 @@
 mod backpressure;
 mod endpoint;
 pub mod health;
+mod manual;
 pub mod policy;
 pub mod route53;
 mod table;
@@ -26,6 +27,7 @@ use tokio::sync::{mpsc, watch};
 pub use backpressure::Backpressure;
 pub use endpoint::{Endpoint, EndpointId};
 pub use health::{FailureKind, Liveness, PassiveSignal, ProbeOutcome};
+pub use manual::ManualOverrides;
 pub use policy::{SelectionPolicy, SelectionReason};
 pub use table::{
     endpoints_from_configs, ControlPlaneStatus, EndpointStatus, Roles, Route53Status, RoutingTable,
@@ -35,6 +37,10 @@ pub use table::{
 pub enum RouteError {
     #[error("no endpoint is configured")]
     NoEndpoints,
+    #[error("no endpoint is named {name:?} (endpoints: {})", known.join(", "))]
+    UnknownEndpoint { name: String, known: Vec<String> },
+    #[error("draining needs the health monitor ([routing] probes = true): without it nothing re-evaluates the selection")]
+    DrainNeedsProbes,
 }
 
 /// Tells sessions an endpoint went down. The value counts down events;
@@ -101,6 +107,8 @@ pub struct TableRouter {
     /// The next id for an endpoint a reload adds or changes.
     next_id: AtomicU32,
     backpressure: Backpressure,
+    /// Drained endpoints (admin API); the monitor applies them.
+    manual: ManualOverrides,
 }
 
 /// What sessions on one endpoint are told.
@@ -153,6 +161,7 @@ impl TableRouter {
             reports: None,
             next_id: AtomicU32::new(next_id),
             backpressure,
+            manual: ManualOverrides::default(),
         }
     }
 
@@ -230,6 +239,8 @@ impl TableRouter {
         self.watches.store(Arc::new(watches));
         self.backpressure
             .set_endpoints(table.endpoints().iter().map(|e| e.id));
+        self.manual
+            .retain(|id| table.endpoints().iter().any(|e| e.id == id));
         self.table.store(Arc::new(table));
         self.published.send_modify(|n| *n += 1);
     }

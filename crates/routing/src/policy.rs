@@ -1,7 +1,8 @@
 //! The selection rule: which endpoint new sessions use, and the order the
 //! rest are tried in when a connect fails.
 //!
-//! 1. Eligible endpoints are those not marked down and, under
+//! 1. Eligible endpoints are those not marked down, not drained (admin
+//!    API) and, under
 //!    `route53 = "veto"`, not reported unhealthy by a fresh Route 53
 //!    reading.
 //! 2. With `prefer_region`, eligible endpoints of that Region rank first.
@@ -46,11 +47,14 @@ pub struct Candidate<'a> {
     /// Route 53's fresh verdict, if any.
     pub route53_healthy: Option<bool>,
     pub last_up: Option<Instant>,
+    /// Drained through the admin API: ineligible, like an unhealthy one.
+    pub drained: bool,
 }
 
 impl Candidate<'_> {
     pub fn eligible(&self, policy: &SelectionPolicy) -> bool {
         self.liveness != Liveness::Down
+            && !self.drained
             && !(policy.route53 == Route53Policy::Veto && self.route53_healthy == Some(false))
     }
 }

@@ -18,6 +18,7 @@ fn up(id: u32, ms: u64, priority: u32) -> Candidate<'static> {
         latency: Some(Duration::from_millis(ms)),
         route53_healthy: None,
         last_up: None,
+        drained: false,
     }
 }
 
@@ -210,4 +211,24 @@ fn a_provisional_selection_yields_at_once() {
         (s.selected(), s.reason),
         (Some(EndpointId(1)), SelectionReason::Holding)
     );
+}
+
+#[test]
+fn a_drained_endpoint_is_skipped_like_a_down_one_and_comes_back() {
+    let mut sel = Selector::default();
+    let s = sel.evaluate(&[up(0, 10, 1), up(1, 30, 1)], &policy(), true);
+    assert_eq!(s.selected(), Some(EndpointId(0)));
+    let mut drained = up(0, 10, 1);
+    drained.drained = true;
+    // An event-driven evaluation moves at once, as for an endpoint going down.
+    let s = sel.evaluate(&[drained.clone(), up(1, 30, 1)], &policy(), false);
+    assert_eq!(s.selected(), Some(EndpointId(1)));
+    assert_eq!((ids(&s), s.eligible), (vec![1, 0], 1));
+    // Restored, it wins back after switch_after rounds like any faster one.
+    for _ in 0..2 {
+        let s = sel.evaluate(&[up(0, 10, 1), up(1, 30, 1)], &policy(), true);
+        assert_eq!(s.selected(), Some(EndpointId(1)));
+    }
+    let s = sel.evaluate(&[up(0, 10, 1), up(1, 30, 1)], &policy(), true);
+    assert_eq!(s.selected(), Some(EndpointId(0)));
 }
