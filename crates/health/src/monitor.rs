@@ -749,7 +749,10 @@ impl MonitorState {
                     .iter()
                     .map(|s| EndpointView {
                         endpoint: &s.endpoint,
-                        reachable: s.health.liveness() == Liveness::Up,
+                        // A drained replica takes no new read-only
+                        // sessions; draining never moves the writer.
+                        reachable: s.health.liveness() == Liveness::Up
+                            && !self.router.manual().is_drained(s.endpoint.id),
                         writer_reachable: match s.health.liveness() {
                             Liveness::Up => true,
                             // Demoted by the data path, not yet confirmed

@@ -552,11 +552,9 @@ mod tests {
         assert_eq!(d.newly_fenced, [A]);
         // A control plane naming an endpoint that is not writable proves
         // nothing.
+        let s1 = standby(1);
         let mut t = WriterTracker::new();
-        let standby_b = [
-            input(0, true, Some(&aurora)),
-            input(1, true, Some(&standby(1))),
-        ];
+        let standby_b = [input(0, true, Some(&aurora)), input(1, true, Some(&s1))];
         let wrong = ControlInput {
             writer: Some(B),
             failover: None,
@@ -566,20 +564,15 @@ mod tests {
 
     #[test]
     fn a_failover_in_progress_means_no_writer_and_no_fencing() {
+        let (p1, s1, p2) = (primary(1), standby(1), primary(2));
         let mut t = WriterTracker::new();
-        let inputs = [
-            input(0, true, Some(&primary(1))),
-            input(1, true, Some(&standby(1))),
-        ];
+        let inputs = [input(0, true, Some(&p1)), input(1, true, Some(&s1))];
         assert_eq!(eval(&mut t, &inputs).writer, Ok(A));
         let control = ControlInput {
             writer: Some(A),
             failover: Some("failing-over".into()),
         };
-        let both = [
-            input(0, true, Some(&primary(1))),
-            input(1, true, Some(&primary(2))),
-        ];
+        let both = [input(0, true, Some(&p1)), input(1, true, Some(&p2))];
         let d = t.evaluate(&both, Some(&control));
         assert_eq!(
             d.writer,

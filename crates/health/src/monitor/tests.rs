@@ -48,6 +48,7 @@ fn config(name: &str, priority: u32) -> EndpointConfig {
 fn settings() -> MonitorSettings {
     MonitorSettings {
         max_replica_lag: None,
+        control_plane: None,
         probe_interval: Duration::from_millis(10),
         probe_timeout: Duration::from_secs(1),
         hysteresis: Hysteresis {
