@@ -718,15 +718,17 @@ fn iam_policies_grant_exactly_what_the_proxy_calls() {
         "route53:GetHealthCheckStatus",
         "route53:ListHealthChecks",
         "route53:ListTagsForResource",
+        "route53:UpdateHealthCheck",
     ]
     .map(String::from)
     .into();
     assert_eq!(setup.keys().cloned().collect::<BTreeSet<_>>(), expected);
-    // ... which is what `dsql-proxy route53 setup|teardown|status` calls.
+    // ... which is what `dsql-proxy route53 setup|teardown|status` and
+    // `drill --method route53` (UpdateHealthCheck Inverted) call.
     assert_eq!(
         expected,
         route53_calls("crates/health/src/route53_admin.rs"),
-        "deploy/iam/route53-setup.json must grant exactly the calls of the route53 commands"
+        "deploy/iam/route53-setup.json must grant exactly the calls of the route53 commands and the drill"
     );
     // Only the actions without resource-level permissions get "*".
     for (action, resources) in dsql.iter().chain(&route53).chain(&global).chain(&setup) {
