@@ -60,4 +60,4 @@ echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo test"
 # Servers and proxies are real processes; two test threads suit 2-core CI.
-cargo test --workspace --locked -- --test-threads "${TEST_THREADS:-2}"
+cargo test --workspace --locked --no-fail-fast -- --test-threads "${TEST_THREADS:-2}"
