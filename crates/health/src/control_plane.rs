@@ -10,14 +10,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use aws_sdk_rds::config::retry::RetryConfig;
-use aws_sdk_rds::config::timeout::TimeoutConfig;
 use aws_sdk_rds::config::{BehaviorVersion, Region};
 use aws_sdk_rds::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_rds::Client;
-
-/// At most one retry: the monitor polls again soon.
-const MAX_ATTEMPTS: u32 = 2;
 
 /// One member cluster of the global database.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,18 +100,9 @@ impl SdkGlobalClusters {
                 builder = builder.region(Region::new(region.to_owned()));
             }
         }
-        let retry = sdk_config
-            .retry_config()
-            .cloned()
-            .unwrap_or_else(RetryConfig::standard);
-        let attempts = retry.max_attempts().clamp(1, MAX_ATTEMPTS);
-        let timeouts = TimeoutConfig::builder()
-            .operation_timeout(operation_timeout)
-            .build();
-        let conf = builder
-            .retry_config(retry.with_max_attempts(attempts))
-            .timeout_config(timeouts)
-            .build();
+        let (retry, timeout) =
+            crate::sdk::polling_retry_and_timeout(&sdk_config, operation_timeout);
+        let conf = builder.retry_config(retry).timeout_config(timeout).build();
         Self {
             client: Client::from_conf(conf),
         }

@@ -17,6 +17,7 @@ pub mod probe;
 mod roles;
 pub mod route53;
 pub mod route53_admin;
+mod sdk;
 mod task;
 
 pub use monitor::{start, Monitor, MonitorSettings, MonitorUpdate};

@@ -6,18 +6,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use aws_sdk_route53::config::retry::RetryConfig;
-use aws_sdk_route53::config::timeout::TimeoutConfig;
 use aws_sdk_route53::config::{BehaviorVersion, Region};
 use aws_sdk_route53::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_route53::Client;
 
 /// Route 53 is a global service signed for us-east-1.
 pub(crate) const GLOBAL_REGION: &str = "us-east-1";
-
-/// At most one retry: a monitor that polls again soon gains little from
-/// more, and each attempt costs a share of Route 53's per-account rate.
-const MAX_ATTEMPTS: u32 = 2;
 
 /// Error codes Route 53 (and the SDK's retry classifier) use for
 /// throttling; Route 53 answers them with HTTP 400, others with 429.
@@ -147,21 +141,8 @@ impl SdkHealthChecks {
         if config.region().is_none() {
             builder = builder.region(Region::from_static(GLOBAL_REGION));
         }
-        // Keep a configured retry mode and a lower attempt count; only cap.
-        let retry = config
-            .retry_config()
-            .cloned()
-            .unwrap_or_else(RetryConfig::standard);
-        let attempts = retry.max_attempts().clamp(1, MAX_ATTEMPTS);
-        // Merged with the shared config's connect/read timeouts by the
-        // builder; only the operation timeout is ours.
-        let timeouts = TimeoutConfig::builder()
-            .operation_timeout(operation_timeout)
-            .build();
-        let conf = builder
-            .retry_config(retry.with_max_attempts(attempts))
-            .timeout_config(timeouts)
-            .build();
+        let (retry, timeout) = crate::sdk::polling_retry_and_timeout(config, operation_timeout);
+        let conf = builder.retry_config(retry).timeout_config(timeout).build();
         Self {
             client: Client::from_conf(conf),
             operation_timeout,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use dsql_proxy_admin::{AdminError, DemoControl};
 use tokio::sync::Notify;
 
-use super::relay::{Relay, RelayMode};
+use dsql_proxy_netsim::{Relay, RelayMode};
 
 /// Largest added round trip `slow` accepts (a minute is already absurd).
 const MAX_SLOW_MS: u64 = 60_000;
@@ -77,11 +77,12 @@ pub struct RegionNet {
 impl RegionNet {
     /// The added round trip: the relay delays each direction by half.
     pub fn added_rtt(&self) -> Duration {
-        self.relay.one_way_delay() * 2
+        let (upstream, downstream) = self.relay.delay();
+        upstream + downstream
     }
 
     pub fn set_added_rtt(&self, rtt: Duration) {
-        self.relay.set_one_way_delay(rtt / 2);
+        self.relay.set_delay(rtt / 2, rtt / 2);
     }
 
     /// The network state in words, for the table.

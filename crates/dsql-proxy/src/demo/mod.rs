@@ -4,7 +4,7 @@
 //! Per Region: a local PostgreSQL server ([`postgres`]), the token-checking
 //! DSQL endpoint emulator in front of it (the `dsql-emulator` crate,
 //! in-process: TLS with SNI, SigV4 token check with the demo credentials)
-//! and a latency relay in front of that ([`relay`]), which `fail`, `hang`,
+//! and a latency relay in front of that (`dsql-proxy-netsim`), which `fail`, `hang`,
 //! `heal` and `slow` act on. The proxy runs in-process through the same
 //! `serve` as `dsql-proxy run`, from a generated config (`kind = "dsql"`,
 //! `auth = "dsql-iam"`, `verify-full` against the demo CA), so reloads,
@@ -17,7 +17,6 @@
 mod control;
 mod pki;
 mod postgres;
-mod relay;
 mod view;
 
 use std::io::{BufRead, IsTerminal, Write};
@@ -36,9 +35,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use self::control::{DemoRegions, RegionNet};
 use self::postgres::{LocalServer, DEMO_USER};
-use self::relay::Relay;
 use crate::reload::ConfigSource;
 use crate::ServeHooks;
+use dsql_proxy_netsim::Relay;
 
 /// The demo's fixed credentials: AWS's documented example key pair, never
 /// a real one. The proxy signs with them, the emulators check them.
@@ -207,8 +206,11 @@ async fn demo(
         tokio::spawn(emulator.serve(async move {
             let _ = stopped.wait_for(|stop| *stop).await;
         }));
-        let relay = Relay::start(emulator_addr, Duration::from_millis(*rtt) / 2)
+        let relay = tokio::net::TcpListener::bind(("127.0.0.1", 0))
             .await
+            .and_then(|listener| {
+                Relay::spawn(listener, emulator_addr, Duration::from_millis(*rtt) / 2)
+            })
             .with_context(|| format!("cannot start the network relay for {name}"))?;
         endpoints.push_str(&format!(
             "\n[[endpoints]]\nname = \"{name}\"\nregion = \"{name}\"\nhost = \"{host}\"\nport = 5432\n\

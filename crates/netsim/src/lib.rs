@@ -1,14 +1,18 @@
-//! The demo's simulated network between the proxy and each Region: a TCP
-//! relay that adds latency and can fail (reset) or hang (blackhole) its
-//! Region on command. Ported from the test harness's latency relay
-//! (`tests/src/latency.rs`); the binary cannot depend on the tests crate.
+//! A simulated network link between a client and a server: a TCP relay
+//! that adds latency and can fail (reset) or hang (blackhole) on command.
+//! `dsql-proxy demo` puts one in front of each simulated Region; the tests
+//! use it for distinct Region round-trip times and for outages.
 //!
 //! Each chunk read from one side is delivered to the other side `delay`
 //! after it was read. Every direction is a FIFO of timestamped chunks, so
-//! pipelined traffic is delayed, not serialized. EOF and resets travel
-//! through the same FIFO, so they arrive in order and late too. The TCP
-//! handshake itself is not delayed. Bytes are opaque, so TLS passes
-//! straight through.
+//! pipelined traffic is delayed, not serialized: throughput does not drop
+//! with the delay. EOF and resets travel through the same FIFO, so they
+//! arrive in order and late too. Bytes are opaque, so TLS passes straight
+//! through.
+//!
+//! What is not simulated: the relay completes the client's TCP handshake
+//! itself and dials the target at once, so the handshake costs no delay;
+//! only payload bytes and connection ends are delayed.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -70,19 +74,25 @@ struct Shared {
     accepted: AtomicU64,
 }
 
-/// A latency-injecting TCP relay on 127.0.0.1 in front of `target`, on
-/// the current tokio runtime. Dropping it stops the listener; its
-/// connections end when they next touch the mode or the runtime stops.
+/// A latency-injecting TCP relay in front of `target`, serving its listener
+/// on the tokio runtime it was started on. Dropping it stops the listener;
+/// open connections end with that runtime or at their next mode change.
+/// Every method may be called from any thread.
 pub struct Relay {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    _shutdown: oneshot::Sender<()>,
+    _stop: oneshot::Sender<()>,
 }
 
 impl Relay {
-    /// Starts a relay to `target` that delays each direction by `one_way`.
-    pub async fn start(target: SocketAddr, one_way: Duration) -> std::io::Result<Relay> {
-        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+    /// Relays connections accepted on `listener` to `target`, delaying each
+    /// direction by `one_way` (so a round trip gains `2 * one_way`).
+    /// Must be called within a tokio runtime.
+    pub fn spawn(
+        listener: TcpListener,
+        target: SocketAddr,
+        one_way: Duration,
+    ) -> std::io::Result<Relay> {
         let addr = listener.local_addr()?;
         let (mode, _) = watch::channel(RelayMode::Pass);
         let shared = Arc::new(Shared {
@@ -93,40 +103,74 @@ impl Relay {
             open: AtomicUsize::new(0),
             accepted: AtomicU64::new(0),
         });
-        let (shutdown, stop) = oneshot::channel::<()>();
+        let (stop_tx, stop) = oneshot::channel();
         tokio::spawn(accept_loop(listener, Arc::clone(&shared), stop));
         Ok(Relay {
             addr,
             shared,
-            _shutdown: shutdown,
+            _stop: stop_tx,
         })
     }
 
-    /// Where the proxy connects (its endpoint's `connect_address`).
+    /// Where clients connect (the proxy's `connect_address`).
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
-    /// Sets the one-way delay of both directions, for bytes read from now on.
-    pub fn set_one_way_delay(&self, delay: Duration) {
+    /// Where the relay forwards to.
+    pub fn target(&self) -> SocketAddr {
+        self.shared.target
+    }
+
+    /// Sets the one-way delays: `upstream` for client -> target bytes,
+    /// `downstream` for target -> client bytes. Applies to bytes read after
+    /// the call; chunks already queued keep their delivery time.
+    pub fn set_delay(&self, upstream: Duration, downstream: Duration) {
         self.shared
             .upstream_nanos
-            .store(nanos(delay), Ordering::SeqCst);
+            .store(nanos(upstream), Ordering::SeqCst);
         self.shared
             .downstream_nanos
-            .store(nanos(delay), Ordering::SeqCst);
+            .store(nanos(downstream), Ordering::SeqCst);
     }
 
-    pub fn one_way_delay(&self) -> Duration {
-        Duration::from_nanos(self.shared.upstream_nanos.load(Ordering::SeqCst))
+    /// `(upstream, downstream)` one-way delays.
+    pub fn delay(&self) -> (Duration, Duration) {
+        (
+            Duration::from_nanos(self.shared.upstream_nanos.load(Ordering::SeqCst)),
+            Duration::from_nanos(self.shared.downstream_nanos.load(Ordering::SeqCst)),
+        )
     }
 
+    /// Switches the mode; applies to open connections at once.
     pub fn set_mode(&self, mode: RelayMode) {
         self.shared.mode.send_replace(mode);
     }
 
     pub fn mode(&self) -> RelayMode {
         *self.shared.mode.borrow()
+    }
+
+    /// Client connections currently open through the relay (held ones
+    /// included, refused ones not).
+    pub fn connections(&self) -> usize {
+        self.shared.open.load(Ordering::SeqCst)
+    }
+
+    /// Client connections accepted so far, refused ones included.
+    pub fn accepted(&self) -> u64 {
+        self.shared.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("addr", &self.addr)
+            .field("target", &self.shared.target)
+            .field("delay", &self.delay())
+            .field("mode", &self.mode())
+            .finish_non_exhaustive()
     }
 }
 
@@ -160,7 +204,7 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, mut stop: onesh
             Ok((stream, _)) => stream,
             Err(e) => {
                 // E.g. EMFILE; back off instead of spinning.
-                warn!(error = %e, "demo relay: accept failed");
+                warn!(error = %e, "relay: accept failed");
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
             }
