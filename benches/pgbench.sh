@@ -7,7 +7,11 @@
 #      QUICK=1 (smoke run: DURATION=2 ROUNDS=1 IDLE_SESSIONS=100 WARMUP=1),
 #      NICE (-10 as root, else 0: priority of server, proxy and pgbench),
 #      PG_BIN (/usr/lib/postgresql/15/bin), KEEP_TMP=1 (keep the temp dir),
-#      PROXY_ARGS (extra proxy arguments, e.g. "--worker-threads 2").
+#      PROXY_ARGS (extra proxy arguments, e.g. "--worker-threads 2"),
+#      CLIENT_LEG=unix (pgbench reaches the proxy and the reference through a
+#      Unix socket instead of loopback TCP; the direct leg stays TLS over TCP),
+#      REFERENCE=pgbouncer (also run every round through PgBouncer, session
+#      pooling, TLS verify-full to the same server, for comparison).
 # Exit status is 0 even when a target is missed; non-zero means it broke.
 set -euo pipefail
 
@@ -16,7 +20,21 @@ if [[ "${QUICK:-0}" == 1 ]]; then
 fi
 : "${DURATION:=10}" "${ROUNDS:=3}" "${IDLE_SESSIONS:=1000}" "${WARMUP:=3}"
 : "${MODE:=prepared}" "${SCALE:=10}" "${CLIENTS:=1 8}"
-: "${PG_BIN:=/usr/lib/postgresql/15/bin}"
+: "${PG_BIN:=/usr/lib/postgresql/15/bin}" "${REFERENCE:=}" "${CLIENT_LEG:=tcp}"
+case "$CLIENT_LEG" in tcp | unix) ;; *)
+    echo "CLIENT_LEG must be tcp or unix (got '$CLIENT_LEG')" >&2
+    exit 2
+    ;;
+esac
+case "$REFERENCE" in "" | pgbouncer) ;; *)
+    echo "REFERENCE must be empty or pgbouncer (got '$REFERENCE')" >&2
+    exit 2
+    ;;
+esac
+if [[ -n "$REFERENCE" ]] && ! command -v pgbouncer >/dev/null; then
+    echo "REFERENCE=pgbouncer needs the pgbouncer binary (Debian package pgbouncer)" >&2
+    exit 2
+fi
 case "$MODE" in simple | extended | prepared) ;; *)
     echo "MODE must be simple, extended or prepared (got '$MODE')" >&2
     exit 2
@@ -51,6 +69,7 @@ TMP="$(mktemp -d /tmp/dsql-proxy-bench.XXXXXX)"
 PGDATA="$TMP/pgdata"
 SOCKDIR="$TMP/sock"
 PROXY_PID=""
+PGBOUNCER_PID=""
 SERVER_STARTED=0
 
 # postgres refuses to run as root, so the server side runs as `postgres`.
@@ -70,6 +89,10 @@ cleanup() {
         for _ in $(seq 50); do kill -0 "$PROXY_PID" 2>/dev/null || break; sleep 0.1; done
         kill -KILL "$PROXY_PID" 2>/dev/null
         wait "$PROXY_PID" 2>/dev/null
+    fi
+    if [[ -n "$PGBOUNCER_PID" ]]; then
+        kill -TERM "$PGBOUNCER_PID" 2>/dev/null
+        wait "$PGBOUNCER_PID" 2>/dev/null
     fi
     if [[ $rc -ne 0 ]]; then
         echo "---- proxy log (last 40 lines) ----" >&2
@@ -95,10 +118,10 @@ chmod 0755 "$TMP"
 cd "$TMP"
 mkdir -p "$SOCKDIR" "$TMP/logs" "$TMP/out" "$TMP/tls"
 
-read -r PG_PORT PROXY_PORT ADMIN_PORT < <(python3 - <<'PY'
+read -r PG_PORT PROXY_PORT ADMIN_PORT PGBOUNCER_PORT < <(python3 - <<'PY'
 import socket
-# Hold all sockets open together so the three ports differ.
-socks = [socket.socket() for _ in range(3)]
+# Hold all sockets open together so the ports differ.
+socks = [socket.socket() for _ in range(4)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))
@@ -164,7 +187,17 @@ as_pg psql -X -q -v ON_ERROR_STOP=1 -h "$SOCKDIR" -p "$PG_PORT" -U postgres -d p
 # Client settings for the two legs; GSS probing off so neither pays for it.
 direct_env=(PGHOST=127.0.0.1 PGPORT="$PG_PORT" PGUSER=bench PGDATABASE=bench
     PGPASSWORD="$PASSWORD" PGSSLMODE=require PGGSSENCMODE=disable)
-proxy_env=(PGHOST=127.0.0.1 PGPORT="$PROXY_PORT" PGUSER=bench PGDATABASE=bench
+# The client leg: loopback TCP, or a Unix socket in a directory of each's own.
+CLIENT_HOST=127.0.0.1 PROXY_SOCKDIR="" PGBOUNCER_SOCKDIR=""
+if [[ $CLIENT_LEG == unix ]]; then
+    PROXY_SOCKDIR="$TMP/proxy-sock" PGBOUNCER_SOCKDIR="$TMP/pgbouncer-sock"
+    mkdir -p "$PROXY_SOCKDIR" "$PGBOUNCER_SOCKDIR"
+    chown "$PG_USER" "$PGBOUNCER_SOCKDIR"
+fi
+proxy_env=(PGHOST="${PROXY_SOCKDIR:-$CLIENT_HOST}" PGPORT="$PROXY_PORT" PGUSER=bench PGDATABASE=bench
+    PGSSLMODE=disable PGGSSENCMODE=disable)
+# shellcheck disable=SC2034 # used through a nameref in run_pgbench
+pgbouncer_env=(PGHOST="${PGBOUNCER_SOCKDIR:-$CLIENT_HOST}" PGPORT="$PGBOUNCER_PORT" PGUSER=bench PGDATABASE=bench
     PGSSLMODE=disable PGGSSENCMODE=disable)
 
 log "== pgbench -i -s $SCALE"
@@ -172,10 +205,13 @@ env "${direct_env[@]}" pgbench -i -q -s "$SCALE" >"$TMP/pgbench-init.log" 2>&1 |
     { cat "$TMP/pgbench-init.log" >&2; die "pgbench -i failed"; }
 
 # ------------------------------------------------------------------- proxy
+PROXY_UNIX_LINE=""
+[[ -z "$PROXY_SOCKDIR" ]] || PROXY_UNIX_LINE="unix_socket_dir = \"$PROXY_SOCKDIR\""
 cat >"$TMP/proxy.toml" <<EOF
 [listen]
 address = "127.0.0.1:$PROXY_PORT"
 max_client_connections = 10000
+$PROXY_UNIX_LINE
 [admin]
 address = "127.0.0.1:$ADMIN_PORT"
 [backend]
@@ -205,8 +241,50 @@ for _ in $(seq 100); do
 done
 [[ "$(proxy_query 'SELECT 1')" == 1 ]] || die "proxy does not answer on 127.0.0.1:$PROXY_PORT"
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$PROXY_PID/status"; }
+
+# ------------------------------------------------------ reference: PgBouncer
+# Same shape as the proxy leg: plain towards pgbench (trust), TLS verify-full
+# and SCRAM towards the server, one server connection per client (session
+# pooling). PgBouncer refuses to run as root, so it runs as the server user.
+if [[ "$REFERENCE" == pgbouncer ]]; then
+    mkdir -p "$TMP/pgbouncer"
+    printf '"bench" "%s"\n' "$PASSWORD" >"$TMP/pgbouncer/userlist.txt"
+    cat >"$TMP/pgbouncer/pgbouncer.ini" <<EOF
+[databases]
+bench = host=127.0.0.1 port=$PG_PORT dbname=bench
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PGBOUNCER_PORT
+unix_socket_dir = $PGBOUNCER_SOCKDIR
+auth_type = trust
+auth_file = $TMP/pgbouncer/userlist.txt
+pool_mode = session
+max_client_conn = 2000
+default_pool_size = 20
+server_tls_sslmode = verify-full
+server_tls_ca_file = $TMP/tls/ca.pem
+logfile = $TMP/pgbouncer/pgbouncer.log
+log_connections = 0
+log_disconnections = 0
+EOF
+    chown -R "$PG_USER" "$TMP/pgbouncer"
+    chmod 0600 "$TMP/pgbouncer/userlist.txt"
+    as_pg pgbouncer "$TMP/pgbouncer/pgbouncer.ini" >/dev/null 2>&1 &
+    PGBOUNCER_PID=$!
+    PGBOUNCER_PROC=""
+    for _ in $(seq 100); do
+        [[ "$(env "${pgbouncer_env[@]}" psql -X -qtA -c 'SELECT 1' 2>/dev/null)" == 1 ]] && break
+        sleep 0.1
+    done
+    PGBOUNCER_PROC="$(pgrep -n -x pgbouncer || true)"
+    [[ -n "$PGBOUNCER_PROC" && "$(env "${pgbouncer_env[@]}" psql -X -qtA -c 'SELECT 1' 2>&1)" == 1 ]] || {
+        cat "$TMP/pgbouncer/pgbouncer.log" >&2
+        die "pgbouncer does not answer on 127.0.0.1:$PGBOUNCER_PORT"
+    }
+    log "== reference: $(pgbouncer --version | head -n 1) on 127.0.0.1:$PGBOUNCER_PORT (session pooling, backend TLS verify-full)"
+fi
 RSS_FRESH_KB="$(rss_kb)"
-log "== proxy pid $PROXY_PID on 127.0.0.1:$PROXY_PORT (backend TLS verify-full)${PROXY_ARGS:+, args: $PROXY_ARGS}"
+log "== proxy pid $PROXY_PID on 127.0.0.1:$PROXY_PORT${PROXY_SOCKDIR:+ and $PROXY_SOCKDIR}, pgbench over $CLIENT_LEG (backend TLS verify-full)${PROXY_ARGS:+, args: $PROXY_ARGS}"
 
 # ---------------------------------------------------------------- pgbench
 CLK_TCK="$(getconf CLK_TCK)"
@@ -237,8 +315,12 @@ run_pgbench() {
     local -n envv="${leg}_env"
     local out="$TMP/out/${leg}_c${clients}_${tag}.txt"
     local t0 h0 p0 m0 c0 t1 h1 p1 m1 c1
+    # The process in the middle: the proxy (idle during direct runs), or
+    # the reference.
+    local mid=$PROXY_PID
+    [[ $leg == pgbouncer ]] && mid=$PGBOUNCER_PROC
     proxy_alive || die "proxy is not running (before the $leg run, $clients clients, $tag)"
-    t0=$(date +%s.%N) h0=$(host_ticks) p0=$(proc_ticks "$PROXY_PID")
+    t0=$(date +%s.%N) h0=$(host_ticks) p0=$(proc_ticks "$mid")
     m0=$(proc_ticks "$POSTMASTER_PID" all)
     children_cpu c0
     nice -n "$NICE" env "${envv[@]}" pgbench -n -S -M "$MODE" -c "$clients" -j "$jobs" \
@@ -246,7 +328,7 @@ run_pgbench() {
         { cat "$out" >&2; die "pgbench failed: $leg, $clients clients, $tag"; }
     proxy_alive || die "proxy died during the $leg run, $clients clients, $tag"
     sleep 0.3 # lets the postmaster reap the backends, so their CPU is counted
-    t1=$(date +%s.%N) h1=$(host_ticks) p1=$(proc_ticks "$PROXY_PID")
+    t1=$(date +%s.%N) h1=$(host_ticks) p1=$(proc_ticks "$mid")
     m1=$(proc_ticks "$POSTMASTER_PID" all)
     children_cpu c1
     local tps xacts
@@ -260,7 +342,7 @@ run_pgbench() {
         'BEGIN { split(kids, k, " "); ours = (prox + pm) / hz + (k[2] - k[1])
                  o = (host / hz - ours) / ((t1 - t0) * n) * 100; if (o < 0) o = 0
                  printf "%.0f %.1f\n", o, prox / hz * 1e6 / x }')
-    [[ $leg == proxy ]] || proxy_us=-
+    [[ $leg != direct ]] || proxy_us=-
     printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$leg" "$clients" "$tag" "$tps" "$other" "$proxy_us" >>"$TMP/results.tsv"
     printf '  %-8s %-6s c=%-2s tps=%-10.1f other host load=%s%%\n' "$tag" "$leg" "$clients" "$tps" "$other"
 }
@@ -269,10 +351,13 @@ log "== select-only, -M $MODE, ${ROUNDS} round(s) x ${DURATION} s per leg, nice 
 # One unlogged pass per leg first: fills caches and faults in the proxy.
 DURATION=$WARMUP run_pgbench direct 8 warmup | sed 's/^/  (warm-up) /'
 DURATION=$WARMUP run_pgbench proxy 8 warmup | sed 's/^/  (warm-up) /'
+if [[ -n "$REFERENCE" ]]; then
+    DURATION=$WARMUP run_pgbench "$REFERENCE" 8 warmup | sed 's/^/  (warm-up) /'
+fi
 : >"$TMP/results.tsv"
 for clients in $CLIENTS; do
     for round in $(seq "$ROUNDS"); do
-        for leg in direct proxy; do
+        for leg in direct proxy $REFERENCE; do
             run_pgbench "$leg" "$clients" "round$round" \
                 -l --log-prefix="$TMP/logs/${leg}_c${clients}_r${round}"
         done
@@ -280,10 +365,11 @@ for clients in $CLIENTS; do
 done
 
 log ""
-python3 - "$TMP" "$MODE" "$ROUNDS" "$DURATION" $CLIENTS <<'PY'
+python3 - "$TMP" "$MODE" "$ROUNDS" "$DURATION" "$REFERENCE" $CLIENTS <<'PY'
 import glob, math, os, statistics, sys
 
-tmp, mode, rounds, duration, clients = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
+tmp, mode, rounds, duration, reference = sys.argv[1:6]
+clients = sys.argv[6:]
 targets = {"1": 0.85, "8": 0.80}
 
 runs = {}  # (leg, clients) -> [(tps, other_load, proxy_cpu_us)]
@@ -329,6 +415,14 @@ for c in clients:
     print(f"{'other host load per round':28}{'direct ' + ', '.join(f'{r[1]:.0f}%' for r in d)}"
           f" | proxy {', '.join(f'{r[1]:.0f}%' for r in p)}")
     print(f"{'proxy CPU per transaction':28}{statistics.median(float(r[2]) for r in p):.1f} us (median of rounds)")
+    if reference:
+        r = runs[(reference, c)]
+        r_tps = statistics.median(x[0] for x in r)
+        r_lat = latencies(reference, c)
+        print(f"{'reference: ' + reference:28}TPS {r_tps:.1f} (rounds {', '.join(f'{x[0]:.0f}' for x in r)}),"
+              f" ratio to direct {r_tps / d_tps:.3f}, added p50/p99"
+              f" {pct(r_lat, 50) - pct(d_lat, 50)}/{pct(r_lat, 99) - pct(d_lat, 99)} us,"
+              f" CPU per transaction {statistics.median(float(x[2]) for x in r):.1f} us")
     print()
 PY
 
