@@ -167,3 +167,27 @@ fn json_logs_are_one_object_per_line() {
         "{logs}"
     );
 }
+
+#[test]
+fn busy_poll_settings_are_checked_before_anything_starts() {
+    let (_dir, path) = write_config(VALID);
+    for (args, expect) in [
+        (
+            vec!["--busy-poll", "200us", "--worker-threads", "2"],
+            "--busy-poll needs the single worker thread",
+        ),
+        (vec!["--busy-poll", "5ms"], "between 1us and 1000us"),
+        (
+            vec!["--busy-poll", "fast"],
+            "expected e.g. 200us, 1ms or off",
+        ),
+    ] {
+        let mut all = vec!["--config", path.as_str()];
+        all.extend(&args);
+        let out = run_proxy_cmd(&all);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} must fail");
+        assert!(stderr.contains(expect), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}

@@ -1,9 +1,13 @@
 //! Real clients through the proxy: tokio-postgres over the extended protocol,
-//! COPY, LISTEN/NOTIFY, cancel, large rows and binary data.
+//! COPY, LISTEN/NOTIFY, cancel, large rows and binary data; the same
+//! traffic with `--busy-poll`.
 
 use std::time::Duration;
 
-use dsql_proxy_tests::{Stack, APP_DB, APP_USER};
+use dsql_proxy_tests::{
+    fixture, free_addr, proxy_toml, AuthMethod, PgOptions, PgServer, ProxyOptions, ProxyProcess,
+    Stack, APP_DB, APP_USER,
+};
 use tokio_postgres::SimpleQueryMessage;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -242,4 +246,80 @@ async fn large_rows_and_binary_data_round_trip() {
     for r in &rows {
         assert_eq!(r.get::<_, String>(0).len(), 32 * 40_000);
     }
+}
+
+/// `--busy-poll`: the relay keeps working (prepared statements, COPY OUT,
+/// many round trips), and once the traffic stops the proxy parks instead
+/// of polling on: its CPU time barely moves while idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_poll_relays_real_traffic_and_goes_quiet_when_idle() {
+    let pg = PgServer::start(PgOptions {
+        tls: true,
+        auth: AuthMethod::ScramSha256,
+        ..PgOptions::default()
+    });
+    let listen = free_addr();
+    let mut proxy = ProxyProcess::spawn_with_args(
+        &proxy_toml(&pg, listen, &ProxyOptions::default()),
+        &["--busy-poll", "200us"],
+    );
+    proxy.wait_ready(listen, dsql_proxy_tests::proxy::START_TIMEOUT);
+    assert!(
+        proxy.logs().contains("adaptive busy polling on"),
+        "{}",
+        proxy.logs()
+    );
+
+    let config = fixture::client_config(listen, APP_USER, APP_DB);
+    let client = dsql_proxy_tests::connect_with(&config, None)
+        .await
+        .expect("connects through a busy-polling proxy");
+    let stmt = client.prepare("select $1::int8 * 2").await.unwrap();
+    for i in 0..3_000i64 {
+        let row = client.query_one(&stmt, &[&i]).await.unwrap();
+        assert_eq!(row.get::<_, i64>(0), i * 2);
+    }
+    let rows = client
+        .query(
+            "select g, repeat('x', 1000) from generate_series(1, 2000) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2_000);
+    assert_eq!(rows[1_999].get::<_, i32>(0), 2_000);
+
+    // Idle with the session still open, then with none.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let open_idle = cpu_seconds_over(proxy.pid(), Duration::from_secs(2)).await;
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let no_sessions = cpu_seconds_over(proxy.pid(), Duration::from_secs(2)).await;
+    // A poller that never parked would burn close to 2 s of each.
+    for (what, used) in [
+        ("with an idle session", open_idle),
+        ("with no session", no_sessions),
+    ] {
+        assert!(
+            used < 0.2,
+            "the proxy used {used:.3} s of CPU in 2 s {what}: busy polling did not stop"
+        );
+    }
+}
+
+/// CPU seconds (user + system) `pid` uses over `span`.
+async fn cpu_seconds_over(pid: u32, span: Duration) -> f64 {
+    fn ticks(pid: u32) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proxy stat");
+        // Fields after the parenthesised command name: utime is the 12th
+        // and stime the 13th of those.
+        let after = &stat[stat.rfind(')').expect("stat format") + 2..];
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    }
+    let before = ticks(pid);
+    tokio::time::sleep(span).await;
+    // Linux reports these in USER_HZ, 100 per second on every architecture
+    // it runs on.
+    (ticks(pid) - before) as f64 / 100.0
 }

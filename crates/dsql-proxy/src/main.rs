@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 mod monitor;
 mod reload;
@@ -25,6 +26,7 @@ use dsql_proxy_config::Config;
 use dsql_proxy_credentials::CredentialSource;
 use dsql_proxy_metrics::Metrics;
 use dsql_proxy_routing::{RoutingTable, TableRouter};
+use dsql_proxy_session::busy_poll::BusyPoll;
 use dsql_proxy_session::{BoundProxy, ProxyContext};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use tokio::sync::Notify;
@@ -64,6 +66,14 @@ struct Cli {
     /// application. Raise it when one core is not enough.
     #[arg(long, env = "DSQL_PROXY_WORKER_THREADS", global = true)]
     worker_threads: Option<usize>,
+    /// Adaptive busy polling (off by default): after relay activity, keep
+    /// checking the sockets for up to this long (e.g. `200us`, at most
+    /// `1ms`) instead of sleeping, when idle spells have lately been that
+    /// short. Saves a wake-up per hop when the database is close (same
+    /// host or AZ) at the price of CPU; with a database milliseconds away
+    /// it stays idle. Single worker thread only.
+    #[arg(long, env = "DSQL_PROXY_BUSY_POLL", value_parser = parse_busy_poll)]
+    busy_poll: Option<Duration>,
     /// Log format.
     #[arg(
         long,
@@ -221,8 +231,40 @@ fn check(cli: &Cli) -> Result<()> {
     Ok(())
 }
 
+/// `--busy-poll`: `off`, `0`, microseconds (`200us`) or a config-style
+/// duration (`1ms`).
+fn parse_busy_poll(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "off" || s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if let Some(us) = s.strip_suffix("us") {
+        return us
+            .parse::<u64>()
+            .map(Duration::from_micros)
+            .map_err(|_| format!("busy-poll {s:?}: expected e.g. 200us, 1ms or off"));
+    }
+    s.parse::<dsql_proxy_config::DurationStr>()
+        .map(|d| d.get())
+        .map_err(|e| format!("busy-poll: {e}; expected e.g. 200us, 1ms or off"))
+}
+
 fn run(cli: &Cli) -> Result<()> {
     let config = load_config(cli)?;
+    let busy_poll = match cli.busy_poll {
+        Some(window) if !window.is_zero() => {
+            if cli.worker_threads.is_some_and(|n| n > 1) {
+                anyhow::bail!("--busy-poll needs the single worker thread (drop --worker-threads)");
+            }
+            let poller = BusyPoll::new(window).map_err(anyhow::Error::msg)?;
+            info!(
+                max_window_us = window.as_micros(),
+                "adaptive busy polling on"
+            );
+            Some(poller)
+        }
+        _ => None,
+    };
     let runtime = match cli.worker_threads {
         Some(0) => anyhow::bail!("--worker-threads must be at least 1"),
         None | Some(1) => tokio::runtime::Builder::new_current_thread()
@@ -235,7 +277,14 @@ fn run(cli: &Cli) -> Result<()> {
             .build(),
     }
     .context("cannot start the async runtime")?;
-    let result = runtime.block_on(serve(config, config_source(cli), ServeHooks::default()));
+    if let Some(poller) = &busy_poll {
+        runtime.spawn(Arc::clone(poller).run());
+    }
+    let hooks = ServeHooks {
+        busy_poll,
+        ..ServeHooks::default()
+    };
+    let result = runtime.block_on(serve(config, config_source(cli), hooks));
     // Sessions were told to close and given time to; whatever is still
     // stuck (a peer that stopped reading, a blocking task) must not keep
     // the process alive.
@@ -250,6 +299,8 @@ pub(crate) struct ServeHooks {
     pub demo_control: Option<Arc<dyn dsql_proxy_admin::DemoControl>>,
     /// Gets the admin state once the admin server is up.
     pub admin_ready: Option<tokio::sync::oneshot::Sender<Arc<AdminState>>>,
+    /// `--busy-poll`: the poller already runs on the runtime.
+    pub busy_poll: Option<Arc<BusyPoll>>,
 }
 
 pub(crate) async fn serve(config: Config, source: ConfigSource, hooks: ServeHooks) -> Result<()> {
@@ -275,12 +326,13 @@ pub(crate) async fn serve(config: Config, source: ConfigSource, hooks: ServeHook
     });
     let metrics =
         Arc::new(Metrics::new(env!("CARGO_PKG_VERSION")).context("cannot set up metrics")?);
-    let ctx = ProxyContext::from_config(
+    let mut ctx = ProxyContext::from_config(
         &config,
         router.clone(),
         Arc::clone(&credentials),
         Arc::clone(&metrics),
     )?;
+    ctx.busy_poll = hooks.busy_poll;
     let backend_settings = ctx.backend.clone();
     let proxy = BoundProxy::bind(ctx, &config).await?;
     let route53 = match config.routing.probes {

@@ -9,6 +9,7 @@
 
 pub mod admission;
 pub mod backend;
+pub mod busy_poll;
 pub mod cancel;
 pub mod drain;
 mod error;
@@ -38,6 +39,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::admission::{ConnectLimiter, RateLimit};
 use crate::backend::BackendSettings;
+use crate::busy_poll::BusyPoll;
 use crate::cancel::CancelRegistry;
 use crate::drain::Drain;
 use crate::frontend::FrontendSettings;
@@ -72,6 +74,9 @@ pub struct ProxyContext {
     /// `cancels`, one per process (carry it over if a context is rebuilt).
     pub drain: Arc<Drain>,
     pub metrics: Arc<Metrics>,
+    /// `--busy-poll`: relays report activity to the poller. Set by the
+    /// binary after building the context; carried over by a reload.
+    pub busy_poll: Option<Arc<BusyPoll>>,
 }
 
 impl ProxyContext {
@@ -101,7 +106,7 @@ impl ProxyContext {
         config: &Config,
         credentials: Arc<dyn CredentialSource>,
     ) -> Result<Self, SessionError> {
-        Self::build(
+        let mut next = Self::build(
             config,
             Arc::clone(&self.router),
             credentials,
@@ -109,7 +114,9 @@ impl ProxyContext {
             Arc::clone(&self.cancels),
             Arc::clone(&self.drain),
             self.connect_limiter.clone(),
-        )
+        )?;
+        next.busy_poll = self.busy_poll.clone();
+        Ok(next)
     }
 
     fn build(
@@ -192,6 +199,7 @@ impl ProxyContext {
             cancels,
             drain,
             metrics,
+            busy_poll: None,
         })
     }
 }

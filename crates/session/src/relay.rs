@@ -7,8 +7,12 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
+use std::sync::Arc;
+
 use dsql_proxy_protocol::relay::BoundaryTracker;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+
+use crate::busy_poll::BusyPoll;
 
 /// Per-direction buffer. Query traffic is mostly small messages; bulk
 /// transfers take two reads per 16 KiB TLS record, the second served from
@@ -147,6 +151,7 @@ pub struct Relay<'a, C: ?Sized, B: ?Sized> {
     down: Half,
     pub downstream: BoundaryTracker,
     pub upstream: BoundaryTracker,
+    busy_poll: Option<Arc<BusyPoll>>,
 }
 
 impl<'a, C, B> Relay<'a, C, B>
@@ -162,7 +167,14 @@ where
             down: Half::new(),
             downstream: BoundaryTracker::default(),
             upstream: BoundaryTracker::default(),
+            busy_poll: None,
         }
+    }
+
+    /// Reports each poll to the busy poller, when there is one.
+    pub fn with_busy_poll(mut self, busy_poll: Option<Arc<BusyPoll>>) -> Self {
+        self.busy_poll = busy_poll;
+        self
     }
 
     /// Writes what was already read from the backend to the client, so a
@@ -232,6 +244,9 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RelayEnd> {
         let this = self.get_mut();
+        if let Some(busy) = &this.busy_poll {
+            busy.note_activity();
+        }
         // Backend to client first: results are what the client waits for.
         if !this.down.done {
             match this.down.poll_copy(

@@ -194,7 +194,8 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, inten
         OnEndpointDown::Close => ctx.router.watch_down(endpoint.id),
         OnEndpointDown::Keep => None,
     };
-    let mut relay = Relay::new(&mut stream, &mut backend_stream);
+    let mut relay =
+        Relay::new(&mut stream, &mut backend_stream).with_busy_poll(ctx.busy_poll.clone());
     let end = relay_until_evicted(&mut relay, down.as_mut(), role_watch.as_mut(), &mut close).await;
     let mut evicted_for = None;
     match &end {

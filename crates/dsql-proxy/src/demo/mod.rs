@@ -242,6 +242,7 @@ async fn demo(
     let hooks = ServeHooks {
         demo_control: Some(control::as_control(&regions)),
         admin_ready: Some(admin_tx),
+        busy_poll: None,
     };
     let proxy = crate::serve(config, source, hooks);
     let outcome = drive(proxy, admin_rx, &regions, options).await;
