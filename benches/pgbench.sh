@@ -221,6 +221,11 @@ password = "$PASSWORD"
 tls = "verify-full"
 ca_file = "$TMP/tls/ca.pem"
 connect_timeout = "5s"
+[routing]
+# The health probe logs in as a role that exists, so it keeps one
+# connection and runs its check query on it, as it would in production.
+probe_user = "bench"
+probe_database = "bench"
 [[endpoints]]
 name = "local"
 host = "localhost"
@@ -294,6 +299,16 @@ POSTMASTER_PID="$(head -n 1 "$PGDATA/postmaster.pid")"
 proc_ticks() {
     awk -v all="${2:-}" '{ sub(/^.*\) /, ""); print $12 + $13 + (all ? $14 + $15 : 0) }' "/proc/$1/stat"
 }
+# The server's CPU: the postmaster with its reaped backends, plus the live
+# backends (PgBouncer keeps its server connections open between runs).
+server_ticks() {
+    local t c
+    t=$(proc_ticks "$POSTMASTER_PID" all)
+    for c in $(pgrep -P "$POSTMASTER_PID"); do
+        t=$((t + $(proc_ticks "$c" 2>/dev/null || echo 0)))
+    done
+    echo "$t"
+}
 # Busy ticks of the whole host (user nice system irq softirq steal): with
 # tick-based accounting a task's stime includes the softirq work (loopback
 # TCP) it ran, so that must be counted on the host side too.
@@ -321,7 +336,7 @@ run_pgbench() {
     [[ $leg == pgbouncer ]] && mid=$PGBOUNCER_PROC
     proxy_alive || die "proxy is not running (before the $leg run, $clients clients, $tag)"
     t0=$(date +%s.%N) h0=$(host_ticks) p0=$(proc_ticks "$mid")
-    m0=$(proc_ticks "$POSTMASTER_PID" all)
+    m0=$(server_ticks)
     children_cpu c0
     nice -n "$NICE" env "${envv[@]}" pgbench -n -S -M "$MODE" -c "$clients" -j "$jobs" \
         -T "$DURATION" "$@" bench >"$out" 2>&1 ||
@@ -329,7 +344,7 @@ run_pgbench() {
     proxy_alive || die "proxy died during the $leg run, $clients clients, $tag"
     sleep 0.3 # lets the postmaster reap the backends, so their CPU is counted
     t1=$(date +%s.%N) h1=$(host_ticks) p1=$(proc_ticks "$mid")
-    m1=$(proc_ticks "$POSTMASTER_PID" all)
+    m1=$(server_ticks)
     children_cpu c1
     local tps xacts
     tps="$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p' "$out")"

@@ -84,11 +84,37 @@ impl Config {
         Ok(config)
     }
 
-    /// Renders the resolved config as TOML with secrets redacted.
+    /// Renders the resolved config as TOML with secrets redacted. Keys
+    /// only `kind = "aurora-global"` reads are left out for other kinds, so
+    /// `check` shows what is in force.
     pub fn to_redacted_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+        let text = match toml::to_string_pretty(self) {
+            Ok(text) => text,
+            Err(e) => return format!("# cannot render config: {e}\n"),
+        };
+        if self.backend.kind == BackendKind::AuroraGlobal {
+            return text;
+        }
+        // toml_edit keeps the sections in the order they were written.
+        let Ok(mut doc) = text.parse::<toml_edit::DocumentMut>() else {
+            return text;
+        };
+        if let Some(routing) = doc.get_mut("routing").and_then(|r| r.as_table_mut()) {
+            for key in AURORA_GLOBAL_ROUTING_KEYS {
+                routing.remove(key);
+            }
+        }
+        doc.to_string()
     }
 }
+
+/// `[routing]` keys that only `kind = "aurora-global"` uses.
+const AURORA_GLOBAL_ROUTING_KEYS: [&str; 4] = [
+    "writer_wait",
+    "max_replica_lag",
+    "global_cluster_id",
+    "global_cluster_poll_interval",
+];
 
 fn apply_override(table: &mut toml::Table, var: &str, value: &str) -> Result<(), ConfigError> {
     let path = &var[ENV_OVERRIDE_PREFIX.len()..];

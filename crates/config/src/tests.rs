@@ -372,3 +372,22 @@ fn aurora_global_rules_are_explained() {
         assert!(err.contains(needle), "{needle}: {err}");
     }
 }
+
+#[test]
+fn the_rendering_shows_aurora_global_keys_only_for_that_kind() {
+    const KEYS: [&str; 3] = [
+        "writer_wait",
+        "max_replica_lag",
+        "global_cluster_poll_interval",
+    ];
+    let global = Config::parse(GLOBAL).unwrap().to_redacted_toml();
+    let plain = Config::parse(MINIMAL).unwrap().to_redacted_toml();
+    for key in KEYS {
+        assert!(global.contains(key), "{key} missing:\n{global}");
+        assert!(!plain.contains(key), "{key} shown for postgres:\n{plain}");
+    }
+    // Still the other routing keys, in the written order, and a valid config.
+    assert!(plain.contains("probe_interval"), "{plain}");
+    assert!(plain.find("[listen]") < plain.find("[backend]"), "{plain}");
+    Config::parse(&plain.replace("<redacted>", "x")).unwrap();
+}

@@ -12,8 +12,11 @@
 //! it grows while idle spells end within the configured maximum (polling
 //! would have caught the next event) and shrinks to zero when they last
 //! longer, so a proxy in front of a database milliseconds away, or an idle
-//! one, does not poll at all. The relay pays one atomic add and one load per
-//! poll; nothing is timed unless the poller is parked.
+//! one, does not poll at all. Polling also stops as soon as a thread yield
+//! comes back late: another thread wanted this CPU, and on a saturated
+//! machine polling would take from the application or the database. The
+//! relay pays one atomic add and one load per poll; nothing is timed unless
+//! the poller is parked.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
