@@ -299,11 +299,7 @@ pub fn parse_role(rows: &[Vec<Option<String>>]) -> Result<RoleObservation, Strin
     let [in_recovery, wal_timeline, checkpoint_timeline, lag_ms] = row.as_slice() else {
         return Err(bad());
     };
-    let read_only = match in_recovery.as_deref() {
-        Some("t") => true,
-        Some("f") => false,
-        _ => return Err(bad()),
-    };
+    let read_only = pg_bool(in_recovery).ok_or_else(bad)?;
     let number = |v: &Option<String>| -> Result<Option<i64>, String> {
         v.as_deref()
             .map(|t| t.parse::<i64>().map_err(|_| bad()))
@@ -325,13 +321,22 @@ pub fn parse_role(rows: &[Vec<Option<String>>]) -> Result<RoleObservation, Strin
 
 /// [`AURORA_DETECT_QUERY`]'s answer.
 fn parse_detect(rows: &[Vec<Option<String>>]) -> Result<bool, String> {
-    match rows {
+    let value = match rows {
         [row] => match row.as_slice() {
-            [Some(t)] if t == "t" => Ok(true),
-            [Some(f)] if f == "f" => Ok(false),
-            _ => Err(format!("unexpected answer to the Aurora check: {rows:?}")),
+            [v] => pg_bool(v),
+            _ => None,
         },
-        _ => Err(format!("unexpected answer to the Aurora check: {rows:?}")),
+        _ => None,
+    };
+    value.ok_or_else(|| format!("unexpected answer to the Aurora check: {rows:?}"))
+}
+
+/// A `boolean` column in PostgreSQL's text form.
+fn pg_bool(value: &Option<String>) -> Option<bool> {
+    match value.as_deref() {
+        Some("t") => Some(true),
+        Some("f") => Some(false),
+        _ => None,
     }
 }
 
@@ -343,11 +348,7 @@ pub fn parse_aurora_role(rows: &[Vec<Option<String>>]) -> Result<RoleObservation
     let [in_recovery, region, writer_region, visibility_ms, rpo_ms] = row.as_slice() else {
         return Err(bad());
     };
-    let read_only = match in_recovery.as_deref() {
-        Some("t") => true,
-        Some("f") => false,
-        _ => return Err(bad()),
-    };
+    let read_only = pg_bool(in_recovery).ok_or_else(bad)?;
     // Aurora's lag columns are numeric or bigint; -1 means "not a lag".
     let millis = |v: &Option<String>| -> Result<Option<Duration>, String> {
         let Some(text) = v.as_deref() else {
