@@ -17,6 +17,7 @@ pub mod relay;
 pub mod scram;
 pub mod sqlstate;
 pub mod startup;
+pub mod tracking;
 
 pub use error::ProtocolError;
 pub use frame::RawMessage;

@@ -4,78 +4,45 @@
 //! proxy may inject its own message, such as a FATAL on shutdown, and (b) the
 //! transaction status of the last ReadyForQuery. It never allocates.
 
-use crate::frame::HEADER_LEN;
+use crate::tracking::framing::{FrameSink, Framer};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct BoundaryTracker {
-    header: [u8; HEADER_LEN],
-    header_filled: usize,
-    body_remaining: usize,
-    /// Set while the body of a ReadyForQuery is still to come.
-    in_ready_for_query: bool,
-    last_status: u8,
-    last_tag: u8,
-    broken: bool,
+    framer: Framer,
+    status: StatusSink,
 }
 
-impl Default for BoundaryTracker {
+/// Keeps the status byte of ReadyForQuery messages; wants no other body.
+#[derive(Debug, Clone)]
+struct StatusSink {
+    last_status: u8,
+}
+
+impl Default for StatusSink {
     fn default() -> Self {
-        Self {
-            header: [0; HEADER_LEN],
-            header_filled: 0,
-            body_remaining: 0,
-            in_ready_for_query: false,
-            last_status: b'I',
-            last_tag: 0,
-            broken: false,
-        }
+        Self { last_status: b'I' }
     }
+}
+
+impl FrameSink for StatusSink {
+    fn start(&mut self, tag: u8, body_len: usize) -> bool {
+        tag == b'Z' && body_len == 1
+    }
+    fn body(&mut self, piece: &[u8]) {
+        self.last_status = piece[0];
+    }
+    fn end(&mut self, _tag: u8) {}
 }
 
 impl BoundaryTracker {
     /// Feeds bytes that are being forwarded, in order.
-    pub fn observe(&mut self, mut chunk: &[u8]) {
-        while !chunk.is_empty() && !self.broken {
-            if self.body_remaining > 0 {
-                let n = self.body_remaining.min(chunk.len());
-                if self.in_ready_for_query {
-                    self.last_status = chunk[0];
-                    self.in_ready_for_query = false;
-                }
-                self.body_remaining -= n;
-                chunk = &chunk[n..];
-                continue;
-            }
-            let need = HEADER_LEN - self.header_filled;
-            let n = need.min(chunk.len());
-            self.header[self.header_filled..self.header_filled + n].copy_from_slice(&chunk[..n]);
-            self.header_filled += n;
-            chunk = &chunk[n..];
-            if self.header_filled == HEADER_LEN {
-                self.header_filled = 0;
-                let len = i32::from_be_bytes([
-                    self.header[1],
-                    self.header[2],
-                    self.header[3],
-                    self.header[4],
-                ]);
-                match usize::try_from(len) {
-                    Ok(len) if len >= 4 => {
-                        self.body_remaining = len - 4;
-                        self.last_tag = self.header[0];
-                        self.in_ready_for_query = self.header[0] == b'Z' && len == 5;
-                    }
-                    // The peer's framing is broken; the peer will notice too.
-                    // Stop tracking rather than guess.
-                    _ => self.broken = true,
-                }
-            }
-        }
+    pub fn observe(&mut self, chunk: &[u8]) {
+        self.framer.feed(chunk, &mut self.status);
     }
 
     /// True when every forwarded message is complete.
     pub fn at_boundary(&self) -> bool {
-        !self.broken && self.header_filled == 0 && self.body_remaining == 0
+        self.framer.at_boundary()
     }
 
     /// How many more bytes surely belong to the current message: the rest
@@ -83,28 +50,22 @@ impl BoundaryTracker {
     /// broken. Reading no more than this and observing it, repeatedly,
     /// stops exactly at the next boundary.
     pub fn bytes_to_boundary(&self) -> usize {
-        if self.broken {
-            0
-        } else if self.header_filled > 0 {
-            HEADER_LEN - self.header_filled
-        } else {
-            self.body_remaining
-        }
+        self.framer.bytes_to_boundary()
     }
 
     /// Transaction status from the last ReadyForQuery: `I`, `T` or `E`.
     pub fn transaction_status(&self) -> u8 {
-        self.last_status
+        self.status.last_status
     }
 
     /// Type byte of the last message whose header has passed (0 if none).
     pub fn last_tag(&self) -> u8 {
-        self.last_tag
+        self.framer.last_tag()
     }
 
     /// True when the stream could not be framed.
     pub fn is_broken(&self) -> bool {
-        self.broken
+        self.framer.is_broken()
     }
 }
 
