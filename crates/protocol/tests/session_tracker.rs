@@ -4,7 +4,7 @@ mod common;
 
 use common::scenarios::*;
 use common::wire::*;
-use common::{c, feed, observe, run, s, tracker};
+use common::{c, feed, observe, recording, run, s, tracker};
 use dsql_proxy_protocol::tracking::{
     CommandClass, CopyState, DesyncCause, DirtyReasons, ErrorSeverity, ParameterValues,
     SessionTracker, TrackerLimits,
@@ -38,6 +38,25 @@ fn pgbench_sessions_stay_clean_and_idle() {
     assert_eq!(named[0].1.parse_message, Some(&expected[..]));
     assert!(!named[0].1.state_changing);
     assert!(t.has_named_statement(b"P_1"));
+}
+
+#[test]
+fn recorded_pgbench_sessions_are_idle_after_every_transaction() {
+    for (name, statements) in [("pgbench_select_simple", 0), ("pgbench_select_prepared", 1)] {
+        let steps = recording(name);
+        let mut t = tracker();
+        for step in &steps {
+            feed(&mut t, std::slice::from_ref(step));
+            assert_eq!(t.at_idle_point(), !step.client, "{name}");
+        }
+        assert_eq!(t.desync(), None);
+        assert!(!t.is_dirty(), "{name}: {:?}", t.dirty_reasons());
+        assert_eq!(t.commands_completed(), 64);
+        assert_eq!(t.named_statement_count(), statements);
+        if statements == 1 {
+            assert!(t.has_named_statement(b"P_0"));
+        }
+    }
 }
 
 #[test]

@@ -43,6 +43,22 @@ const fn byte_classes() -> [u8; 256] {
 
 static CLASS: [u8; 256] = byte_classes();
 
+/// First bytes (lower-cased) of the tokens the scanner acts on: `set`,
+/// `session`, `set_config`, `reset`, `local`, `into`, `create`, `global`,
+/// `temp`, `temporary`, `e`, `pg_temp`, `pg_advisory*`, `pg_try_advisory*`.
+const fn may_matter() -> [bool; 256] {
+    let mut table = [false; 256];
+    let firsts = b"srlicgtep";
+    let mut i = 0;
+    while i < firsts.len() {
+        table[firsts[i] as usize] = true;
+        i += 1;
+    }
+    table
+}
+
+static MAY_MATTER: [bool; 256] = may_matter();
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Word {
     Set,
@@ -161,24 +177,40 @@ impl KeywordScanner {
     /// Scans the next piece of text.
     #[inline]
     pub(crate) fn feed(&mut self, text: &[u8]) {
-        for &b in text {
+        let mut i = 0;
+        while i < text.len() {
+            let b = text[i];
             match CLASS[usize::from(b)] {
                 IDENT => {
-                    if self.token_len < TOKEN_MAX {
-                        self.token[self.token_len] = b.to_ascii_lowercase();
+                    let start = i;
+                    i += 1;
+                    while i < text.len() && CLASS[usize::from(text[i])] == IDENT {
+                        i += 1;
                     }
-                    self.token_len += 1;
+                    self.token_piece(&text[start..i]);
                 }
                 class => {
                     if self.token_len > 0 {
                         self.end_token();
                     }
-                    if class == OTHER {
+                    // Outside a pattern punctuation changes nothing.
+                    if class == OTHER && self.expect != Expect::Nothing {
                         self.punct(b);
                     }
+                    i += 1;
                 }
             }
         }
+    }
+
+    /// Part of an identifier token (a token may span pieces).
+    fn token_piece(&mut self, piece: &[u8]) {
+        let at = self.token_len.min(TOKEN_MAX);
+        let n = piece.len().min(TOKEN_MAX - at);
+        for (dst, src) in self.token[at..at + n].iter_mut().zip(piece) {
+            *dst = src.to_ascii_lowercase();
+        }
+        self.token_len += piece.len();
     }
 
     /// The text ended.
@@ -192,9 +224,14 @@ impl KeywordScanner {
     fn end_token(&mut self) {
         let len = self.token_len;
         self.token_len = 0;
-        let token_buf = self.token;
-        let token = &token_buf[..len.min(TOKEN_MAX)];
-        let word = if len > TOKEN_MAX {
+        if self.expect == Expect::Nothing && !MAY_MATTER[usize::from(self.token[0])] {
+            // Most tokens: no keyword starts with this letter.
+            self.prev = Word::Other;
+            return;
+        }
+        let too_long = len > TOKEN_MAX;
+        let token = &self.token[..len.min(TOKEN_MAX)];
+        let word = if too_long {
             Word::Other
         } else {
             classify(token)
@@ -208,16 +245,18 @@ impl KeywordScanner {
         {
             self.hit = true;
         }
-        self.ident(word, token, len > TOKEN_MAX);
+        self.ident(word, len);
         self.prev = word;
     }
 
-    fn ident(&mut self, word: Word, token: &[u8], too_long: bool) {
+    /// The token just ended (of `len` bytes, in `self.token`) as the
+    /// setting-name recogniser sees it.
+    fn ident(&mut self, word: Word, len: usize) {
         match self.expect {
             Expect::Nothing => self.start(word),
             Expect::AfterSet => {
                 if !matches!(word, Word::Session | Word::Local) {
-                    self.begin_name(token, too_long, false);
+                    self.begin_name(len, false);
                 }
             }
             Expect::SetConfigArg if word == Word::E => self.expect = Expect::SetConfigQuote,
@@ -226,7 +265,7 @@ impl KeywordScanner {
                 self.start(word);
             }
             Expect::AfterSetConfig => self.start(word),
-            Expect::LiteralName => self.begin_name(token, too_long, true),
+            Expect::LiteralName => self.begin_name(len, true),
             Expect::NameDot { literal: false } => {
                 self.push_name();
                 self.start(word);
@@ -236,7 +275,7 @@ impl KeywordScanner {
                 self.start(word);
             }
             Expect::NamePart { literal } => {
-                self.append_name_part(token, too_long);
+                self.append_name_part(len);
                 self.expect = Expect::NameDot { literal };
             }
         }
@@ -289,25 +328,26 @@ impl KeywordScanner {
         };
     }
 
-    fn begin_name(&mut self, token: &[u8], too_long: bool, literal: bool) {
+    fn begin_name(&mut self, len: usize, literal: bool) {
         self.name_len = 0;
         self.name_parts = 0;
         self.name_too_long = false;
-        self.append_name_part(token, too_long);
+        self.append_name_part(len);
         self.expect = Expect::NameDot { literal };
     }
 
-    fn append_name_part(&mut self, token: &[u8], too_long: bool) {
+    /// Appends the token just ended (`len` bytes) as the next name part.
+    fn append_name_part(&mut self, len: usize) {
         let dot = usize::from(self.name_parts > 0);
-        if too_long || self.name_len + dot + token.len() > SETTING_NAME_MAX {
+        if len > TOKEN_MAX || self.name_len + dot + len > SETTING_NAME_MAX {
             self.name_too_long = true;
         } else {
             if dot == 1 {
                 self.name[self.name_len] = b'.';
             }
-            self.name[self.name_len + dot..self.name_len + dot + token.len()]
-                .copy_from_slice(token);
-            self.name_len += dot + token.len();
+            let at = self.name_len + dot;
+            self.name[at..at + len].copy_from_slice(&self.token[..len]);
+            self.name_len = at + len;
         }
         self.name_parts = self.name_parts.saturating_add(1);
     }

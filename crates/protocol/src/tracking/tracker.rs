@@ -814,8 +814,9 @@ impl State {
     }
 
     fn client_end(&mut self) {
-        match std::mem::replace(&mut self.client_body, ClientBody::Skip) {
-            ClientBody::Skip => {}
+        // Copy out only what each case needs: the body state is large.
+        match self.client_body {
+            ClientBody::Skip => return,
             ClientBody::Query => {
                 self.scanner.finish();
                 self.apply_scan();
@@ -843,6 +844,7 @@ impl State {
                 self.after_other = false;
             }
         }
+        self.client_body = ClientBody::Skip;
     }
 
     fn apply_scan(&mut self) {

@@ -160,3 +160,23 @@ pub fn observe(t: &SessionTracker) -> Observed {
         state_bytes: t.state_bytes(),
     }
 }
+
+/// A recorded session (relay phase only) from `tests/fixtures`: records of
+/// `[direction: u8 (0 client, 1 server)][length: u32 BE][bytes]`, each one
+/// read() as the recorder saw it.
+pub fn recording(name: &str) -> Vec<Step> {
+    let path = format!("{}/tests/fixtures/{name}.bin", env!("CARGO_MANIFEST_DIR"));
+    let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let mut steps = Vec::new();
+    let mut at = 0;
+    while at < data.len() {
+        let len =
+            u32::from_be_bytes([data[at + 1], data[at + 2], data[at + 3], data[at + 4]]) as usize;
+        steps.push(Step {
+            client: data[at] == 0,
+            bytes: data[at + 5..at + 5 + len].to_vec(),
+        });
+        at += 5 + len;
+    }
+    steps
+}
