@@ -97,6 +97,7 @@ fn blocks() -> Vec<Vec<Step>> {
         scenarios::function_call_and_empty_query(),
         scenarios::failed_transaction(),
         scenarios::failed_implicit_transaction(),
+        scenarios::failed_pipeline_with_begin(),
         scenarios::deallocate_through_sql(),
         scenarios::state_changes(),
         scenarios::unnamed_lifecycle().remove(0),

@@ -20,7 +20,7 @@ pub enum CommandClass {
 /// `PREPARE TRANSACTION`).
 pub(crate) const TAG_PREFIX: usize = 24;
 
-/// Classifies a CommandComplete tag (or its first [`TAG_PREFIX`] bytes;
+/// Classifies a CommandComplete tag (or its first 24 bytes, enough for it;
 /// a NUL or the end of the slice ends it).
 pub fn classify_tag(tag: &[u8]) -> CommandClass {
     // The hot path first: every query's tag.

@@ -85,6 +85,58 @@
 //! values, from which [`SessionTracker::sync_parameters`] makes what the
 //! client must be told.
 
+/// A set of named causes over one byte, each with a label value for logs
+/// and metrics.
+macro_rules! label_set {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident {
+            $( $(#[$member_meta:meta])* $member:ident = $bit:literal => $label:literal, )*
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+        pub struct $name(u8);
+
+        impl $name {
+            $( $(#[$member_meta])* pub const $member: Self = Self($bit); )*
+
+            /// Every member with its label (to pre-create metric labels).
+            pub const ALL: &'static [(Self, &'static str)] = &[$( (Self::$member, $label) ),*];
+
+            pub fn is_empty(self) -> bool {
+                self.0 == 0
+            }
+
+            /// Whether every member of `other` (not empty) is in `self`.
+            pub fn contains(self, other: Self) -> bool {
+                self.0 & other.0 == other.0 && other.0 != 0
+            }
+
+            /// Labels of the members in `self`.
+            pub fn labels(self) -> impl Iterator<Item = &'static str> {
+                Self::ALL
+                    .iter()
+                    .filter(move |(member, _)| self.contains(*member))
+                    .map(|(_, label)| *label)
+            }
+        }
+
+        impl std::ops::BitOr for $name {
+            type Output = Self;
+            fn bitor(self, rhs: Self) -> Self {
+                Self(self.0 | rhs.0)
+            }
+        }
+
+        impl std::ops::BitOrAssign for $name {
+            fn bitor_assign(&mut self, rhs: Self) {
+                self.0 |= rhs.0;
+            }
+        }
+    };
+}
+
 pub mod command;
 mod exchange;
 pub mod framing;

@@ -30,62 +30,25 @@ use crate::backend::{decode_fields, ErrorFields};
 use crate::query::encode_query;
 use crate::ProtocolError;
 
-/// Why a session cannot move. A bit set; label values for metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Pins(u8);
-
-impl Pins {
-    /// `LISTEN` on some channel.
-    pub const LISTEN: Self = Self(1);
-    /// An open `WITH HOLD` cursor.
-    pub const HOLD_CURSOR: Self = Self(2);
-    /// A temporary table (or other relation) exists.
-    pub const TEMP_TABLE: Self = Self(4);
-    /// A session-level advisory lock is held.
-    pub const ADVISORY_LOCK: Self = Self(8);
-    /// Tracked state is over the session-state cap.
-    pub const STATE_TOO_LARGE: Self = Self(16);
-    /// Something could not be classified (a failed snapshot query, a SQL
-    /// PREPARE whose text cannot be isolated, statements the tracker never
-    /// saw, custom settings whose names cannot be known).
-    pub const UNCLASSIFIABLE: Self = Self(32);
-
-    /// Every cause with its label, for pre-creating metrics.
-    pub const ALL: [(Pins, &'static str); 6] = [
-        (Self::LISTEN, "listen"),
-        (Self::HOLD_CURSOR, "hold_cursor"),
-        (Self::TEMP_TABLE, "temp_table"),
-        (Self::ADVISORY_LOCK, "advisory_lock"),
-        (Self::STATE_TOO_LARGE, "state_too_large"),
-        (Self::UNCLASSIFIABLE, "unclassifiable"),
-    ];
-
-    pub fn is_empty(self) -> bool {
-        self.0 == 0
-    }
-
-    pub fn contains(self, other: Self) -> bool {
-        self.0 & other.0 == other.0 && other.0 != 0
-    }
-
-    pub fn labels(self) -> impl Iterator<Item = &'static str> {
-        Self::ALL
-            .into_iter()
-            .filter(move |(pin, _)| self.contains(*pin))
-            .map(|(_, label)| label)
-    }
-}
-
-impl std::ops::BitOr for Pins {
-    type Output = Self;
-    fn bitor(self, rhs: Self) -> Self {
-        Self(self.0 | rhs.0)
-    }
-}
-
-impl std::ops::BitOrAssign for Pins {
-    fn bitor_assign(&mut self, rhs: Self) {
-        self.0 |= rhs.0;
+label_set! {
+    /// Why a session cannot move (the `cause` label values of the pinned
+    /// sessions metric).
+    pub struct Pins {
+        /// `LISTEN` on some channel.
+        LISTEN = 1 => "listen",
+        /// An open `WITH HOLD` cursor.
+        HOLD_CURSOR = 2 => "hold_cursor",
+        /// A temporary table (or other relation) exists.
+        TEMP_TABLE = 4 => "temp_table",
+        /// A session-level advisory lock is held.
+        ADVISORY_LOCK = 8 => "advisory_lock",
+        /// Tracked state is over the session-state cap.
+        STATE_TOO_LARGE = 16 => "state_too_large",
+        /// Something could not be classified (a failed snapshot query, a SQL
+        /// PREPARE whose text cannot be isolated, statements the tracker
+        /// never saw, custom settings whose names cannot be known, a
+        /// desynchronized tracker).
+        UNCLASSIFIABLE = 32 => "unclassifiable",
     }
 }
 

@@ -44,31 +44,10 @@ fn split(text: &[u8], backslash_quotes: bool) -> Option<Vec<Range<usize>>> {
         let b = text[i];
         let follows_ident = i > 0 && is_ident_char(text[i - 1]);
         match b {
-            b'-' if text.get(i + 1) == Some(&b'-') => {
-                i += text[i..]
-                    .iter()
-                    .position(|c| *c == b'\n')
-                    .unwrap_or(text.len() - i);
-            }
-            b'/' if text.get(i + 1) == Some(&b'*') => {
-                let mut nest = 0usize;
-                loop {
-                    if text.get(i..i + 2) == Some(b"/*") {
-                        nest += 1;
-                        i += 2;
-                    } else if text.get(i..i + 2) == Some(b"*/") {
-                        nest -= 1;
-                        i += 2;
-                        if nest == 0 {
-                            break;
-                        }
-                    } else if i >= text.len() {
-                        return None;
-                    } else {
-                        i += 1;
-                    }
-                }
-            }
+            b'-' | b'/' => match comment_end(text, i) {
+                Some(end) => i = end?,
+                None => i += 1,
+            },
             b'\'' => {
                 let escapes = backslash_quotes
                     || (i > 0
@@ -152,37 +131,52 @@ fn skip_quoted(text: &[u8], open: usize, quote: u8, backslash: bool) -> Option<u
     }
 }
 
+/// When a comment starts at `i`: `Some(Some(end))` with the index just past
+/// it (a line comment runs to its newline, a block comment nests), or
+/// `Some(None)` when the block comment never ends. `None`: no comment here.
+fn comment_end(text: &[u8], mut i: usize) -> Option<Option<usize>> {
+    match text.get(i..i + 2)? {
+        b"--" => Some(Some(
+            i + text[i..]
+                .iter()
+                .position(|c| *c == b'\n')
+                .unwrap_or(text.len() - i),
+        )),
+        b"/*" => {
+            let mut nest = 0usize;
+            loop {
+                match text.get(i..i + 2) {
+                    Some(b"/*") => {
+                        nest += 1;
+                        i += 2;
+                    }
+                    Some(b"*/") => {
+                        nest -= 1;
+                        i += 2;
+                        if nest == 0 {
+                            return Some(Some(i));
+                        }
+                    }
+                    _ if i >= text.len() => return Some(None),
+                    _ => i += 1,
+                }
+            }
+        }
+        _ => None,
+    }
+}
+
 /// Skips whitespace and comments from `i`.
 fn skip_blank(text: &[u8], mut i: usize) -> usize {
     loop {
         match text.get(i) {
             Some(b) if b.is_ascii_whitespace() => i += 1,
-            Some(b'-') if text.get(i + 1) == Some(&b'-') => {
-                i += text[i..]
-                    .iter()
-                    .position(|c| *c == b'\n')
-                    .unwrap_or(text.len() - i);
-            }
-            Some(b'/') if text.get(i + 1) == Some(&b'*') => {
-                let mut nest = 0usize;
-                loop {
-                    if text.get(i..i + 2) == Some(b"/*") {
-                        nest += 1;
-                        i += 2;
-                    } else if text.get(i..i + 2) == Some(b"*/") {
-                        nest -= 1;
-                        i += 2;
-                        if nest == 0 {
-                            break;
-                        }
-                    } else if i >= text.len() {
-                        return i;
-                    } else {
-                        i += 1;
-                    }
-                }
-            }
-            _ => return i,
+            Some(_) => match comment_end(text, i) {
+                Some(Some(end)) => i = end,
+                Some(None) => return text.len(),
+                None => return i,
+            },
+            None => return i,
         }
     }
 }

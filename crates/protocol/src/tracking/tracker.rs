@@ -33,57 +33,21 @@ impl Default for TrackerLimits {
     }
 }
 
-/// Why the session's tracked state may differ from the backend's: what made
-/// it dirty since the last [`SessionTracker::mark_clean`]. A bit set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct DirtyReasons(u8);
-
-impl DirtyReasons {
-    /// A CommandComplete tag of [`CommandClass::StateChanging`].
-    pub const COMMAND_TAG: Self = Self(1);
-    /// The backend sent ParameterStatus while relaying.
-    pub const PARAMETER_STATUS: Self = Self(2);
-    /// The keyword scan of a Query or Parse text found `set_config`,
-    /// `pg_advisory*`, a temporary table, or a custom setting name.
-    pub const KEYWORD: Self = Self(4);
-    /// A Bind of a statement whose text the keyword scan flagged.
-    pub const STATEMENT_BOUND: Self = Self(8);
-    /// A FunctionCall: its function (by OID) is unknowable here.
-    pub const FUNCTION_CALL: Self = Self(16);
-
-    pub fn is_empty(self) -> bool {
-        self.0 == 0
-    }
-
-    pub fn contains(self, other: Self) -> bool {
-        self.0 & other.0 == other.0 && other.0 != 0
-    }
-
-    /// Label values, for logs and metrics.
-    pub fn labels(self) -> impl Iterator<Item = &'static str> {
-        [
-            (Self::COMMAND_TAG, "command_tag"),
-            (Self::PARAMETER_STATUS, "parameter_status"),
-            (Self::KEYWORD, "keyword"),
-            (Self::STATEMENT_BOUND, "statement_bound"),
-            (Self::FUNCTION_CALL, "function_call"),
-        ]
-        .into_iter()
-        .filter(move |(reason, _)| self.contains(*reason))
-        .map(|(_, label)| label)
-    }
-}
-
-impl std::ops::BitOr for DirtyReasons {
-    type Output = Self;
-    fn bitor(self, rhs: Self) -> Self {
-        Self(self.0 | rhs.0)
-    }
-}
-
-impl std::ops::BitOrAssign for DirtyReasons {
-    fn bitor_assign(&mut self, rhs: Self) {
-        self.0 |= rhs.0;
+label_set! {
+    /// Why the session's tracked state may differ from the backend's: what
+    /// made it dirty since the last [`SessionTracker::mark_clean`].
+    pub struct DirtyReasons {
+        /// A CommandComplete tag of [`CommandClass::StateChanging`].
+        COMMAND_TAG = 1 => "command_tag",
+        /// The backend sent ParameterStatus while relaying.
+        PARAMETER_STATUS = 2 => "parameter_status",
+        /// The keyword scan of a Query or Parse text found `set_config`,
+        /// `pg_advisory*`, a temporary table, or a custom setting name.
+        KEYWORD = 4 => "keyword",
+        /// A Bind of a statement whose text the keyword scan flagged.
+        STATEMENT_BOUND = 8 => "statement_bound",
+        /// A FunctionCall: its function (by OID) is unknowable here.
+        FUNCTION_CALL = 16 => "function_call",
     }
 }
 

@@ -414,6 +414,33 @@ pub fn failed_implicit_transaction() -> Vec<Step> {
     ]
 }
 
+/// BEGIN inside a pipeline, then a failure: the implicit transaction became
+/// an explicit one, so the Sync's ReadyForQuery says `E`.
+pub fn failed_pipeline_with_begin() -> Vec<Step> {
+    vec![
+        c(&[
+            parse("", "BEGIN", &[]),
+            bind("", "", &[]),
+            execute("", 0),
+            parse("", "SELECT 1/0", &[]),
+            bind("", "", &[]),
+            execute("", 0),
+            sync(),
+        ]),
+        s(&[
+            parse_complete(),
+            bind_complete(),
+            command_complete("BEGIN"),
+            parse_complete(),
+            bind_complete(),
+            error("ERROR", "22012", "division by zero"),
+            ready(b'E'),
+        ]),
+        c(&[query("ROLLBACK")]),
+        s(&[command_complete("ROLLBACK"), ready(b'I')]),
+    ]
+}
+
 pub fn deallocate_through_sql() -> Vec<Step> {
     vec![
         c(&[
@@ -553,6 +580,10 @@ pub fn all() -> Vec<(String, Vec<Step>)> {
         (
             "failed_implicit_transaction".into(),
             failed_implicit_transaction(),
+        ),
+        (
+            "failed_pipeline_with_begin".into(),
+            failed_pipeline_with_begin(),
         ),
         ("deallocate_through_sql".into(), deallocate_through_sql()),
         (
