@@ -56,7 +56,7 @@ fn busy_tracker() -> SessionTracker {
 fn the_snapshot_pipelines_its_queries_and_reparses_the_unnamed_statement() {
     let t = busy_tracker();
     let mut out = BytesMut::new();
-    encode_snapshot(&mut out, &t);
+    encode_snapshot(&mut out, &t).unwrap();
     let sent = messages(&out);
     let tags: Vec<u8> = sent.iter().map(|(tag, _)| *tag).collect();
     assert_eq!(tags, b"QQQQQQPS");
@@ -78,7 +78,7 @@ fn the_snapshot_pipelines_its_queries_and_reparses_the_unnamed_statement() {
 
     // Without custom settings or an unnamed statement: plain queries only.
     let mut out = BytesMut::new();
-    encode_snapshot(&mut out, &tracker());
+    encode_snapshot(&mut out, &tracker()).unwrap();
     let sent = messages(&out);
     assert_eq!(sent.len(), 6);
     assert!(!text(&sent[0].1).contains("unnest"));
@@ -146,7 +146,7 @@ fn decode_snapshot(
     answer: &[u8],
 ) -> (SnapshotOutcome, Vec<u8>, Vec<u8>) {
     let mut out = BytesMut::new();
-    let plan = encode_snapshot(&mut out, plan_tracker);
+    let plan = encode_snapshot(&mut out, plan_tracker).unwrap();
     let mut decoder = SnapshotDecoder::new(plan, limits);
     let mut stream = answer.to_vec();
     stream.extend_from_slice(&notification(77, "ch", "after"));
@@ -241,7 +241,7 @@ fn snapshot_failures_are_classified() {
         ready(b'I'),
     ]);
     let mut out = BytesMut::new();
-    let plan = encode_snapshot(&mut out, &tracker());
+    let plan = encode_snapshot(&mut out, &tracker()).unwrap();
     let mut decoder = SnapshotDecoder::new(plan, tiny);
     decoder.feed(&answer).unwrap();
     assert!(!decoder.is_done());
@@ -290,7 +290,7 @@ fn answer_all(queries: usize, pin_errors: &[(&str, &str)]) -> Vec<u8> {
 #[test]
 fn missing_features_mean_no_pin_and_other_errors_pin() {
     let mut out = BytesMut::new();
-    let plan = encode_snapshot(&mut out, &tracker());
+    let plan = encode_snapshot(&mut out, &tracker()).unwrap();
     for (errors, pins) in [
         (
             vec![
@@ -342,7 +342,7 @@ fn applying_a_snapshot_reconciles_and_cleans() {
     let mut t = busy_tracker();
     assert!(t.is_dirty());
     let mut out = BytesMut::new();
-    let plan = encode_snapshot(&mut out, &t);
+    let plan = encode_snapshot(&mut out, &t).unwrap();
     let mut decoder = SnapshotDecoder::new(plan, limits());
     decoder
         .feed(&concat(&[
@@ -483,6 +483,16 @@ fn a_statement_too_large_to_keep_cannot_be_restored() {
         encode_restore(&mut out, &snapshot_of(&[], "u", "none"), &t, b"u"),
         None
     );
+    assert!(out.is_empty());
+    // An unnamed statement too large to keep: no snapshot either, as its
+    // Queries would drop the statement from the live backend.
+    t.observe_client(&concat(&[
+        parse("", "SELECT 'another long statement'", &[]),
+        sync(),
+    ]));
+    t.observe_server(&concat(&[parse_complete(), ready(b'I')]));
+    assert!(t.unnamed_statement().is_some());
+    assert_eq!(encode_snapshot(&mut out, &t), None);
     assert!(out.is_empty());
 }
 

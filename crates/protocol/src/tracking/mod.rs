@@ -69,6 +69,35 @@
 //! flagged, a FunctionCall. The session then takes a snapshot at the next
 //! idle point.
 //!
+//! # Using it (the session's side)
+//!
+//! 1. `SessionTracker::new(limits, startup_parameters)` when the relay
+//!    starts; `observe_client` / `observe_server` on every forwarded byte.
+//! 2. At an idle point (the relay holds no unwritten bytes and
+//!    [`SessionTracker::at_idle_point`]) with [`SessionTracker::is_dirty`]:
+//!    stop relaying, send [`snapshot::encode_snapshot`] (when it declines,
+//!    the session is pinned, `state_too_large`), read the answer
+//!    with [`snapshot::SnapshotDecoder`] (its bytes never reach the
+//!    tracker; the messages it hands back via `take_forward` go to the
+//!    client and through `observe_server`, like relayed bytes), then
+//!    [`SessionTracker::apply_snapshot`] and [`snapshot::session_pins`].
+//!    Keep the snapshot: it is what a move restores.
+//! 3. To move a movable session (idle point, clean, no pins): connect,
+//!    send [`restore::encode_restore`], read with
+//!    [`restore::RestoreDecoder`]; on success
+//!    [`SessionTracker::sync_parameters`] gives the ParameterStatus
+//!    messages to send the client before anything else, and the tracker
+//!    carries on unchanged on the new backend (a fresh [`framing::Framer`]
+//!    state is not needed: both streams are at a boundary).
+//!
+//! Known limits: values are restored as `E''` literals of the bytes the
+//! backend sent, which is wrong for client encodings whose multibyte
+//! characters contain `\` or `'` bytes (SJIS, BIG5, GBK); a Parse is
+//! replayed with its parameter type OIDs, which only mean the same on a
+//! server with the same catalog (a replica, the same DSQL cluster); a
+//! statement is re-parsed under the restored `search_path`, not the one it
+//! was first parsed under.
+//!
 //! # Snapshot
 //!
 //! [`snapshot::encode_snapshot`] writes the hidden requests (pipelined

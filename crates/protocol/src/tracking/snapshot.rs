@@ -218,21 +218,28 @@ fn put_query(out: &mut BytesMut, sql: &[u8]) {
 
 /// Writes the snapshot exchange for `tracker`'s session to `out`. Send it
 /// at an idle point only, and relay nothing until
-/// [`SnapshotDecoder::is_done`].
-pub fn encode_snapshot(out: &mut BytesMut, tracker: &SessionTracker) -> SnapshotPlan {
+/// [`SnapshotDecoder::is_done`]. `None` (and nothing written) when the
+/// session has an unnamed statement too large to have been kept: the
+/// exchange's Queries would drop it from the live backend with no way to
+/// Parse it again, so take no snapshot (the session is pinned,
+/// `state_too_large`).
+pub fn encode_snapshot(out: &mut BytesMut, tracker: &SessionTracker) -> Option<SnapshotPlan> {
+    let unnamed = match tracker.unnamed_statement() {
+        Some(statement) => Some(statement.parse_message?),
+        None => None,
+    };
     put_query(out, &settings_query(tracker.custom_settings()));
     encode_query(out, PREPARED_QUERY);
     for (sql, _) in PIN_QUERIES {
         encode_query(out, sql);
     }
-    let unnamed = tracker.unnamed_statement().and_then(|s| s.parse_message);
     if let Some(parse) = unnamed {
         out.extend_from_slice(parse);
         out.extend_from_slice(&[b'S', 0, 0, 0, 4]);
     }
-    SnapshotPlan {
+    Some(SnapshotPlan {
         reparse_unnamed: unnamed.is_some(),
-    }
+    })
 }
 
 /// Bounds on the snapshot's answer.

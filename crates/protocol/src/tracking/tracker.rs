@@ -427,13 +427,10 @@ impl SessionTracker {
     /// false). Call it only with a snapshot taken at an idle point.
     pub fn reconcile_statements<'a>(
         &mut self,
-        server_names: impl IntoIterator<Item = &'a [u8]> + Clone,
+        server_names: impl IntoIterator<Item = &'a [u8]>,
     ) -> Reconciled {
-        let on_server: Vec<StatementName> = server_names
-            .clone()
-            .into_iter()
-            .map(StatementName::new)
-            .collect();
+        let on_server: Vec<StatementName> =
+            server_names.into_iter().map(StatementName::new).collect();
         let removed = self
             .state
             .statements
