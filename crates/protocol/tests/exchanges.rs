@@ -562,13 +562,10 @@ fn the_restore_answer_gives_parameters_or_the_first_error() {
         panic!()
     };
     assert_eq!(fields.code(), "42501");
-    // Nothing to restore: done before anything is read.
+    // Nothing to restore (a session that was never dirty): done before
+    // anything is read.
     let mut out = BytesMut::new();
-    let empty = SessionSnapshot {
-        sql_prepared: Vec::new(),
-        ..snapshot_of(&[], "u", "none")
-    };
-    let plan = encode_restore(&mut out, &empty, &tracker(), b"u").unwrap();
+    let plan = encode_restore(&mut out, &SessionSnapshot::default(), &tracker(), b"u").unwrap();
     assert!(out.is_empty());
     let decoder = RestoreDecoder::new(plan, startup, 4096);
     assert!(decoder.is_done());

@@ -81,7 +81,8 @@
 //!    tracker; the messages it hands back via `take_forward` go to the
 //!    client and through `observe_server`, like relayed bytes), then
 //!    [`SessionTracker::apply_snapshot`] and [`snapshot::session_pins`].
-//!    Keep the snapshot: it is what a move restores.
+//!    Keep the snapshot: it is what a move restores (a session never dirty
+//!    restores from `SessionSnapshot::default()`).
 //! 3. To move a movable session (idle point, clean, no pins): connect,
 //!    send [`restore::encode_restore`], read with
 //!    [`restore::RestoreDecoder`]; on success

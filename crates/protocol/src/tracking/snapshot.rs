@@ -69,9 +69,10 @@ pub struct SqlPrepared {
 }
 
 /// What became of the unnamed statement the exchange had to re-Parse.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum UnnamedReparse {
     /// There was none.
+    #[default]
     NotNeeded,
     /// Parsed again: the live backend has it as before.
     Done,
@@ -81,7 +82,10 @@ pub enum UnnamedReparse {
 }
 
 /// The session state of a live backend at an idle point.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// A session that was never dirty needs no snapshot: nothing the tracker
+/// cannot see changed, so the default (empty) snapshot restores it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SessionSnapshot {
     /// Settings changed in the session (`session_authorization` and `role`
     /// are in their own fields).
