@@ -571,7 +571,9 @@ async fn a_refused_iam_token_is_dropped_on_the_role_path_too() {
     }
 
     for _ in 0..2 {
-        let err = open(listen).await.err().expect("the token is refused");
+        let Err(err) = open(listen).await else {
+            panic!("the token must be refused\n{}", proxy.logs());
+        };
         let db = err.as_db_error().expect("the server's ErrorResponse");
         assert_eq!(db.code().code(), "28P01", "{db:?}\n{}", proxy.logs());
     }
