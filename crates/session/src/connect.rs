@@ -326,9 +326,11 @@ async fn attempt(
     {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(credential_error(e)),
-        Err(_) => return Err(credential_error(CredentialError::AwsProvider(format!(
+        Err(_) => {
+            return Err(credential_error(CredentialError::AwsProvider(format!(
             "no credentials within the connect budget ({remaining:?}; [backend] connect_timeout)"
-        )))),
+        ))))
+        }
     };
     // One token per dial; waiting for it counts against the budget but
     // not against the endpoint's attempt limit.
