@@ -113,7 +113,12 @@ impl Emulator {
             UpstreamTls::Disable => TlsMode::Disable,
             UpstreamTls::Require => TlsMode::Require,
         };
-        let upstream = Connector::new(mode, None).map_err(upstream_tls_error)?;
+        // The upstream is the tester's own local PostgreSQL, reached with
+        // at most `require`: the proxy's auth-downgrade guard would make a
+        // `password` pg_hba line unusable, so the emulator answers it.
+        let upstream = Connector::new(mode, None)
+            .map_err(upstream_tls_error)?
+            .with_cleartext_password(true);
         let listener =
             TcpListener::bind(config.listen)
                 .await
