@@ -360,3 +360,104 @@ async fn a_busy_endpoint_is_tried_last_without_being_marked_down() {
     assert_eq!(failures(&scrape(admin)), 1.0, "a was not tried again");
     drop((second, third));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_postgres_refusal_reaches_the_client_without_the_dsql_hint() {
+    let pg = tls_server();
+    pg.superuser_sql(&format!(
+        "create role {BUSY_ROLE} login connection limit 1 password '{APP_PASSWORD}'"
+    ));
+    let (proxy, listen, _admin) = start(&pg, "2s", &[], &[]);
+    let cfg = client_config(listen, BUSY_ROLE, APP_DB);
+    let held = connect_with(&cfg, None)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", proxy.logs()));
+    let err = connect_with(&cfg, None)
+        .await
+        .expect_err("the role's second connection is refused");
+    let db = err.as_db_error().expect("the server's ErrorResponse");
+    assert_eq!(db.code().code(), "53300", "{db:?}");
+    assert!(db.message().contains("too many connections"), "{db:?}");
+    // Aurora DSQL's quota is no advice for a PostgreSQL server.
+    assert_eq!(db.hint(), None, "{db:?}");
+    held.simple_query("select 1").await.unwrap();
+}
+
+/// A proxy for `pg` whose probes log in as `probe_user` every 100 ms.
+fn probed(pg: &PgServer, probe_user: &str) -> (ProxyProcess, SocketAddr, SocketAddr) {
+    let (listen, admin) = (free_addr(), free_addr());
+    let mut toml = proxy_toml(pg, listen, &ProxyOptions::default());
+    let at = toml.find("[admin]").expect("fixture has [admin]");
+    let end = at + toml[at..].find("[backend]").expect("fixture has [backend]");
+    toml.replace_range(at..end, &format!("[admin]\naddress = \"{admin}\"\n"));
+    toml.push_str(&format!(
+        "[routing]\nprobe_user = \"{probe_user}\"\nprobe_database = \"{APP_DB}\"\n\
+         probe_interval = \"100ms\"\ndown_after = 2\n"
+    ));
+    (ProxyProcess::start_with(&toml, listen), listen, admin)
+}
+
+/// Polls `/status` until `ready` holds for the first endpoint; returns it.
+fn wait_for_endpoint(
+    admin: SocketAddr,
+    proxy: &ProxyProcess,
+    what: &str,
+    ready: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let endpoint = status(admin)["endpoints"][0].clone();
+        if ready(&endpoint) {
+            return endpoint;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {endpoint:#}\n{}",
+            proxy.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_refused_for_load_never_mark_the_endpoint_down() {
+    let pg = tls_server();
+    // Every login of this role is refused with 53300.
+    pg.superuser_sql(&format!(
+        "create role {BUSY_ROLE} login connection limit 0 password '{APP_PASSWORD}'"
+    ));
+    let (proxy, listen, admin) = probed(&pg, BUSY_ROLE);
+    // Well past down_after = 2 busy answers.
+    let endpoint = wait_for_endpoint(admin, &proxy, "busy probes", |_| {
+        scrape(admin).sum(
+            "dsql_proxy_probe_failures_total",
+            &[("endpoint", "local-1"), ("reason", "busy")],
+        ) >= 6.0
+    });
+    assert_ne!(endpoint["state"], "down", "{endpoint:#}");
+    assert!(
+        endpoint["eligible"].as_bool().unwrap_or(false),
+        "{endpoint:#}"
+    );
+    // The refusal's round trip is a latency sample.
+    assert!(endpoint["latency_ms"].is_number(), "{endpoint:#}");
+    // Sessions of other roles are served.
+    let client = try_connect(listen).await.expect("connect");
+    client.simple_query("select 1").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_probe_login_still_yields_a_latency_sample() {
+    let pg = tls_server();
+    let (proxy, _listen, admin) = probed(&pg, "no_such_probe_role");
+    let endpoint = wait_for_endpoint(admin, &proxy, "a timed refusal", |e| {
+        e["auth_failure"].is_string() && e["latency_ms"].is_number()
+    });
+    assert!(
+        endpoint["auth_failure"]
+            .as_str()
+            .is_some_and(|a| a.contains("28P01")),
+        "{endpoint:#}"
+    );
+    assert_ne!(endpoint["state"], "down", "{endpoint:#}");
+}

@@ -169,3 +169,67 @@ async fn local_scram_protects_the_listener() {
     let logs = stack.proxy.logs();
     assert!(!logs.contains("local-secret"), "{logs}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleartext_password_request_is_answered_only_over_verify_full_or_when_allowed() {
+    // tls = "require" encrypts but trusts any certificate: a server (or an
+    // impostor) asking for the password in cleartext does not get it.
+    let guarded = Stack::start_with(
+        pg(AuthMethod::Password),
+        ProxyOptions {
+            tls: "require",
+            ..ProxyOptions::default()
+        },
+    );
+    let err = dsql_proxy_tests::connect_with(&guarded.client_config(APP_USER, APP_DB), None)
+        .await
+        .expect_err("the proxy must not send the password");
+    let db = err.as_db_error().expect("a clear ErrorResponse");
+    assert_eq!(db.code().code(), "28000", "{db:?}");
+    assert!(
+        db.message().contains("cleartext password")
+            && db.message().contains("allow_cleartext_password"),
+        "{db:?}"
+    );
+    let logs = guarded.proxy.logs();
+    assert!(
+        logs.contains("backend connection failed") && logs.contains("cleartext password"),
+        "the refusal is logged:\n{logs}"
+    );
+    assert!(
+        !logs.contains(APP_PASSWORD),
+        "no secret in the log:\n{logs}"
+    );
+    assert!(
+        !guarded
+            .pg
+            .log_contents()
+            .contains("password authentication failed"),
+        "nothing was sent to the server"
+    );
+    // Not an endpoint failure: the endpoint is not demoted, the next client
+    // hears the same.
+    let again = dsql_proxy_tests::connect_with(&guarded.client_config(APP_USER, APP_DB), None)
+        .await
+        .expect_err("refused again");
+    assert_eq!(again.as_db_error().map(|e| e.code().code()), Some("28000"));
+
+    // Opting in restores it; MD5 and SCRAM never needed it.
+    let allowed = Stack::start_with(
+        pg(AuthMethod::Password),
+        ProxyOptions {
+            tls: "require",
+            backend_extra: vec!["allow_cleartext_password = true".into()],
+            ..ProxyOptions::default()
+        },
+    );
+    assert_eq!(current_user(&allowed, APP_USER).await, APP_USER);
+    let scram = Stack::start_with(
+        pg(AuthMethod::ScramSha256),
+        ProxyOptions {
+            tls: "require",
+            ..ProxyOptions::default()
+        },
+    );
+    assert_eq!(current_user(&scram, APP_USER).await, APP_USER);
+}

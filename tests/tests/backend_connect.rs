@@ -58,6 +58,52 @@ async fn verify_full_checks_the_certificate_name() {
     ca_only.connect(APP_USER, APP_DB).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_file_is_the_only_trust_anchor_as_libpq_sslrootcert() {
+    // The server's CA stands in for the system store (rustls-native-certs
+    // reads SSL_CERT_FILE); ca_file names an unrelated CA.
+    let pg = dsql_proxy_tests::PgServer::start(tls_server());
+    let server_ca = pg.ca_file().expect("a TLS server").display().to_string();
+    let unrelated = dsql_proxy_tests::TestPki::new();
+    let unrelated_ca = unrelated.ca_cert_path().display().to_string();
+    let env = [("SSL_CERT_FILE".to_owned(), server_ca.clone())];
+    let ca_line = format!("ca_file = \"{server_ca}\"\n");
+    for (tls, ca_file, trusted) in [
+        ("verify-ca", Some(&unrelated_ca), false),
+        ("verify-full", Some(&unrelated_ca), false),
+        // Without a ca_file the system store is trusted.
+        ("verify-ca", None, true),
+        ("verify-full", None, true),
+    ] {
+        let listen = dsql_proxy_tests::free_addr();
+        let opts = ProxyOptions {
+            tls,
+            ..ProxyOptions::default()
+        };
+        let toml = dsql_proxy_tests::proxy_toml(&pg, listen, &opts);
+        assert!(toml.contains(&ca_line), "fixture changed:\n{toml}");
+        let replacement = ca_file.map_or(String::new(), |f| format!("ca_file = \"{f}\"\n"));
+        let toml = toml.replace(&ca_line, &replacement);
+        let mut proxy = dsql_proxy_tests::ProxyProcess::spawn_with_env(&toml, &[], &env);
+        proxy.wait_ready(listen, Duration::from_secs(20));
+        let cfg = dsql_proxy_tests::fixture::client_config(listen, APP_USER, APP_DB);
+        let result = dsql_proxy_tests::connect_with(&cfg, None).await;
+        let case = format!("tls = {tls}, ca_file = {ca_file:?}");
+        match (trusted, result) {
+            (true, Ok(client)) => {
+                client.simple_query("select 1").await.unwrap();
+            }
+            (false, Err(err)) => {
+                let db = err.as_db_error().expect("an ErrorResponse");
+                assert_eq!(db.code().code(), "08001", "{case}: {db:?}");
+                assert!(db.message().contains("TLS"), "{case}: {db:?}");
+            }
+            (true, Err(err)) => panic!("{case}: {err:?}\n{}", proxy.logs()),
+            (false, Ok(_)) => panic!("{case}: the system store was trusted besides ca_file"),
+        }
+    }
+}
+
 /// `toml` with the `[admin]` section's address replaced by a free one.
 fn with_fresh_admin_address(toml: &str) -> String {
     let mut in_admin = false;

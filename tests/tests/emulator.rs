@@ -8,8 +8,8 @@ use std::time::{Duration, Instant, SystemTime};
 use dsql_proxy_tests::emulator::{sign_token, ACCESS_KEY_ID, ACTION_CONNECT, SECRET_ACCESS_KEY};
 use dsql_proxy_tests::wire::{self, BackendMessage, ErrorFields, StartupResponse};
 use dsql_proxy_tests::{
-    connect_with, EmulatorOptions, EmulatorProcess, PgOptions, PgServer, TestPki, ADMIN_USER,
-    APP_USER,
+    connect_with, AuthMethod, EmulatorOptions, EmulatorProcess, PgOptions, PgServer, TestPki,
+    ADMIN_USER, APP_USER,
 };
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -223,6 +223,28 @@ async fn real_driver_connects_with_a_dbconnect_token() {
         .expect_err("DbConnect token for admin");
     let db = err.as_db_error().expect("a server error");
     assert_eq!(db.code().code(), "28P01");
+}
+
+#[tokio::test]
+async fn an_upstream_asking_for_a_cleartext_password_gets_the_role_password() {
+    // The emulator is test support in front of the tester's own server: the
+    // proxy's auth-downgrade guard does not apply to its upstream login.
+    let pg = PgServer::start(PgOptions {
+        tls: true,
+        auth: AuthMethod::Password,
+        ..PgOptions::default()
+    });
+    let pki = TestPki::new();
+    let emu = EmulatorProcess::start(EmulatorOptions::new(&pg, &pki));
+    let cfg = emu.client_config(APP_USER, &emu.token(APP_USER), "postgres");
+    let client = connect_with(&cfg, Some(&pki))
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e:?}\n{}", emu.logs()));
+    let row = client
+        .query_one("select current_user::text", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), APP_USER);
 }
 
 #[tokio::test]

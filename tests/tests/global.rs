@@ -6,9 +6,14 @@ use std::time::{Duration, Instant, SystemTime};
 
 use dsql_proxy_tests::dsql_stack::aws_env;
 use dsql_proxy_tests::fixture::client_config;
-use dsql_proxy_tests::global::{sql_in, GlobalOptions, GlobalStack, FAKE_AURORA_FUNCTIONS};
+use dsql_proxy_tests::global::{
+    global_toml, http_get, sql_in, GlobalOptions, GlobalStack, FAKE_AURORA_FUNCTIONS,
+};
 use dsql_proxy_tests::rds::{GlobalClusterState, RdsServer};
-use dsql_proxy_tests::{Replication, APP_DB, APP_USER};
+use dsql_proxy_tests::{
+    free_addr, PgOptions, PgServer, ProxyProcess, Replication, ADMIN_USER, APP_DB, APP_PASSWORD,
+    APP_USER,
+};
 use tokio::task::JoinHandle;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 
@@ -525,4 +530,60 @@ async fn the_control_plane_decides_between_two_writable_aurora_endpoints() {
     assert!(requests
         .iter()
         .all(|r| r.form_value("GlobalClusterIdentifier").as_deref() == Some("app-global")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_iam_token_is_dropped_on_the_role_path_too() {
+    let pg = PgServer::start(PgOptions::default());
+    // The probes log in without a password (so the writer is known); the
+    // app role needs one, and no RDS IAM token is it.
+    std::fs::write(
+        pg.data_dir().join("pg_hba.conf"),
+        format!(
+            "local all all trust\n\
+             host all {ADMIN_USER} 127.0.0.1/32 trust\n\
+             host all all 127.0.0.1/32 scram-sha-256\n"
+        ),
+    )
+    .expect("write pg_hba.conf");
+    pg.superuser_sql("select pg_reload_conf()");
+    let (listen, read_only, admin) = (free_addr(), free_addr(), free_addr());
+    let toml = global_toml(listen, read_only, admin, &[("east", &pg)], &[])
+        .replace("auth = \"password\"", "auth = \"rds-iam\"")
+        .replace(&format!("password = \"{APP_PASSWORD}\"\n"), "")
+        .replace(
+            &format!("probe_user = \"{APP_USER}\"\nprobe_database = \"{APP_DB}\""),
+            &format!("probe_user = \"{ADMIN_USER}\"\nprobe_database = \"postgres\""),
+        );
+    assert!(
+        toml.contains("rds-iam") && toml.contains("probe_user = \"admin\""),
+        "{toml}"
+    );
+    let env = aws_env("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY");
+    let mut proxy = ProxyProcess::spawn_with_env(&toml, &[], &env);
+    proxy.wait_ready(listen, Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !http_get(admin, "/metrics")
+        .contains("dsql_proxy_writer{endpoint=\"east\",region=\"east\"} 1")
+    {
+        assert!(Instant::now() < deadline, "no writer\n{}", proxy.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    for _ in 0..2 {
+        let Err(err) = open(listen).await else {
+            panic!("the token must be refused\n{}", proxy.logs());
+        };
+        let db = err.as_db_error().expect("the server's ErrorResponse");
+        assert_eq!(db.code().code(), "28P01", "{db:?}\n{}", proxy.logs());
+    }
+    // Each refused token was dropped, so each connect signed a new one.
+    let logs = proxy.logs();
+    let count = |needle: &str| {
+        logs.lines()
+            .filter(|l| l.contains(needle) && l.contains("principal=app"))
+            .count()
+    };
+    assert_eq!(count("the server refused an IAM token"), 2, "{logs}");
+    assert_eq!(count("signed a new IAM token"), 2, "{logs}");
 }

@@ -140,9 +140,14 @@ pub struct BackendConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub password_file: Option<PathBuf>,
     pub tls: TlsMode,
-    /// Extra trusted roots (PEM), added to the system roots.
+    /// Trusted roots (PEM) for `verify-ca` and `verify-full`, instead of the
+    /// system roots (libpq's `sslrootcert`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+    /// Answer a server's cleartext password request with the password or
+    /// IAM token even when `tls` is not `verify-full` (libpq's
+    /// `require_auth` guard, relaxed).
+    pub allow_cleartext_password: bool,
     pub connect_timeout: DurationStr,
     /// Lifetime of IAM tokens (`dsql-iam`: up to 7 days; `rds-iam`: up to 15m).
     pub token_expires_in: DurationStr,
@@ -179,6 +184,7 @@ impl Default for BackendConfig {
             password_file: None,
             tls: TlsMode::VerifyFull,
             ca_file: None,
+            allow_cleartext_password: false,
             connect_timeout: DurationStr::from_secs(5),
             token_expires_in: DurationStr::from_secs(15 * 60),
             keepalive: DurationStr::from_secs(30),

@@ -34,6 +34,14 @@ pub(crate) fn tls_error(e: dsql_proxy_session::SessionError) -> EmulatorError {
     }
 }
 
+/// The upstream connector's TLS setup error without its own prefix.
+pub(crate) fn upstream_tls_error(e: dsql_proxy_connector::ConnectError) -> EmulatorError {
+    match e {
+        dsql_proxy_connector::ConnectError::Setup(m) => EmulatorError::Tls(m),
+        other => EmulatorError::Tls(other.to_string()),
+    }
+}
+
 impl From<TokenRejection> for EmulatorError {
     fn from(r: TokenRejection) -> Self {
         Self::Token(r)

@@ -17,8 +17,10 @@
 //!   `57P01`, then close).
 //!
 //! Accepted sessions log in to the upstream PostgreSQL as the same role
-//! (password from [`UpstreamConfig::role_passwords`]) using
-//! `dsql-proxy-session`'s backend code, then bytes are relayed unchanged.
+//! (password from [`UpstreamConfig::role_passwords`]) through
+//! `dsql-proxy-connector`, then bytes are relayed unchanged (with
+//! `dsql-proxy-session`'s relay). Clients get the upstream's own
+//! BackendKeyData, and their CancelRequests are forwarded as they are.
 //!
 //! This is a test tool: secrets are test credentials, and the token signer
 //! [`sign_token`] exists so tests can forge tokens.

@@ -12,19 +12,17 @@ use std::time::{Duration, SystemTime};
 
 use bytes::BytesMut;
 use dsql_proxy_config::{Secret, TlsMode};
+use dsql_proxy_connector::{BackendConnection, BackendKey, ConnectError, Connector, StartupLogin};
 use dsql_proxy_protocol::startup::{StartupParam, TLS_HANDSHAKE_RECORD};
 use dsql_proxy_protocol::{
     frontend, messages, sqlstate, CancelKey, InitialPacket, PgError, ProtocolVersion,
     StartupMessage,
 };
 use dsql_proxy_routing::{Endpoint, EndpointId};
-use dsql_proxy_session::backend::{self, BackendSession, BackendSettings};
-use dsql_proxy_session::cancel::{BackendKey, CancelTarget};
 use dsql_proxy_session::io::{read_initial, read_message, send};
 use dsql_proxy_session::relay::Relay;
 use dsql_proxy_session::stream::{ClientStream, Rewind, Transport};
 use dsql_proxy_session::tls::POSTGRES_ALPN;
-use dsql_proxy_session::SessionError;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
@@ -32,7 +30,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::config::{EmulatorConfig, UpstreamTls};
-use crate::error::tls_error;
+use crate::error::upstream_tls_error;
 use crate::limits::{ConnectionLimit, ConnectionSlot, TokenBucket};
 use crate::sigv4::{TokenVerifier, VerifiedToken};
 use crate::EmulatorError;
@@ -47,7 +45,8 @@ const REJECT_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 struct Shared {
     verifier: TokenVerifier,
     acceptor: TlsAcceptor,
-    backend: BackendSettings,
+    upstream: Connector,
+    connect_timeout: Duration,
     endpoint: Arc<Endpoint>,
     role_passwords: HashMap<String, Secret>,
     rate: TokenBucket,
@@ -74,8 +73,8 @@ impl std::fmt::Debug for Emulator {
     }
 }
 
-/// The upstream as a session-crate endpoint: `IP:PORT` is dialled directly,
-/// `HOST:PORT` is resolved.
+/// The upstream as an endpoint for the connector: `IP:PORT` is dialled
+/// directly, `HOST:PORT` is resolved.
 fn upstream_endpoint(address: &str) -> Result<Endpoint, EmulatorError> {
     let endpoint = |host: String, port: u16, connect_address: Option<SocketAddr>| Endpoint {
         id: EndpointId(0),
@@ -114,11 +113,12 @@ impl Emulator {
             UpstreamTls::Disable => TlsMode::Disable,
             UpstreamTls::Require => TlsMode::Require,
         };
-        let backend = BackendSettings {
-            tls: dsql_proxy_session::tls::client_config(mode, None).map_err(tls_error)?,
-            connect_timeout: config.upstream.connect_timeout,
-            keepalive: Duration::from_secs(30),
-        };
+        // The upstream is the tester's own local PostgreSQL, reached with
+        // at most `require`: the proxy's auth-downgrade guard would make a
+        // `password` pg_hba line unusable, so the emulator answers it.
+        let upstream = Connector::new(mode, None)
+            .map_err(upstream_tls_error)?
+            .with_cleartext_password(true);
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -135,7 +135,8 @@ impl Emulator {
                 max_clock_skew: config.max_clock_skew,
             },
             acceptor: TlsAcceptor::from(tls),
-            backend,
+            upstream,
+            connect_timeout: config.upstream.connect_timeout,
             endpoint: Arc::new(endpoint),
             role_passwords: config.upstream.role_passwords,
             rate: TokenBucket::new(config.rate_limit),
@@ -543,13 +544,13 @@ fn upstream_params(startup: &StartupMessage, role: &str) -> Vec<StartupParam> {
     params
 }
 
-fn upstream_error(err: &SessionError) -> BytesMut {
+fn upstream_error(err: &ConnectError) -> BytesMut {
     let mut buf = BytesMut::new();
     // The upstream's own refusal goes through verbatim.
-    if matches!(err, SessionError::BackendRefused { .. }) && err.encode_for_client(&mut buf) {
+    if let Some(fields) = err.refusal() {
+        messages::error_response(&mut buf, &fields.fields);
         return buf;
     }
-    buf.clear();
     PgError::fatal(
         sqlstate::CONNECTION_FAILURE,
         format!("dsql-emulator: cannot open the upstream PostgreSQL session: {err}"),
@@ -568,16 +569,15 @@ async fn run_session(shared: &Shared, auth: Authenticated, peer: SocketAddr, sta
         _slot,
     } = auth;
     let params = upstream_params(&startup, &role);
-    let password = shared.role_passwords.get(&role);
-    let upstream = match backend::connect(
-        &shared.endpoint,
-        &shared.backend,
-        &params,
-        &role,
-        password,
-        shared.backend.connect_timeout,
-    )
-    .await
+    let login = StartupLogin {
+        user: &role,
+        params: &params,
+        password: shared.role_passwords.get(&role),
+    };
+    let upstream = match shared
+        .upstream
+        .connect(&shared.endpoint, &login, shared.connect_timeout)
+        .await
     {
         Ok(s) => s,
         Err(e) => {
@@ -592,7 +592,7 @@ async fn run_session(shared: &Shared, auth: Authenticated, peer: SocketAddr, sta
             return;
         }
     };
-    let BackendSession {
+    let BackendConnection {
         stream: upstream_stream,
         parameters,
         notices,
@@ -691,11 +691,13 @@ async fn run_session(shared: &Shared, auth: Authenticated, peer: SocketAddr, sta
 
 async fn forward_cancel(shared: &Shared, key: CancelKey, peer: SocketAddr) {
     let pid = key.pid;
-    let target = CancelTarget {
-        backend_key: BackendKey(key),
-        endpoint: Arc::clone(&shared.endpoint),
-    };
-    match backend::forward_cancel(&target, &shared.backend).await {
+    // Clients were given the upstream's own key: pass it on as it is.
+    let key = BackendKey(key);
+    match shared
+        .upstream
+        .cancel(&shared.endpoint, &key, shared.connect_timeout)
+        .await
+    {
         Ok(()) => debug!(client = %peer, pid, "cancel request forwarded upstream"),
         Err(e) => warn!(client = %peer, pid, error = %e, "cancel request could not be forwarded"),
     }

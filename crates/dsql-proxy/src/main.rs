@@ -333,7 +333,7 @@ pub(crate) async fn serve(config: Config, source: ConfigSource, hooks: ServeHook
         Arc::clone(&metrics),
     )?;
     ctx.busy_poll = hooks.busy_poll;
-    let backend_settings = ctx.backend.clone();
+    let connector = Arc::clone(&ctx.connector);
     let proxy = BoundProxy::bind(ctx, &config).await?;
     let route53 = match config.routing.probes {
         true => monitor::route53_reader(&config, None).await,
@@ -371,7 +371,7 @@ pub(crate) async fn serve(config: Config, source: ConfigSource, hooks: ServeHook
                 &config,
                 Arc::clone(&router),
                 reports_rx,
-                &backend_settings,
+                &connector,
                 &credentials,
                 monitor::Pollers {
                     route53: route53.as_ref(),

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dsql_proxy_config::{BackendKind, Config};
+use dsql_proxy_connector::Connector;
 use dsql_proxy_credentials::CredentialSource;
 use dsql_proxy_health::control_plane::SdkGlobalClusters;
 use dsql_proxy_health::monitor::ControlPlanePoll;
@@ -13,7 +14,6 @@ use dsql_proxy_health::route53::{HealthCheckSource, SdkHealthChecks};
 use dsql_proxy_health::{Monitor, MonitorSettings, PgProbe};
 use dsql_proxy_metrics::Metrics;
 use dsql_proxy_routing::{Endpoint, Report, TableRouter};
-use dsql_proxy_session::backend::BackendSettings;
 use tracing::info;
 
 /// A Route 53 reader and the poll interval its timeout was derived from.
@@ -51,7 +51,7 @@ pub async fn route53_reader(
 pub fn probes(
     config: &Config,
     endpoints: &[Arc<Endpoint>],
-    backend: &BackendSettings,
+    connector: &Arc<Connector>,
     credentials: &Arc<dyn CredentialSource>,
 ) -> Vec<Arc<PgProbe>> {
     let global = config.backend.kind == BackendKind::AuroraGlobal;
@@ -60,7 +60,7 @@ pub fn probes(
         .map(|endpoint| {
             let probe = PgProbe::new(
                 Arc::clone(endpoint),
-                backend.clone(),
+                Arc::clone(connector),
                 Arc::clone(credentials),
                 &config.routing.probe_user,
                 &config.routing.probe_database,
@@ -113,12 +113,17 @@ pub async fn start(
     config: &Config,
     router: Arc<TableRouter>,
     reports: tokio::sync::mpsc::Receiver<Report>,
-    backend: &BackendSettings,
+    connector: &Arc<Connector>,
     credentials: &Arc<dyn CredentialSource>,
     pollers: Pollers<'_>,
     metrics: Arc<Metrics>,
 ) -> Monitor<PgProbe> {
-    let probes = probes(config, router.snapshot().endpoints(), backend, credentials);
+    let probes = probes(
+        config,
+        router.snapshot().endpoints(),
+        connector,
+        credentials,
+    );
     dsql_proxy_health::start(
         router,
         reports,

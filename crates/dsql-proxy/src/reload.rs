@@ -158,7 +158,7 @@ impl Reloader {
         match &self.monitor {
             Some(running) => {
                 let update = MonitorUpdate {
-                    probes: monitor::probes(&config, &plan.endpoints, &ctx.backend, &credentials),
+                    probes: monitor::probes(&config, &plan.endpoints, &ctx.connector, &credentials),
                     endpoints: plan.endpoints,
                     route53: route53.as_ref().map(|r| Arc::clone(&r.source)),
                     settings: monitor::settings(&config, self.control_plane.as_ref()),

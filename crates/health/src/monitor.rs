@@ -459,23 +459,36 @@ impl MonitorState {
                     return false;
                 };
                 state.first_report = true;
+                let count_failure = |state: &mut EndpointState, kind: FailureKind| {
+                    state.probe_failures[kind.index()] += 1;
+                    self.metrics
+                        .probe_failures_total
+                        .with_label_values(&[
+                            state.endpoint.name.as_str(),
+                            state.endpoint.region_label(),
+                            kind.as_str(),
+                        ])
+                        .inc();
+                };
                 match &outcome {
-                    ProbeOutcome::Success { rtt, .. } => {
+                    ProbeOutcome::Success { rtt, .. }
+                    | ProbeOutcome::AuthFailure { rtt: Some(rtt), .. }
+                    | ProbeOutcome::Busy { rtt, .. } => {
                         state.gauges.latency.observe(rtt.as_secs_f64());
                     }
+                    _ => {}
+                }
+                match &outcome {
                     ProbeOutcome::Failure { kind, detail } => {
-                        state.probe_failures[kind.index()] += 1;
-                        self.metrics
-                            .probe_failures_total
-                            .with_label_values(&[
-                                state.endpoint.name.as_str(),
-                                state.endpoint.region_label(),
-                                kind.as_str(),
-                            ])
-                            .inc();
+                        count_failure(state, *kind);
                         debug!(endpoint = %state.endpoint.name, reason = kind.as_str(), %detail, "probe failed");
                     }
-                    ProbeOutcome::AuthFailure { detail }
+                    ProbeOutcome::Busy { detail, .. } => {
+                        // Counted by reason, but no step towards down_after.
+                        count_failure(state, FailureKind::Busy);
+                        debug!(endpoint = %state.endpoint.name, %detail, "probe login refused for load; not treated as an outage");
+                    }
+                    ProbeOutcome::AuthFailure { detail, .. }
                         if state.health.auth_failure().is_none() =>
                     {
                         warn!(endpoint = %state.endpoint.name, %detail, "probe login refused; not treated as an outage");

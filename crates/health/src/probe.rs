@@ -6,15 +6,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use dsql_proxy_connector::io::{read_message, send};
+use dsql_proxy_connector::{BackendStream, ConnectError, Connector, StartupLogin};
 use dsql_proxy_credentials::{CredentialRequest, CredentialSource};
 use dsql_proxy_protocol::query::{decode_query_message, encode_query, QueryMessage};
 use dsql_proxy_protocol::startup::StartupParam;
 use dsql_proxy_routing::writer::{AuroraStatus, RoleObservation};
 use dsql_proxy_routing::{Endpoint, FailureKind, ProbeOutcome};
-use dsql_proxy_session::backend::{self, BackendSettings};
-use dsql_proxy_session::io::{read_message, send};
-use dsql_proxy_session::stream::BackendStream;
-use dsql_proxy_session::SessionError;
 
 /// The largest message a probe accepts from a server.
 const MAX_PROBE_MESSAGE: usize = 64 * 1024;
@@ -48,7 +46,7 @@ enum Opened {
 /// authentication with the backend's credential source, then `SELECT 1`.
 pub struct PgProbe {
     endpoint: Arc<Endpoint>,
-    settings: BackendSettings,
+    connector: Arc<Connector>,
     credentials: Arc<dyn CredentialSource>,
     user: String,
     params: Vec<StartupParam>,
@@ -102,7 +100,7 @@ pub const AURORA_ROLE_QUERY: &str = "SELECT pg_is_in_recovery(), \
 impl PgProbe {
     pub fn new(
         endpoint: Arc<Endpoint>,
-        settings: BackendSettings,
+        connector: Arc<Connector>,
         credentials: Arc<dyn CredentialSource>,
         user: &str,
         database: &str,
@@ -114,7 +112,7 @@ impl PgProbe {
         ];
         Self {
             endpoint,
-            settings,
+            connector,
             credentials,
             user: user.to_owned(),
             params,
@@ -148,18 +146,19 @@ impl PgProbe {
                 .await
                 .map_err(|e| ProbeOutcome::AuthFailure {
                     detail: format!("no credentials for the probe: {e}"),
+                    rtt: None,
                 })?;
-        let session = backend::connect(
-            &self.endpoint,
-            &self.settings,
-            &self.params,
-            &self.user,
-            Some(&secret),
-            // The probe task bounds the whole check.
-            Duration::from_secs(3600),
-        )
-        .await
-        .map_err(|e| classify(&e))?;
+        let login = StartupLogin {
+            user: &self.user,
+            params: &self.params,
+            password: Some(&secret),
+        };
+        // The probe task bounds the whole check.
+        let session = self
+            .connector
+            .connect(&self.endpoint, &login, Duration::from_secs(3600))
+            .await
+            .map_err(|e| classify(&e))?;
         Ok(Opened::Connection(ProbeConnection {
             stream: session.stream,
             aurora: None,
@@ -167,7 +166,9 @@ impl PgProbe {
     }
 
     async fn handshake_only(&self) -> Result<(), ProbeOutcome> {
-        let mut stream = backend::dial(&self.endpoint, &self.settings)
+        let mut stream = self
+            .connector
+            .dial(&self.endpoint)
             .await
             .map_err(|e| classify(&e))?;
         let mut buf = BytesMut::new();
@@ -390,23 +391,83 @@ fn protocol_failure(detail: String) -> ProbeOutcome {
     }
 }
 
-/// A connect error as a probe outcome: transport problems are failures;
-/// a refusal of the probe's login is reported, but is no outage.
-fn classify(err: &SessionError) -> ProbeOutcome {
-    match err.failover_kind() {
-        Some(kind) => ProbeOutcome::Failure {
-            kind,
-            detail: err.to_string(),
+/// A connect error as a probe outcome: transport problems are failures; a
+/// refusal of the probe's login, or for load (53300/53400, as the connect
+/// path treats it), is reported but is no outage, and its round trip is a
+/// latency sample.
+fn classify(err: &ConnectError) -> ProbeOutcome {
+    let detail = err.to_string();
+    match (err.failover_kind(), err.round_trip()) {
+        (Some(FailureKind::Busy), Some(rtt)) => ProbeOutcome::Busy { detail, rtt },
+        (Some(kind), _) => ProbeOutcome::Failure { kind, detail },
+        // A TLS setting that cannot be used reaches no server at all.
+        (None, _) if matches!(err, ConnectError::Setup(_)) => ProbeOutcome::Failure {
+            kind: FailureKind::Tls,
+            detail,
         },
-        None => ProbeOutcome::AuthFailure {
-            detail: err.to_string(),
-        },
+        (None, rtt) => ProbeOutcome::AuthFailure { detail, rtt },
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dsql_proxy_protocol::backend::ErrorFields;
+
+    fn refused(code: &str) -> ConnectError {
+        ConnectError::Refused {
+            endpoint: "a (a.example:5432)".into(),
+            fields: ErrorFields {
+                fields: vec![(b'S', "FATAL".into()), (b'C', code.into())],
+            },
+            round_trip: Duration::from_millis(7),
+        }
+    }
+
+    #[test]
+    fn refused_probe_logins_are_no_outage_and_still_a_latency_sample() {
+        let rtt = Duration::from_millis(7);
+        // Busy at login: not a failure towards down_after.
+        for busy in ["53300", "53400"] {
+            assert!(
+                matches!(classify(&refused(busy)), ProbeOutcome::Busy { rtt: r, .. } if r == rtt),
+                "{busy}"
+            );
+        }
+        // A refused login (a wrong probe_user): reported, timed.
+        assert!(matches!(
+            classify(&refused("28P01")),
+            ProbeOutcome::AuthFailure { rtt: Some(r), .. } if r == rtt
+        ));
+        // The server shutting down is a failure, as are transport errors.
+        assert!(matches!(
+            classify(&refused("57P03")),
+            ProbeOutcome::Failure {
+                kind: FailureKind::Unavailable,
+                ..
+            }
+        ));
+        let reset = ConnectError::Transport {
+            endpoint: "a".into(),
+            cause: "reset".into(),
+        };
+        assert!(matches!(
+            classify(&reset),
+            ProbeOutcome::Failure {
+                kind: FailureKind::Connection,
+                ..
+            }
+        ));
+        // The proxy declined to send a secret: nothing was timed.
+        let declined = ConnectError::Declined {
+            endpoint: "a".into(),
+            reason: "cleartext".into(),
+        };
+        assert!(matches!(
+            classify(&declined),
+            ProbeOutcome::AuthFailure { rtt: None, .. }
+        ));
+    }
 
     fn row(values: [Option<&str>; 4]) -> Vec<Vec<Option<String>>> {
         vec![values.iter().map(|v| v.map(str::to_owned)).collect()]

@@ -132,6 +132,10 @@ pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
 pub fn notice(buf: &mut BytesMut, fields: &[(u8, String)]) {
     encode_pgwire(&NoticeResponse::new(fields.to_vec()), buf);
 }
+/// An ErrorResponse with the given fields (passing a backend's error on).
+pub fn error_response(buf: &mut BytesMut, fields: &[(u8, String)]) {
+    encode_pgwire(&ErrorResponse::new(fields.to_vec()), buf);
+}
 /// Tells a client which version it gets and which `_pq_.` options it does not.
 pub fn negotiate_protocol_version(
     buf: &mut BytesMut,

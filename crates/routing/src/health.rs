@@ -92,10 +92,20 @@ pub enum ProbeOutcome {
         kind: FailureKind,
         detail: String,
     },
-    /// The endpoint answered but refused the probe's credentials. That says
-    /// nothing about the Region's health, so it moves no traffic.
+    /// The endpoint answered but refused the probe's credentials (or the
+    /// proxy declined to send them). That says nothing about the Region's
+    /// health, so it moves no traffic; the refusal's round trip, when
+    /// there was one, is still a latency sample.
     AuthFailure {
         detail: String,
+        rtt: Option<Duration>,
+    },
+    /// The endpoint refused the probe's login for load (53300/53400): busy,
+    /// not down, so neither streak moves; the refusal's round trip is a
+    /// latency sample.
+    Busy {
+        detail: String,
+        rtt: Duration,
     },
 }
 
@@ -244,8 +254,7 @@ impl HealthTracker {
                 self.auth_failure = None;
                 self.consecutive_failures = 0;
                 self.consecutive_successes = self.consecutive_successes.saturating_add(1);
-                self.latency.push(rtt);
-                self.last_rtt = Some(rtt);
+                self.sample(rtt);
                 if connect_time.is_some() {
                     self.connect_time = connect_time;
                 }
@@ -274,13 +283,28 @@ impl HealthTracker {
                 }
                 None
             }
-            ProbeOutcome::AuthFailure { detail } => {
+            ProbeOutcome::AuthFailure { detail, rtt } => {
                 // The Region answered, so this is not an outage; neither
                 // streak moves.
                 self.auth_failure = Some(detail);
+                if let Some(rtt) = rtt {
+                    self.sample(rtt);
+                }
+                None
+            }
+            ProbeOutcome::Busy { detail, rtt } => {
+                // Over its connection limits, not down: the connect path
+                // treats busy the same way.
+                self.last_failure = Some((FailureKind::Busy, detail));
+                self.sample(rtt);
                 None
             }
         }
+    }
+
+    fn sample(&mut self, rtt: Duration) {
+        self.latency.push(rtt);
+        self.last_rtt = Some(rtt);
     }
 
     /// A failure seen by the data path demotes at once: clients are already
@@ -391,6 +415,7 @@ mod tests {
             let t = h.observe(
                 ProbeOutcome::AuthFailure {
                     detail: "28P01".into(),
+                    rtt: None,
                 },
                 now,
                 RULES,
@@ -401,6 +426,44 @@ mod tests {
         assert!(h.auth_failure().is_some());
         h.observe(ok(10), now, RULES);
         assert!(h.auth_failure().is_none());
+    }
+
+    #[test]
+    fn a_refused_login_still_yields_a_latency_sample() {
+        let now = Instant::now();
+        let mut h = HealthTracker::new();
+        for ms in [40, 42, 41] {
+            let refused = ProbeOutcome::AuthFailure {
+                detail: "28P01 wrong probe_user".into(),
+                rtt: Some(Duration::from_millis(ms)),
+            };
+            assert_eq!(h.observe(refused, now, RULES), None);
+        }
+        assert_eq!(h.latency(), Some(Duration::from_millis(41)));
+        assert_eq!(h.last_rtt(), Some(Duration::from_millis(41)));
+        assert_eq!(h.liveness(), Liveness::Unknown, "not a health verdict");
+    }
+
+    #[test]
+    fn busy_probes_never_count_towards_down_after() {
+        let now = Instant::now();
+        let mut h = HealthTracker::new();
+        h.observe(ok(10), now, RULES);
+        h.observe(fail(), now, RULES);
+        for _ in 0..10 {
+            let busy = ProbeOutcome::Busy {
+                detail: "53300 too many connections".into(),
+                rtt: Duration::from_millis(12),
+            };
+            assert_eq!(h.observe(busy, now, RULES), None);
+        }
+        assert_eq!(h.liveness(), Liveness::Up);
+        assert_eq!(h.consecutive_failures(), 1, "busy answers are not failures");
+        assert_eq!(h.last_failure().map(|(k, _)| *k), Some(FailureKind::Busy));
+        assert_eq!(h.last_rtt(), Some(Duration::from_millis(12)));
+        // Two more real failures make three: down.
+        h.observe(fail(), now, RULES);
+        assert_eq!(h.observe(fail(), now, RULES), Some(Transition::WentDown));
     }
 
     #[test]

@@ -1,8 +1,8 @@
 use std::io;
 
 use bytes::BytesMut;
-use dsql_proxy_protocol::backend::ErrorFields;
-use dsql_proxy_protocol::{sqlstate, PgError, ProtocolError};
+use dsql_proxy_connector::ConnectError;
+use dsql_proxy_protocol::{messages, sqlstate, PgError, ProtocolError};
 use dsql_proxy_routing::FailureKind;
 use thiserror::Error;
 
@@ -18,18 +18,10 @@ pub enum SessionError {
     /// The proxy refuses the client with this error.
     #[error("{0}")]
     Rejected(PgError),
-    /// The backend's own error during startup, passed through verbatim.
-    #[error("backend {endpoint} refused the session: {fields}")]
-    BackendRefused {
-        endpoint: String,
-        fields: ErrorFields,
-    },
-    #[error("cannot connect to backend {endpoint}: {cause}")]
-    BackendUnreachable {
-        endpoint: String,
-        kind: FailureKind,
-        cause: String,
-    },
+    /// Reaching one backend failed; a server's refusal is passed to the
+    /// client verbatim.
+    #[error(transparent)]
+    Backend(#[from] ConnectError),
     /// Every candidate endpoint failed; each with its failure.
     #[error("no endpoint could be reached: {}", describe_attempts(.attempts))]
     NoEndpointReachable {
@@ -38,8 +30,6 @@ pub enum SessionError {
         /// load (53300, 53400, 57P03), so clients back off.
         code: Option<&'static str>,
     },
-    #[error("backend {endpoint}: {cause}")]
-    BackendProtocol { endpoint: String, cause: String },
     /// The proxy's own backend connect rate limit refused the connect
     /// (queue full, or the wait would outlast connect_timeout).
     #[error("{0}")]
@@ -72,31 +62,36 @@ impl SessionError {
             ),
             Self::ClientProtocol(e) => PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()),
             Self::Rejected(e) => e.clone(),
-            Self::BackendRefused { fields, .. } => {
-                let msg = pgwire::messages::response::ErrorResponse::new(fields.fields.clone());
-                let mark = buf.len();
-                if pgwire::messages::Message::encode(&msg, buf).is_err() {
-                    buf.truncate(mark);
-                    return false;
-                }
+            Self::Backend(ConnectError::Refused { fields, .. }) => {
+                messages::error_response(buf, &fields.fields);
                 return true;
             }
+            Self::Backend(e @ ConnectError::Declined { .. }) => PgError::fatal(
+                sqlstate::INVALID_AUTHORIZATION,
+                format!("dsql-proxy: {}", e.cause()),
+            ),
+            Self::Backend(ConnectError::Protocol { endpoint, cause }) => PgError::fatal(
+                sqlstate::CONNECTION_FAILURE,
+                format!("dsql-proxy: endpoint {endpoint} broke the protocol: {cause}"),
+            ),
+            Self::Backend(ConnectError::Setup(cause)) => PgError::fatal(
+                sqlstate::UNABLE_TO_CONNECT,
+                format!("dsql-proxy cannot connect: {cause}"),
+            ),
+            Self::Backend(
+                ConnectError::Transport { endpoint, cause }
+                | ConnectError::Tls { endpoint, cause }
+                | ConnectError::Timeout { endpoint, cause },
+            ) => PgError::fatal(
+                sqlstate::UNABLE_TO_CONNECT,
+                format!("dsql-proxy cannot connect to endpoint {endpoint}: {cause}"),
+            ),
             Self::NoEndpointReachable { attempts, code } => PgError::fatal(
                 code.unwrap_or(sqlstate::UNABLE_TO_CONNECT),
                 format!(
                     "dsql-proxy could not connect to any endpoint: {}",
                     describe_attempts(attempts)
                 ),
-            ),
-            Self::BackendUnreachable {
-                endpoint, cause, ..
-            } => PgError::fatal(
-                sqlstate::UNABLE_TO_CONNECT,
-                format!("dsql-proxy cannot connect to endpoint {endpoint}: {cause}"),
-            ),
-            Self::BackendProtocol { endpoint, cause } => PgError::fatal(
-                sqlstate::CONNECTION_FAILURE,
-                format!("dsql-proxy: endpoint {endpoint} broke the protocol: {cause}"),
             ),
             Self::ConnectRateLimited(message) => PgError::fatal(
                 sqlstate::TOO_MANY_CONNECTIONS,
@@ -120,10 +115,8 @@ impl SessionError {
             Self::StartupTimeout(_) => "startup_timeout",
             Self::ClientProtocol(_) => "client_protocol_error",
             Self::Rejected(_) => "rejected",
-            Self::BackendRefused { .. } => "backend_refused",
-            Self::BackendUnreachable { .. } => "backend_unreachable",
+            Self::Backend(e) => e.reason(),
             Self::NoEndpointReachable { .. } => "no_endpoint_reachable",
-            Self::BackendProtocol { .. } => "backend_protocol_error",
             Self::ConnectRateLimited(_) => "connect_rate_limit",
             Self::Setup(_) => "setup_error",
             Self::Shutdown => "shutdown",
@@ -146,18 +139,7 @@ impl SessionError {
     /// refusals, a missing database) and are passed to the client.
     pub fn failover_kind(&self) -> Option<FailureKind> {
         match self {
-            Self::BackendUnreachable { kind, .. } => Some(*kind),
-            Self::BackendProtocol { .. } => Some(FailureKind::Protocol),
-            Self::BackendRefused { fields, .. } => match fields.code() {
-                sqlstate::TOO_MANY_CONNECTIONS | sqlstate::CONFIGURATION_LIMIT_EXCEEDED => {
-                    Some(FailureKind::Busy)
-                }
-                sqlstate::CANNOT_CONNECT_NOW | sqlstate::ADMIN_SHUTDOWN => {
-                    Some(FailureKind::Unavailable)
-                }
-                code if code.starts_with("08") => Some(FailureKind::Unavailable),
-                _ => None,
-            },
+            Self::Backend(e) => e.failover_kind(),
             _ => None,
         }
     }

@@ -1,10 +1,11 @@
 //! Small framed reads and writes for the startup phase (never the relay);
-//! public so the DSQL emulator reads packets the same way.
+//! public so the DSQL emulator reads packets the same way. Typed messages
+//! are read and written with the connector's helpers, re-exported here.
 
-use bytes::BytesMut;
-use dsql_proxy_protocol::frame::{body_len, RawMessage, HEADER_LEN};
 use dsql_proxy_protocol::{startup, InitialPacket, ProtocolError};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+pub use dsql_proxy_connector::io::{read_message, send};
 
 use crate::drain::CloseSignal;
 
@@ -31,42 +32,6 @@ pub async fn read_initial<S: AsyncRead + Unpin>(
     let mut body = vec![0u8; body_len];
     stream.read_exact(&mut body).await?;
     Ok(startup::parse_initial_packet(&body))
-}
-
-/// Reads one typed message whose body may be at most `max_body` bytes.
-pub async fn read_message<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    max_body: usize,
-) -> Result<Result<RawMessage, ProtocolError>, std::io::Error> {
-    let mut header = [0u8; HEADER_LEN];
-    stream.read_exact(&mut header).await?;
-    let tag = header[0];
-    let len = match body_len(tag, [header[1], header[2], header[3], header[4]]) {
-        Ok(len) => len,
-        Err(e) => return Ok(Err(e)),
-    };
-    if len > max_body {
-        return Ok(Err(ProtocolError::MessageTooLarge {
-            tag,
-            len,
-            limit: max_body,
-        }));
-    }
-    let mut body = BytesMut::zeroed(len);
-    stream.read_exact(&mut body).await?;
-    Ok(Ok(RawMessage {
-        tag,
-        body: body.freeze(),
-    }))
-}
-
-/// Writes and flushes (flushing matters for TLS streams).
-pub async fn send<S: AsyncWrite + Unpin + ?Sized>(
-    stream: &mut S,
-    buf: &[u8],
-) -> std::io::Result<()> {
-    stream.write_all(buf).await?;
-    stream.flush().await
 }
 
 /// The time a client has left to finish startup, and the proxy's close

@@ -3,14 +3,15 @@
 //!
 //! Control flow per connection (see docs/ARCHITECTURE.md): the accept loop
 //! spawns one task per client; that task runs [`frontend`] (TLS, startup,
-//! local auth), asks the [`Router`] for an endpoint and the
-//! [`CredentialSource`] for a secret, runs [`backend`] (dial, TLS, startup,
-//! auth), then hands both streams to [`relay`] until either side closes.
+//! local auth), then the [`connect`] loop (candidates from the [`Router`],
+//! a secret from the [`CredentialSource`], a connect-rate token, the
+//! connector's dial, TLS, startup and auth), then hands both streams to
+//! [`relay`] until either side closes.
 
 pub mod admission;
-pub mod backend;
 pub mod busy_poll;
 pub mod cancel;
+pub mod connect;
 pub mod drain;
 mod error;
 pub mod frontend;
@@ -18,6 +19,7 @@ pub mod io;
 mod limit;
 pub mod listener;
 pub mod relay;
+mod role;
 mod session;
 pub mod stream;
 pub mod tls;
@@ -28,9 +30,11 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 pub use error::{shutdown_error, SessionError};
-pub use session::{GlobalSettings, Intent, EVICTION_FLUSH};
+pub use role::{GlobalSettings, Intent};
+pub use session::EVICTION_FLUSH;
 
 use dsql_proxy_config::{BackendKind, ClientAuthMethod, Config, OnEndpointDown};
+use dsql_proxy_connector::Connector;
 use dsql_proxy_credentials::CredentialSource;
 use dsql_proxy_metrics::Metrics;
 use dsql_proxy_protocol::scram::{ScramVerifier, DEFAULT_ITERATIONS};
@@ -38,9 +42,9 @@ use dsql_proxy_routing::Router;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admission::{ConnectLimiter, RateLimit};
-use crate::backend::BackendSettings;
 use crate::busy_poll::BusyPoll;
 use crate::cancel::CancelRegistry;
+use crate::connect::IdleConnections;
 use crate::drain::Drain;
 use crate::frontend::FrontendSettings;
 use crate::listener::Listeners;
@@ -52,7 +56,13 @@ pub struct ProxyContext {
     pub frontend: FrontendSettings,
     /// The same, minus authentication: used to answer over-limit clients.
     pub frontend_for_rejection: FrontendSettings,
-    pub backend: BackendSettings,
+    /// Reaches one backend (TLS, socket options, auth policy); the probes
+    /// share it.
+    pub connector: Arc<Connector>,
+    pub kind: BackendKind,
+    /// Credentials + TCP + TLS + startup + auth to the backend
+    /// (`[backend] connect_timeout`).
+    pub connect_timeout: Duration,
     pub startup_timeout: Duration,
     pub max_client_connections: usize,
     pub drop_parameters: Vec<String>,
@@ -67,6 +77,9 @@ pub struct ProxyContext {
     pub connect_limiter: Option<Arc<ConnectLimiter>>,
     /// Set for `kind = "aurora-global"`: sessions are routed by role.
     pub global: Option<GlobalSettings>,
+    /// Idle backend connections the connect loop takes before dialing (a
+    /// backend connection pool); none yet.
+    pub idle_connections: Option<Arc<dyn IdleConnections>>,
     pub router: Arc<dyn Router>,
     pub credentials: Arc<dyn CredentialSource>,
     pub cancels: Arc<CancelRegistry>,
@@ -116,6 +129,7 @@ impl ProxyContext {
             self.connect_limiter.clone(),
         )?;
         next.busy_poll = self.busy_poll.clone();
+        next.idle_connections = self.idle_connections.clone();
         Ok(next)
     }
 
@@ -163,11 +177,8 @@ impl ProxyContext {
             ask_password: false,
             trust_remote: true,
         };
-        let backend = BackendSettings {
-            tls: tls::client_config(config.backend.tls, config.backend.ca_file.as_deref())?,
-            connect_timeout: config.backend.connect_timeout.get(),
-            keepalive: config.backend.keepalive.get(),
-        };
+        let connector = Connector::from_config(&config.backend)
+            .map_err(|e| SessionError::Setup(e.to_string()))?;
         let rate = config.backend.effective_connect_rate();
         let connect_limiter = (rate > 0.0).then(|| {
             let limit = RateLimit {
@@ -183,7 +194,9 @@ impl ProxyContext {
         Ok(Self {
             frontend,
             frontend_for_rejection,
-            backend,
+            connector: Arc::new(connector),
+            kind: config.backend.kind,
+            connect_timeout: config.backend.connect_timeout.get(),
             startup_timeout: listen.startup_timeout.get(),
             max_client_connections: listen.max_client_connections as usize,
             drop_parameters: config.backend.effective_drop_parameters(),
@@ -194,6 +207,7 @@ impl ProxyContext {
             global: (config.backend.kind == BackendKind::AuroraGlobal).then(|| GlobalSettings {
                 writer_wait: config.routing.writer_wait.get(),
             }),
+            idle_connections: None,
             router,
             credentials,
             cancels,

@@ -7,26 +7,23 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use bytes::BytesMut;
-use dsql_proxy_config::{OnEndpointDown, Secret};
-use dsql_proxy_credentials::{CredentialError, CredentialRequest};
+use dsql_proxy_config::OnEndpointDown;
+use dsql_proxy_connector::BackendConnection;
 use dsql_proxy_protocol::startup::StartupParam;
 use dsql_proxy_protocol::{messages, sqlstate, PgError, StartupMessage};
-use dsql_proxy_routing::{DownWatch, Endpoint, FailureKind, PassiveSignal, RoutingTable};
+use dsql_proxy_routing::{DownWatch, PassiveSignal};
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, warn};
 
-use crate::admission::Refusal;
-use crate::backend::{self, BackendSession};
 use crate::cancel::CancelTarget;
+use crate::connect::{self, Connected, Login};
 use crate::drain::CloseSignal;
 use crate::frontend::{self, ClientHello, Opening, Peer};
 use crate::io::{send, Deadline};
 use crate::relay::{Relay, RelayEnd};
+use crate::role::{self, Intent};
 use crate::stream::Transport;
 use crate::{ProxyContext, SessionError};
-
-pub(crate) mod role;
-pub use role::{GlobalSettings, Intent};
 
 /// Runs one accepted connection to the end. Never panics on peer input and
 /// always logs one line when a session (not a cancel) ends.
@@ -67,48 +64,26 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, inten
         .param("database")
         .map(|d| d.into_owned())
         .unwrap_or_else(|| user.clone());
-
-    let table = match ctx.router.route() {
-        Ok(t) => t,
-        Err(e) => {
-            let err = SessionError::Rejected(PgError::fatal(
-                sqlstate::CANNOT_CONNECT_NOW,
-                format!("dsql-proxy has no endpoint to route to: {e}"),
-            ));
-            let _ = frontend::reject(frontend::Failure {
-                stream: Some(stream),
-                error: err,
-            })
-            .await;
-            warn!(client = %peer, %user, %database, error = %e, "no route for session");
-            return;
-        }
-    };
-    let params = backend_parameters(&startup, &ctx);
     let login = Login {
-        user: &user,
-        password: password.as_ref(),
-        params: &params,
+        params: backend_parameters(&startup, &ctx),
+        user,
+        database,
+        client_password: password,
     };
+    let (user, database) = (&login.user, &login.database);
+    let intent = Intent::for_startup(intent, &startup);
     // A shutdown does not wait for a slow connect (or for a writer): the
     // client hears 57P01.
-    let connect = async {
-        match &ctx.global {
-            Some(global) => {
-                let intent = Intent::for_startup(intent, &startup);
-                role::connect(&ctx, global, intent, &login).await
-            }
-            None => connect_any(&ctx, &table, &login)
-                .await
-                .map(|(e, b)| (e, b, None)),
-        }
-    };
     let connected = tokio::select! {
         biased;
-        connected = connect => connected,
+        connected = connect::connect(&ctx, &login, intent) => connected,
         () = close.closed() => Err(SessionError::Shutdown),
     };
-    let (endpoint, backend, mut role_watch) = match connected {
+    let Connected {
+        endpoint,
+        backend,
+        mut role_watch,
+    } = match connected {
         Ok(connected) => connected,
         Err(SessionError::Shutdown) => {
             ctx.metrics
@@ -124,7 +99,6 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, inten
             return;
         }
         Err(err) => {
-            let err = explain_limits(err);
             ctx.metrics
                 .client_connections_rejected_total
                 .with_label_values(&[err.reason()])
@@ -141,8 +115,7 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, inten
             return;
         }
     };
-    drop(table);
-    let BackendSession {
+    let BackendConnection {
         stream: mut backend_stream,
         parameters,
         notices,
@@ -150,8 +123,8 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, inten
         ready_status,
     } = backend;
 
-    // The client sees the backend's startup results with the proxy's own
-    // cancel key, all in one write.
+    // The client sees the backend's startup results, with the backend's
+    // real process id and a proxy-issued secret, all in one write.
     let (client_key, _registration) = match key {
         Some(backend_key) => {
             let target = CancelTarget {
@@ -366,342 +339,6 @@ fn backend_broke<C: ?Sized, B: ?Sized>(end: &RelayEnd, relay: &Relay<'_, C, B>) 
     }
 }
 
-/// What a session authenticates to the backend with.
-pub(crate) struct Login<'a> {
-    user: &'a str,
-    password: Option<&'a Secret>,
-    params: &'a [StartupParam],
-}
-
-/// Tries the table's candidates in order within `connect_timeout`: a
-/// transport-level failure moves on to the next endpoint (and demotes the
-/// failed one at once); an answer that would be the same anywhere, such as
-/// an authentication refusal, goes straight to the client.
-async fn connect_any(
-    ctx: &ProxyContext,
-    table: &RoutingTable,
-    login: &Login<'_>,
-) -> Result<(Arc<Endpoint>, BackendSession), SessionError> {
-    let budget = Instant::now() + ctx.backend.connect_timeout;
-    let total = table.endpoints().len();
-    let mut failures: Vec<(Arc<Endpoint>, SessionError)> = Vec::new();
-    // Endpoints that just refused a connect for load are tried last.
-    let order = table.connect_order(|id| ctx.router.is_busy(id));
-    for (tried, (endpoint, _eligible)) in order.enumerate() {
-        let remaining = budget.saturating_duration_since(Instant::now());
-        if remaining.is_zero() {
-            break;
-        }
-        let last = tried + 1 == total;
-        // A hung endpoint must leave time for the next one.
-        let limit = if last {
-            remaining
-        } else {
-            let probed = table.status(endpoint.id).and_then(|s| s.connect_time);
-            remaining.min(attempt_limit(ctx.attempt_timeout, probed))
-        };
-        let down = if last {
-            None
-        } else {
-            ctx.router.watch_down(endpoint.id)
-        };
-        let attempt_started = Instant::now();
-        let labels = [endpoint.name.as_str(), endpoint.region_label()];
-        match connect_one(ctx, endpoint, login, limit, remaining, down).await {
-            Ok(backend) => {
-                ctx.router.report_connected(endpoint.id);
-                ctx.metrics
-                    .backend_connect_seconds
-                    .with_label_values(&labels)
-                    .observe(attempt_started.elapsed().as_secs_f64());
-                if !failures.is_empty() {
-                    info!(
-                        endpoint = %endpoint.name, failed = failures.len(),
-                        "connected after failing over"
-                    );
-                }
-                return Ok((Arc::clone(endpoint), backend));
-            }
-            // The limit is the proxy's own and shared by every endpoint:
-            // the next endpoint would be refused alike.
-            Err(err @ SessionError::ConnectRateLimited(_)) => return Err(err),
-            Err(err) => {
-                let reason = err
-                    .failover_kind()
-                    .map_or(err.reason(), FailureKind::as_str);
-                ctx.metrics
-                    .backend_connect_failures_total
-                    .with_label_values(&[labels[0], labels[1], reason])
-                    .inc();
-                let Some(kind) = err.failover_kind() else {
-                    if let SessionError::BackendRefused { fields, .. } = &err {
-                        // An invalid-authorization answer means the secret
-                        // itself was refused: never hand it out again.
-                        if fields.code().starts_with("28") {
-                            ctx.credentials.rejected(request(endpoint, login));
-                        }
-                    }
-                    return Err(err);
-                };
-                debug!(endpoint = %endpoint.name, error = %err, "connect attempt failed; trying the next endpoint");
-                // A server over its connection limits is busy, not down:
-                // try elsewhere without demoting it, and try it last for a
-                // while (backpressure).
-                if kind == FailureKind::Busy {
-                    if ctx.router.report_busy(endpoint.id) {
-                        info!(endpoint = %endpoint.name, error = %err, "endpoint refused a connect for load; trying it after the others for a while");
-                    }
-                } else {
-                    ctx.router.report(
-                        endpoint.id,
-                        PassiveSignal::ConnectFailed {
-                            kind,
-                            detail: err.to_string(),
-                        },
-                    );
-                }
-                failures.push((Arc::clone(endpoint), err));
-            }
-        }
-    }
-    Err(all_failed(failures))
-}
-
-/// An attempt that has taken this many times the endpoint's usual connect
-/// time (as the probes measure it) is treated as hung.
-const ATTEMPT_LIMIT_FACTOR: u32 = 4;
-/// Never cut an attempt shorter than this: a cold server, a busy proxy or a
-/// token refresh can make one connect several times slower than usual.
-const ATTEMPT_LIMIT_FLOOR: Duration = Duration::from_millis(500);
-
-/// How long one attempt may take while other endpoints remain: a few times
-/// the probe-measured connect time, at least [`ATTEMPT_LIMIT_FLOOR`], at most
-/// `attempt_timeout` (also the limit when the probes have not measured it).
-/// A hung Region then costs a new session about half a second instead of
-/// the full `attempt_timeout`.
-fn attempt_limit(attempt_timeout: Duration, probed_connect: Option<Duration>) -> Duration {
-    match probed_connect {
-        Some(usual) => usual
-            .saturating_mul(ATTEMPT_LIMIT_FACTOR)
-            .max(ATTEMPT_LIMIT_FLOOR)
-            .min(attempt_timeout),
-        None => attempt_timeout,
-    }
-}
-
-fn request<'a>(endpoint: &'a Endpoint, login: &'a Login<'a>) -> CredentialRequest<'a> {
-    CredentialRequest {
-        endpoint_host: &endpoint.host,
-        endpoint_port: endpoint.port,
-        region: endpoint.region.as_deref(),
-        user: login.user,
-        client_password: login.password,
-    }
-}
-
-/// One attempt: the secret, then dial, TLS and authentication within
-/// `limit`; abandoned early if health checks mark the endpoint down.
-async fn connect_one(
-    ctx: &ProxyContext,
-    endpoint: &Endpoint,
-    login: &Login<'_>,
-    limit: Duration,
-    remaining: Duration,
-    down: Option<DownWatch>,
-) -> Result<BackendSession, SessionError> {
-    let started = Instant::now();
-    // Credential providers (STS, metadata) may be slow or down: the client
-    // hears about it within connect_timeout either way.
-    let secret = match tokio::time::timeout(
-        remaining,
-        ctx.credentials.password(request(endpoint, login)),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(credential_error(e)),
-        Err(_) => {
-            return Err(credential_error(CredentialError::AwsProvider(format!(
-                "no credentials within connect_timeout ({:?})",
-                ctx.backend.connect_timeout
-            ))))
-        }
-    };
-    // One token per dial; waiting for it counts against the client's
-    // connect budget but not against the endpoint's attempt limit.
-    let budget_left = remaining.saturating_sub(started.elapsed());
-    let waited = admit(ctx, budget_left).await?;
-    let limit = limit.min(budget_left.saturating_sub(waited));
-    let attempt = backend::connect(
-        endpoint,
-        &ctx.backend,
-        login.params,
-        login.user,
-        Some(&secret),
-        limit,
-    );
-    let Some(mut down) = down else {
-        return attempt.await;
-    };
-    tokio::select! {
-        biased;
-        result = attempt => result,
-        Ok(()) = down.changed() => Err(SessionError::BackendUnreachable {
-            endpoint: endpoint.describe(),
-            kind: FailureKind::Timeout,
-            cause: "abandoned: health checks marked the endpoint down during the attempt".into(),
-        }),
-    }
-}
-
-/// Waits for a backend connect token (`[backend] connect_rate`) for at
-/// most `budget`; returns how long it waited. Refuses at once when the
-/// queue is full or the slot is beyond the budget: sleeping for a connect
-/// that cannot happen in time only delays the client's error.
-async fn admit(ctx: &ProxyContext, budget: Duration) -> Result<Duration, SessionError> {
-    let Some(limiter) = &ctx.connect_limiter else {
-        return Ok(Duration::ZERO);
-    };
-    let refused = |reason: &str| {
-        let limit = limiter.limit();
-        SessionError::ConnectRateLimited(format!(
-            "{reason} (connect_rate = {}/s, connect_burst = {}, connect_queue = {})",
-            limit.rate, limit.burst, limit.queue
-        ))
-    };
-    let reservation = match limiter.admit(budget) {
-        Ok(r) => r,
-        Err(Refusal::QueueFull { .. }) => {
-            return Err(refused(
-                "too many connections waiting for the backend connect rate limit",
-            ))
-        }
-        Err(Refusal::OverBudget { wait }) => {
-            return Err(refused(&format!(
-                "backend connect rate limit: the next connect slot is {wait:.1?} away, beyond \
-                 what is left of connect_timeout ({budget:.1?})"
-            )))
-        }
-    };
-    if reservation.wait.is_zero() {
-        return Ok(Duration::ZERO);
-    }
-    let m = &ctx.metrics;
-    m.backend_connect_rate_limited_total.inc();
-    let _waiting = GaugeGuard::inc(&m.backend_connect_queue_waiting);
-    tokio::time::sleep(reservation.wait).await;
-    Ok(reservation.wait)
-}
-
-/// Holds a gauge up while alive, whichever way the holder ends.
-struct GaugeGuard<'a>(&'a dsql_proxy_metrics::IntGauge);
-
-impl<'a> GaugeGuard<'a> {
-    fn inc(gauge: &'a dsql_proxy_metrics::IntGauge) -> Self {
-        gauge.inc();
-        Self(gauge)
-    }
-}
-
-impl Drop for GaugeGuard<'_> {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
-}
-
-/// The client's error when no endpoint took the session. With one endpoint
-/// it is that endpoint's own error; with several, each is listed.
-fn all_failed(mut failures: Vec<(Arc<Endpoint>, SessionError)>) -> SessionError {
-    if failures.len() == 1 {
-        if let Some((_, err)) = failures.pop() {
-            return err;
-        }
-    }
-    if failures.is_empty() {
-        return SessionError::NoEndpointReachable {
-            attempts: Vec::new(),
-            code: None,
-        };
-    }
-    let codes: Vec<Option<&str>> = failures
-        .iter()
-        .map(|(_, e)| match e {
-            SessionError::BackendRefused { fields, .. } => Some(fields.code()),
-            _ => None,
-        })
-        .collect();
-    let code = match codes.first() {
-        Some(Some(first)) if codes.iter().all(|c| *c == Some(*first)) => [
-            sqlstate::TOO_MANY_CONNECTIONS,
-            sqlstate::CONFIGURATION_LIMIT_EXCEEDED,
-            sqlstate::CANNOT_CONNECT_NOW,
-        ]
-        .into_iter()
-        .find(|known| known == first),
-        _ => None,
-    };
-    let mut attempts: Vec<(String, String)> = failures
-        .iter()
-        .map(|(endpoint, err)| (endpoint.name.clone(), short_cause(err)))
-        .collect();
-    attempts.dedup();
-    SessionError::NoEndpointReachable { attempts, code }
-}
-
-/// An attempt's failure without the endpoint name repeated.
-fn short_cause(err: &SessionError) -> String {
-    match err {
-        SessionError::BackendUnreachable { cause, .. } => cause.clone(),
-        SessionError::BackendProtocol { cause, .. } => format!("protocol error: {cause}"),
-        SessionError::BackendRefused { fields, .. } => {
-            format!("{} {}", fields.code(), fields.get(b'M').unwrap_or_default())
-        }
-        other => other.to_string(),
-    }
-}
-
-fn credential_error(e: CredentialError) -> SessionError {
-    let code = match e {
-        CredentialError::MissingClientPassword => sqlstate::INVALID_PASSWORD,
-        CredentialError::Unavailable(_)
-        | CredentialError::NoAwsCredentials(_)
-        | CredentialError::Signing(_) => sqlstate::INVALID_AUTHORIZATION,
-        // A provider outage (STS, metadata service) is a connection
-        // problem, not a wrong identity.
-        CredentialError::AwsProvider(_) => sqlstate::UNABLE_TO_CONNECT,
-    };
-    SessionError::Rejected(PgError::fatal(code, format!("dsql-proxy: {e}")))
-}
-
-/// Aurora DSQL answers 53300/53400 when a cluster's connection limits are
-/// hit; say so, since the bare server message does not tell an application
-/// developer what to change.
-fn explain_limits(err: SessionError) -> SessionError {
-    match err {
-        SessionError::BackendRefused {
-            endpoint,
-            mut fields,
-        } if matches!(
-            fields.code(),
-            sqlstate::TOO_MANY_CONNECTIONS | sqlstate::CONFIGURATION_LIMIT_EXCEEDED
-        ) =>
-        {
-            if fields.get(b'H').is_none() {
-                fields.fields.push((
-                    b'H',
-                    format!(
-                        "endpoint {endpoint} is over its connection limits (Aurora DSQL allows 100 new \
-                         connections per second per cluster, burst 1,000, and a maximum number of \
-                         connections); retry with backoff or use fewer connections"
-                    ),
-                ));
-            }
-            SessionError::BackendRefused { endpoint, fields }
-        }
-        other => other,
-    }
-}
-
 /// The startup parameters forwarded to the backend: the client's, minus the
 /// drop list, plus a default application_name.
 fn backend_parameters(startup: &StartupMessage, ctx: &ProxyContext) -> Vec<StartupParam> {
@@ -740,32 +377,14 @@ pub(crate) async fn cancel_request(ctx: &ProxyContext, key: dsql_proxy_protocol:
         debug!(pid = key.pid, "cancel request with unknown key ignored");
         return;
     };
-    match backend::forward_cancel(&target, &ctx.backend).await {
+    match ctx
+        .connector
+        .cancel(&target.endpoint, &target.backend_key, ctx.connect_timeout)
+        .await
+    {
         Ok(()) => debug!(endpoint = %target.endpoint.name, "cancel request forwarded"),
         Err(e) => {
             warn!(endpoint = %target.endpoint.name, error = %e, "cancel request could not be forwarded")
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const CAP: Duration = Duration::from_secs(2);
-
-    #[test]
-    fn attempt_limit_scales_with_the_probed_connect_time_within_floor_and_cap() {
-        let ms = Duration::from_millis;
-        // Unmeasured: the configured cap.
-        assert_eq!(attempt_limit(CAP, None), CAP);
-        // A fast local endpoint: the floor, not 4 x 3 ms.
-        assert_eq!(attempt_limit(CAP, Some(ms(3))), ATTEMPT_LIMIT_FLOOR);
-        // A distant one: four times its usual connect.
-        assert_eq!(attempt_limit(CAP, Some(ms(300))), ms(1200));
-        // A slow one never gets more than the cap.
-        assert_eq!(attempt_limit(CAP, Some(ms(900))), CAP);
-        // A cap below the floor wins: the operator asked for it.
-        assert_eq!(attempt_limit(ms(200), Some(ms(3))), ms(200));
     }
 }

@@ -1,5 +1,6 @@
-//! The byte streams a session relays between. Enums rather than trait objects
-//! so the relay's reads and writes are static calls.
+//! The client's byte streams. Enums rather than trait objects so the
+//! relay's reads and writes are static calls (the backend's is
+//! `dsql_proxy_connector::BackendStream`).
 
 use std::io;
 use std::pin::Pin;
@@ -39,48 +40,14 @@ pub enum ClientStream {
     Tls(Box<tokio_rustls::server::TlsStream<Rewind<Transport>>>),
 }
 
-/// A backend connection.
-pub enum BackendStream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
 impl ClientStream {
     pub fn is_tls(&self) -> bool {
         matches!(self, Self::Tls(_))
     }
 }
 
-macro_rules! delegate_async_io {
-    ($ty:ty, $($variant:path),+) => {
-        impl AsyncRead for $ty {
-            fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-                match self.get_mut() { $($variant(s) => Pin::new(s).poll_read(cx, buf),)+ }
-            }
-        }
-        impl AsyncWrite for $ty {
-            fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-                match self.get_mut() { $($variant(s) => Pin::new(s).poll_write(cx, buf),)+ }
-            }
-            fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
-                match self.get_mut() { $($variant(s) => Pin::new(s).poll_write_vectored(cx, bufs),)+ }
-            }
-            fn is_write_vectored(&self) -> bool {
-                match self { $($variant(s) => s.is_write_vectored(),)+ }
-            }
-            fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                match self.get_mut() { $($variant(s) => Pin::new(s).poll_flush(cx),)+ }
-            }
-            fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-                match self.get_mut() { $($variant(s) => Pin::new(s).poll_shutdown(cx),)+ }
-            }
-        }
-    };
-}
-
-delegate_async_io!(Transport, Transport::Tcp, Transport::Unix);
-delegate_async_io!(ClientStream, ClientStream::Plain, ClientStream::Tls);
-delegate_async_io!(BackendStream, BackendStream::Plain, BackendStream::Tls);
+dsql_proxy_connector::delegate_async_io!(Transport, Transport::Tcp, Transport::Unix);
+dsql_proxy_connector::delegate_async_io!(ClientStream, ClientStream::Plain, ClientStream::Tls);
 
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
     fn poll_read(

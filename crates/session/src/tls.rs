@@ -1,27 +1,18 @@
-//! TLS configuration for both legs, built once at startup.
+//! TLS towards local clients, built once at startup (the backend leg's is
+//! `dsql_proxy_connector::tls`).
 
 use std::path::Path;
 use std::sync::Arc;
 
-use dsql_proxy_config::TlsMode;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::client::WebPkiServerVerifier;
-use rustls::crypto::CryptoProvider;
+use dsql_proxy_connector::tls::provider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig,
-    SignatureScheme,
-};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ServerConfig;
 
 use crate::SessionError;
 
 /// ALPN protocol id PostgreSQL 17 requires for direct TLS negotiation.
 pub const POSTGRES_ALPN: &[u8] = b"postgresql";
-
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
 
 fn setup_error(what: String) -> SessionError {
     SessionError::Setup(what)
@@ -53,170 +44,4 @@ pub fn server_config(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConf
         .map_err(|e| setup_error(format!("TLS certificate/key mismatch or invalid: {e}")))?;
     config.alpn_protocols = vec![POSTGRES_ALPN.to_vec()];
     Ok(Arc::new(config))
-}
-
-/// Client config for backend connections, or `None` for `tls = "disable"`.
-pub fn client_config(
-    mode: TlsMode,
-    ca_file: Option<&Path>,
-) -> Result<Option<Arc<ClientConfig>>, SessionError> {
-    if mode == TlsMode::Disable {
-        return Ok(None);
-    }
-    let provider = provider();
-    let builder = ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| setup_error(format!("TLS setup: {e}")))?;
-    let config = if mode == TlsMode::Require {
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCertificate { provider }))
-            .with_no_client_auth()
-    } else {
-        let roots = Arc::new(root_store(ca_file)?);
-        let webpki = WebPkiServerVerifier::builder_with_provider(roots, provider)
-            .build()
-            .map_err(|e| setup_error(format!("TLS verifier: {e}")))?;
-        if mode == TlsMode::VerifyCa {
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(ChainOnly { inner: webpki }))
-                .with_no_client_auth()
-        } else {
-            builder.with_webpki_verifier(webpki).with_no_client_auth()
-        }
-    };
-    Ok(Some(Arc::new(config)))
-}
-
-/// System roots plus `ca_file`.
-fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, SessionError> {
-    let mut roots = RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    let (added, _ignored) = roots.add_parsable_certificates(native.certs);
-    if let Some(path) = ca_file {
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-            .and_then(|it| it.collect())
-            .map_err(|e| setup_error(format!("cannot read ca_file {}: {e}", path.display())))?;
-        if certs.is_empty() {
-            return Err(setup_error(format!(
-                "ca_file {} holds no certificate",
-                path.display()
-            )));
-        }
-        for cert in certs {
-            roots
-                .add(cert)
-                .map_err(|e| setup_error(format!("ca_file {}: {e}", path.display())))?;
-        }
-    } else if added == 0 {
-        return Err(setup_error(
-            "no trusted root certificates: the system store is empty and no [backend] ca_file is set"
-                .into(),
-        ));
-    }
-    Ok(roots)
-}
-
-/// The name the proxy expects on the backend's certificate (and sends as SNI).
-pub fn server_name(host: &str) -> Result<ServerName<'static>, SessionError> {
-    ServerName::try_from(host.to_owned())
-        .map_err(|_| setup_error(format!("{host:?} is not a valid TLS server name")))
-}
-
-/// verify-ca: the chain must lead to a trusted root; the name is not checked.
-#[derive(Debug)]
-struct ChainOnly {
-    inner: Arc<WebPkiServerVerifier>,
-}
-
-impl ServerCertVerifier for ChainOnly {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .inner
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
-/// require: encrypt, but accept any certificate (libpq's sslmode=require).
-/// Handshake signatures are still checked so the peer holds the cert's key.
-#[derive(Debug)]
-struct AnyCertificate {
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }

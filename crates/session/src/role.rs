@@ -1,23 +1,17 @@
-//! The connect path under `kind = "aurora-global"`: read-write sessions go
-//! only to the current writer (waiting up to `writer_wait` for one during
-//! a failover window), read-only sessions to the nearest replica within the
-//! lag bound, else the writer. The watch returned with the connection fires
-//! when the session must leave because the endpoint's role changed.
+//! Roles under `kind = "aurora-global"`: read-write sessions go only to
+//! the current writer (the connect loop waits up to `writer_wait` for one
+//! during a failover window), read-only sessions to the nearest replica
+//! within the lag bound, else the writer. The connect loop
+//! ([`crate::connect`]) asks this module for candidates and whether a
+//! connected endpoint still fits; the relay's role watch uses
+//! [`eviction`] for the FATAL.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use dsql_proxy_protocol::{messages, sqlstate, PgError, StartupMessage};
-use dsql_proxy_routing::{
-    DownWatch, Endpoint, EndpointId, FailureKind, PassiveSignal, RoutingTable,
-};
-use tokio::time::Instant;
-use tracing::debug;
+use dsql_proxy_protocol::{sqlstate, PgError, StartupMessage};
+use dsql_proxy_routing::{Endpoint, EndpointId, RoutingTable};
 
-use super::{attempt_limit, connect_one, Login};
-use crate::backend::BackendSession;
-use crate::io::send;
 use crate::{ProxyContext, SessionError};
 
 /// What a client session is for.
@@ -46,104 +40,9 @@ pub struct GlobalSettings {
     pub writer_wait: Duration,
 }
 
-/// A connected backend and the watch that ends the session on a role
-/// change.
-pub(crate) type RoleConnection = (Arc<Endpoint>, BackendSession, Option<DownWatch>);
-
-pub(crate) async fn connect(
-    ctx: &ProxyContext,
-    global: &GlobalSettings,
-    intent: Intent,
-    login: &Login<'_>,
-) -> Result<RoleConnection, SessionError> {
-    let deadline = Instant::now() + global.writer_wait;
-    let mut published = ctx.router.watch_table();
-    let mut last_error: Option<SessionError> = None;
-    loop {
-        if let Some(p) = published.as_mut() {
-            p.mark_unchanged();
-        }
-        let table = ctx.router.route().map_err(|e| {
-            SessionError::Rejected(PgError::fatal(
-                sqlstate::CANNOT_CONNECT_NOW,
-                format!("dsql-proxy has no endpoint to route to: {e}"),
-            ))
-        })?;
-        let candidates = candidates(&table, intent);
-        let total = candidates.len();
-        for (tried, endpoint) in candidates.into_iter().enumerate() {
-            let read_only = intent == Intent::ReadOnly;
-            let role_watch = ctx.router.watch_role(endpoint.id, read_only);
-            let budget = ctx.backend.connect_timeout;
-            // A hung replica must leave time for the next candidate (main's
-            // per-attempt limit); the last one gets the whole budget.
-            let limit = if tried + 1 == total {
-                budget
-            } else {
-                let probed = table.status(endpoint.id).and_then(|s| s.connect_time);
-                budget.min(attempt_limit(ctx.attempt_timeout, probed))
-            };
-            let down = ctx.router.watch_down(endpoint.id);
-            let attempt_started = Instant::now();
-            match connect_one(ctx, &endpoint, login, limit, budget, down).await {
-                Ok(backend) => {
-                    ctx.metrics
-                        .backend_connect_seconds
-                        .with_label_values(&[endpoint.name.as_str(), endpoint.region_label()])
-                        .observe(attempt_started.elapsed().as_secs_f64());
-                    // Its role changed while we connected: route again.
-                    // The watch catches a signal sent after we subscribed;
-                    // one sent before (between our table load and the
-                    // subscription) followed a publish, which the table
-                    // read now shows.
-                    let signalled = role_watch
-                        .as_ref()
-                        .is_some_and(|w| w.has_changed().unwrap_or(false));
-                    let still_fits = ctx
-                        .router
-                        .route()
-                        .is_ok_and(|now| fits(&now, endpoint.id, intent));
-                    if signalled || !still_fits {
-                        debug!(endpoint = %endpoint.name, "role changed during connect; routing again");
-                        terminate(backend).await;
-                        continue;
-                    }
-                    return Ok((endpoint, backend, role_watch));
-                }
-                Err(err) => {
-                    let Some(kind) = err.failover_kind() else {
-                        return Err(err);
-                    };
-                    if kind != FailureKind::Busy {
-                        ctx.router.report(
-                            endpoint.id,
-                            PassiveSignal::ConnectFailed {
-                                kind,
-                                detail: err.to_string(),
-                            },
-                        );
-                    }
-                    last_error = Some(err);
-                }
-            }
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return Err(nowhere(&table, intent, global, last_error));
-        }
-        // Wait for the next table (a probe round at the latest).
-        match published.as_mut() {
-            Some(p) => {
-                let _ = tokio::time::timeout_at(deadline, p.changed()).await;
-            }
-            None => tokio::time::sleep_until(deadline).await,
-        }
-    }
-}
-
 /// Whether `id` may still take a session of this intent under `table`:
 /// the writer for read-write, not fenced for read-only.
-fn fits(table: &RoutingTable, id: EndpointId, intent: Intent) -> bool {
+pub(crate) fn fits(table: &RoutingTable, id: EndpointId, intent: Intent) -> bool {
     let Some(roles) = &table.roles else {
         return false;
     };
@@ -154,7 +53,7 @@ fn fits(table: &RoutingTable, id: EndpointId, intent: Intent) -> bool {
 }
 
 /// The endpoints to try, best first.
-fn candidates(table: &RoutingTable, intent: Intent) -> Vec<Arc<Endpoint>> {
+pub(crate) fn candidates(table: &RoutingTable, intent: Intent) -> Vec<Arc<Endpoint>> {
     let Some(roles) = &table.roles else {
         return Vec::new();
     };
@@ -169,11 +68,11 @@ fn candidates(table: &RoutingTable, intent: Intent) -> Vec<Arc<Endpoint>> {
 
 /// The client's error when no endpoint of the right role took the session
 /// within `writer_wait`.
-fn nowhere(
+pub(crate) fn nowhere(
     table: &RoutingTable,
     intent: Intent,
-    global: &GlobalSettings,
-    last_error: Option<SessionError>,
+    writer_wait: Duration,
+    last_error: Option<&SessionError>,
 ) -> SessionError {
     let why = match table.roles.as_ref().map(|r| &r.writer) {
         Some(Ok(_)) => match &last_error {
@@ -192,19 +91,8 @@ fn nowhere(
     };
     SessionError::Rejected(PgError::fatal(
         sqlstate::CANNOT_CONNECT_NOW,
-        format!(
-            "dsql-proxy: {what} within writer_wait ({:?}): {why}; retry later",
-            global.writer_wait
-        ),
+        format!("dsql-proxy: {what} within writer_wait ({writer_wait:?}): {why}; retry later"),
     ))
-}
-
-/// Ends a backend session that will not be used.
-async fn terminate(backend: BackendSession) {
-    let mut stream = backend.stream;
-    let mut buf = BytesMut::new();
-    messages::terminate(&mut buf);
-    let _ = tokio::time::timeout(Duration::from_secs(1), send(&mut stream, &buf)).await;
 }
 
 /// The FATAL a session gets when its endpoint's role changed.
