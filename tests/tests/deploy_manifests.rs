@@ -810,12 +810,13 @@ async fn dashboard_and_alert_metrics_are_exported_by_the_real_proxy() {
     let start = toml.find("[admin]").expect("[admin]");
     let end = start + toml[start..].find("[backend]").expect("[backend]");
     toml.replace_range(start..end, &format!("[admin]\naddress = \"{admin}\"\n"));
+    // The fixture ends in its [routing] table, after its one endpoint.
+    let routing = toml.find("[routing]\n").expect("[routing]");
+    toml.insert_str(routing, "route53_health_check_id = \"hc-unknown\"\n");
     toml.push_str(&format!(
-        "route53_health_check_id = \"hc-unknown\"\n\
+        "probe_interval = \"250ms\"\nroute53 = \"advisory\"\nroute53_poll_interval = \"1s\"\n\
          [[endpoints]]\nname = \"unreachable-2\"\nregion = \"test-2\"\nhost = \"db.test.internal\"\n\
-         connect_address = \"{}\"\npriority = 2\n\
-         [routing]\nprobe_user = \"{APP_USER}\"\nprobe_database = \"{APP_DB}\"\n\
-         probe_interval = \"250ms\"\nroute53 = \"advisory\"\nroute53_poll_interval = \"1s\"\n",
+         connect_address = \"{}\"\npriority = 2\n",
         free_addr()
     ));
     let mut env = isolated_aws_env();

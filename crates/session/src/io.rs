@@ -1,7 +1,6 @@
 //! Small framed reads and writes for the startup phase (never the relay);
 //! public so the DSQL emulator reads packets the same way.
 
-use bytes::BytesMut;
 use dsql_proxy_protocol::frame::{body_len, RawMessage, HEADER_LEN};
 use dsql_proxy_protocol::{startup, InitialPacket, ProtocolError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -28,9 +27,23 @@ pub async fn read_initial<S: AsyncRead + Unpin>(
         Ok(n) => n,
         Err(e) => return Ok(Err(e)),
     };
-    let mut body = vec![0u8; body_len];
-    stream.read_exact(&mut body).await?;
+    let body = read_body(stream, body_len).await?;
     Ok(startup::parse_initial_packet(&body))
+}
+
+/// Reads exactly `len` bytes, growing the buffer only as bytes arrive: a
+/// length word is a claim, and a client that claims 65,535 bytes and sends
+/// nothing must not cost 64 KiB while it waits.
+async fn read_body<S: AsyncRead + Unpin>(stream: &mut S, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    let read = (&mut *stream)
+        .take(len as u64)
+        .read_to_end(&mut body)
+        .await?;
+    if read < len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(body)
 }
 
 /// Reads one typed message whose body may be at most `max_body` bytes.
@@ -52,11 +65,10 @@ pub async fn read_message<S: AsyncRead + Unpin>(
             limit: max_body,
         }));
     }
-    let mut body = BytesMut::zeroed(len);
-    stream.read_exact(&mut body).await?;
+    let body = read_body(stream, len).await?;
     Ok(Ok(RawMessage {
         tag,
-        body: body.freeze(),
+        body: body.into(),
     }))
 }
 

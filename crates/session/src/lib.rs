@@ -45,6 +45,12 @@ use crate::drain::Drain;
 use crate::frontend::FrontendSettings;
 use crate::listener::Listeners;
 
+/// Connections served their startup phase at once (see
+/// [`ProxyContext::startups`]): at most a startup packet (10,000 bytes), an
+/// authentication message (64 KiB) and a TLS handshake's buffers each, so
+/// a few tens of MiB in the worst case, whatever `max_client_connections`.
+pub const MAX_CONCURRENT_STARTUPS: usize = 256;
+
 /// Everything sessions share, built from the config. A reload builds a new
 /// one with [`ProxyContext::reconfigured`]; each session keeps the context
 /// it was accepted with.
@@ -61,6 +67,9 @@ pub struct ProxyContext {
     /// remain to be tried.
     pub attempt_timeout: Duration,
     pub on_endpoint_down: OnEndpointDown,
+    /// `[shutdown] request_grace`: how long a session closed at shutdown
+    /// waits for the answer to a request in flight.
+    pub request_grace: Duration,
     /// `[backend] connect_rate`; `None` when unlimited. Shared with the
     /// next context when a reload leaves its settings alone, so a reload
     /// does not hand out a fresh burst.
@@ -73,6 +82,11 @@ pub struct ProxyContext {
     /// Session count and the close-everything signal for shutdown; like
     /// `cancels`, one per process (carry it over if a context is rebuilt).
     pub drain: Arc<Drain>,
+    /// Connections in their startup phase (TLS, startup packet, local
+    /// authentication) at once: [`MAX_CONCURRENT_STARTUPS`]. Each may hold
+    /// buffers for what its client sends; the rest wait their turn within
+    /// `startup_timeout`. One per process, like `drain`.
+    pub startups: Arc<tokio::sync::Semaphore>,
     pub metrics: Arc<Metrics>,
     /// `--busy-poll`: relays report activity to the poller. Set by the
     /// binary after building the context; carried over by a reload.
@@ -93,6 +107,7 @@ impl ProxyContext {
             metrics,
             Arc::new(CancelRegistry::default()),
             Arc::new(Drain::default()),
+            Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_STARTUPS)),
             None,
         )
     }
@@ -113,6 +128,7 @@ impl ProxyContext {
             Arc::clone(&self.metrics),
             Arc::clone(&self.cancels),
             Arc::clone(&self.drain),
+            Arc::clone(&self.startups),
             self.connect_limiter.clone(),
         )?;
         next.busy_poll = self.busy_poll.clone();
@@ -126,6 +142,7 @@ impl ProxyContext {
         metrics: Arc<Metrics>,
         cancels: Arc<CancelRegistry>,
         drain: Arc<Drain>,
+        startups: Arc<tokio::sync::Semaphore>,
         previous_limiter: Option<Arc<ConnectLimiter>>,
     ) -> Result<Self, SessionError> {
         let listen = &config.listen;
@@ -190,6 +207,7 @@ impl ProxyContext {
             default_application_name: config.backend.default_application_name.clone(),
             attempt_timeout: config.routing.attempt_timeout.get(),
             on_endpoint_down: config.routing.on_endpoint_down,
+            request_grace: config.shutdown.request_grace.get(),
             connect_limiter,
             global: (config.backend.kind == BackendKind::AuroraGlobal).then(|| GlobalSettings {
                 writer_wait: config.routing.writer_wait.get(),
@@ -198,6 +216,7 @@ impl ProxyContext {
             credentials,
             cancels,
             drain,
+            startups,
             metrics,
             busy_poll: None,
         })
