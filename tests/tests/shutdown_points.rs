@@ -67,7 +67,11 @@ fn server() -> PgServer {
         auth: AuthMethod::ScramSha256,
         ..PgOptions::default()
     });
-    pg.superuser_sql(&format!(
+    let out = pg
+        .psql_command()
+        .env("PGDATABASE", APP_DB)
+        .args(["-v", "ON_ERROR_STOP=1", "-qAt", "-c"])
+        .arg(format!(
         "create table copy_target (run int, id int);\
          create table bind_target (run int, id int, payload text);\
          grant all on copy_target, bind_target to {APP_USER};\
@@ -75,7 +79,10 @@ fn server() -> PgServer {
            $$ begin perform pg_sleep(0.2); return null; end $$;\
          create trigger slow after insert on copy_target \
            for each statement execute function slow_commit();"
-    ));
+        ))
+        .output()
+        .expect("run psql");
+    assert!(out.status.success(), "{out:?}");
     pg
 }
 
@@ -182,7 +189,13 @@ async fn large_bind(stream: &mut TcpStream, run: u64, id: u64, rng: &mut XorShif
 
 /// Runs work until the proxy closes the session; returns what the client
 /// was told for each id.
-async fn client(listen: SocketAddr, work: Work, run: u64, seed: u64) -> Vec<(u64, Told)> {
+async fn client(
+    listen: SocketAddr,
+    work: Work,
+    run: u64,
+    seed: u64,
+    started: tokio::sync::oneshot::Sender<()>,
+) -> Vec<(u64, Told)> {
     let mut stream = TcpStream::connect(listen)
         .await
         .expect("connect to the proxy");
@@ -190,6 +203,7 @@ async fn client(listen: SocketAddr, work: Work, run: u64, seed: u64) -> Vec<(u64
         .await
         .expect("startup");
     assert_eq!(response.ready_status(), Some(b'I'), "{:?}", response.tags());
+    let _ = started.send(());
     let mut rng = XorShift::new(seed ^ run);
     let mut told = Vec::new();
     for id in 0.. {
@@ -217,7 +231,12 @@ async fn shutdown_at_random_points(work: Work) {
     };
     for run in 0..RUNS {
         let (mut proxy, listen) = proxy(&pg);
-        let session = tokio::spawn(client(listen, work, run, seed));
+        let (started_tx, started) = tokio::sync::oneshot::channel();
+        let session = tokio::spawn(client(listen, work, run, seed, started_tx));
+        tokio::time::timeout(STEP, started)
+            .await
+            .expect("the session starts")
+            .expect("the client is running");
         // Somewhere in the first few units of work.
         tokio::time::sleep(Duration::from_millis(50 + rng.below(700) as u64)).await;
         proxy.send_signal(SIGTERM);
