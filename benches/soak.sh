@@ -13,6 +13,7 @@
 #
 # Settings (environment): SOAK_SECONDS (600), WARMUP_SECONDS (60),
 # SOAK_CLIENTS (pgbench clients that reconnect per transaction, 4),
+# DSQL_PROXY_BIN (a prebuilt binary instead of the release build),
 # KEEP_TMP=1 keeps the temp dir. Needs PostgreSQL server binaries, psql,
 # pgbench, curl and (as root) an OS user `postgres`.
 set -euo pipefail
@@ -24,7 +25,8 @@ CLIENTS=${SOAK_CLIENTS:-4}
 PASSWORD=soak-password
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 [[ "$TARGET_DIR" = /* ]] || TARGET_DIR="$ROOT/$TARGET_DIR"
-PROXY_BIN="$TARGET_DIR/release/dsql-proxy"
+# DSQL_PROXY_BIN runs a binary already built (e.g. target/debug/dsql-proxy).
+PROXY_BIN="${DSQL_PROXY_BIN:-$TARGET_DIR/release/dsql-proxy}"
 
 log() { printf '%s\n' "$*"; }
 die() {
@@ -38,8 +40,11 @@ for dir in /usr/lib/postgresql/*/bin; do [[ -x "$dir/initdb" ]] && PG_BIN="$dir"
 [[ -x "$PG_BIN/initdb" && -x "$PG_BIN/pg_ctl" ]] || die "PostgreSQL server binaries not found"
 for tool in psql pgbench curl; do command -v "$tool" >/dev/null || die "$tool not found"; done
 
-log "== building dsql-proxy (release)"
-(cd "$ROOT" && cargo build --release -p dsql-proxy --quiet) || die "build failed"
+if [[ -z "${DSQL_PROXY_BIN:-}" ]]; then
+    log "== building dsql-proxy (release)"
+    (cd "$ROOT" && cargo build --release -p dsql-proxy --quiet) || die "build failed"
+fi
+[[ -x "$PROXY_BIN" ]] || die "no binary at $PROXY_BIN"
 
 TMP="$(mktemp -d /tmp/dsql-proxy-soak.XXXXXX)"
 PGDATA="$TMP/pgdata"

@@ -11,15 +11,21 @@ seconds=${FUZZ_SECONDS:-600}
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
     mapfile -t targets < <(cargo +nightly fuzz list)
+    # (lists every target, those needing --features status too)
 fi
 # Seeds from crates/fuzz-targets (valid inputs for each target).
 cargo run -q -p dsql-proxy-fuzz-targets --example seed_corpus -- fuzz/corpus >/dev/null
-cargo +nightly fuzz build -O
+# The two targets over the health crate need the AWS SDK built under the
+# fuzzer's instrumentation (feature `status`, slow to build); the rest not.
+features() {
+    case "$1" in aurora_status | aws_status) echo --features=status ;; esac
+}
 mkdir -p fuzz/logs
 for t in "${targets[@]}"; do
     log="fuzz/logs/$t.log"
     status=0
-    cargo +nightly fuzz run -O "$t" -- -max_total_time="$seconds" -timeout=10 \
+    # shellcheck disable=SC2046 # no or one word
+    cargo +nightly fuzz run -O $(features "$t") "$t" -- -max_total_time="$seconds" -timeout=10 \
         -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1 || status=$?
     execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo "?")
     crashes=$(find "fuzz/artifacts/$t" -type f 2>/dev/null | wc -l)

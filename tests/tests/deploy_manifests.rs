@@ -906,8 +906,12 @@ async fn dashboard_and_alert_metrics_are_exported_by_the_real_proxy() {
     std::fs::write(&token_file, "job-token-0123456789\n").expect("write token");
     let job = object("Job", "nightly-batch");
     let job_proxy = container(&job["spec"]["template"]["spec"]["containers"], "dsql-proxy");
-    for name in ["DSQL_PROXY__ADMIN__QUITQUITQUIT", "DSQL_PROXY__ADMIN__TOKEN_FILE"] {
-        let value = env_value(job_proxy, name).replace(TOKEN_DIR, &secrets.path().display().to_string());
+    for name in [
+        "DSQL_PROXY__ADMIN__QUITQUITQUIT",
+        "DSQL_PROXY__ADMIN__TOKEN_FILE",
+    ] {
+        let value =
+            env_value(job_proxy, name).replace(TOKEN_DIR, &secrets.path().display().to_string());
         env.push((name.into(), value));
     }
     let mut proxy = ProxyProcess::spawn_with_env(&toml, &[], &env);

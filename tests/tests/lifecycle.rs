@@ -501,6 +501,7 @@ async fn json_log_lines_carry_the_session_id() {
     let config: serde_json::Value =
         serde_json::from_str(config["config"].as_str().expect("a string field")).unwrap();
     assert_eq!(config["backend"]["password"], "<redacted>");
-    assert_eq!(config["shutdown"]["max_drain"], "25s");
+    assert_eq!(config["shutdown"]["max_drain"], "20s");
+    assert_eq!(config["shutdown"]["request_grace"], "5s");
     assert!(!logs.contains(APP_PASSWORD));
 }

@@ -72,7 +72,7 @@ fn server() -> PgServer {
         .env("PGDATABASE", APP_DB)
         .args(["-v", "ON_ERROR_STOP=1", "-qAt", "-c"])
         .arg(format!(
-        "create table copy_target (run int, id int);\
+            "create table copy_target (run int, id int);\
          create table bind_target (run int, id int, payload text);\
          grant all on copy_target, bind_target to {APP_USER};\
          create function slow_commit() returns trigger language plpgsql as \

@@ -26,12 +26,15 @@ use aws_types::sdk_config::SdkConfig;
 use dsql_proxy_health::control_plane::{GlobalClusterSource, SdkGlobalClusters};
 use dsql_proxy_health::route53::{route53_verdict, HealthCheckSource, SdkHealthChecks};
 
+/// An HTTP status and body.
+type Answer = (u16, Vec<u8>);
+
 /// Answers requests in order from a queue; an empty queue answers 500.
 #[derive(Debug, Clone, Default)]
-struct Canned(Arc<Mutex<VecDeque<(u16, Vec<u8>)>>>);
+struct Canned(Arc<Mutex<VecDeque<Answer>>>);
 
 impl Canned {
-    fn load(&self, answers: impl IntoIterator<Item = (u16, Vec<u8>)>) {
+    fn load(&self, answers: impl IntoIterator<Item = Answer>) {
         let mut queue = self.0.lock().unwrap_or_else(|e| e.into_inner());
         queue.clear();
         queue.extend(answers);

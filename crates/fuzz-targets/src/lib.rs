@@ -9,6 +9,7 @@
 //! `tests/properties.rs` runs the same functions over seeded random and
 //! mutated inputs on stable, so CI needs no nightly toolchain.
 
+#[cfg(feature = "status")]
 mod aws;
 mod seeds;
 
@@ -16,6 +17,7 @@ use std::sync::OnceLock;
 
 use bytes::BytesMut;
 use dsql_proxy_config::{Config, ConfigError};
+#[cfg(feature = "status")]
 use dsql_proxy_health::probe::{parse_aurora_role, parse_detect, parse_role};
 use dsql_proxy_protocol::backend::{self, MAX_STARTUP_PHASE_BODY};
 use dsql_proxy_protocol::query::{decode_query_message, QueryMessage};
@@ -37,7 +39,9 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("scram_client", scram_client),
     ("scram_server", scram_server),
     ("query_messages", query_messages),
+    #[cfg(feature = "status")]
     ("aurora_status", aurora_status),
+    #[cfg(feature = "status")]
     ("aws_status", aws_status),
     ("config_env", config_env),
     ("boundary_tracker", boundary_tracker),
@@ -170,6 +174,7 @@ fn messages(data: &[u8]) -> Vec<RawMessage> {
 
 /// The role and lag a server reports to an `aurora-global` probe
 /// (PostgreSQL's and Aurora's role queries), from the DataRows on.
+#[cfg(feature = "status")]
 pub fn aurora_status(data: &[u8]) {
     let rows: Vec<Vec<Option<String>>> = messages(data)
         .iter()
@@ -193,6 +198,7 @@ pub fn aurora_status(data: &[u8]) {
 /// `DescribeGlobalClusters`, through the real AWS SDK clients and the
 /// proxy's reading of them (an in-process HTTP client hands the SDK these
 /// bytes as the service's answers).
+#[cfg(feature = "status")]
 pub fn aws_status(data: &[u8]) {
     aws::check(data);
 }
@@ -223,7 +229,7 @@ pub fn config_env(data: &[u8]) {
             )
         })
         .collect();
-    let section = if data.len() % 2 == 0 {
+    let section = if data.len() & 1 == 0 {
         "LISTEN"
     } else {
         "BACKEND"

@@ -58,31 +58,32 @@ pub struct Metrics {
 
 const ENDPOINT: &[&str] = &["endpoint", "region"];
 
-/// `probe_failures_total{reason}`: every probe failure kind (the routing
-/// crate's `FailureKind`, tested to match).
-pub const PROBE_FAILURE_REASONS: [&str; 7] = [
+/// Why a probe or a connect attempt failed at the transport level (the
+/// routing crate's `FailureKind` but `query`, tested to match).
+pub const TRANSPORT_FAILURE_REASONS: [&str; 6] = [
     "connection",
     "timeout",
     "tls",
     "protocol",
     "unavailable",
     "busy",
-    "query",
 ];
-/// `backend_connect_failures_total{reason}`: what a session's connect
-/// attempt can fail with: the transport-level kinds that move it to the
-/// next endpoint, a server's refusal passed to the client
-/// (`backend_refused`) and a credential failure (`rejected`).
-pub const CONNECT_FAILURE_REASONS: [&str; 8] = [
-    "connection",
-    "timeout",
-    "tls",
-    "protocol",
-    "unavailable",
-    "busy",
-    "backend_refused",
-    "rejected",
-];
+
+/// `probe_failures_total{reason}`: the transport reasons and a failed
+/// probe query.
+pub fn probe_failure_reasons() -> impl Iterator<Item = &'static str> {
+    TRANSPORT_FAILURE_REASONS.into_iter().chain(["query"])
+}
+
+/// `backend_connect_failures_total{reason}`: the transport reasons (the
+/// connect moves to the next endpoint), a server's refusal passed to the
+/// client (`backend_refused`) and a credential failure (`rejected`).
+pub fn connect_failure_reasons() -> impl Iterator<Item = &'static str> {
+    TRANSPORT_FAILURE_REASONS
+        .into_iter()
+        .chain(["backend_refused", "rejected"])
+}
+
 /// `route53_errors_total{reason}` (the health crate's `Route53Error`,
 /// tested to match).
 pub const ROUTE53_ERROR_REASONS: [&str; 6] = [
@@ -161,11 +162,11 @@ impl Metrics {
     /// connect-time histogram and the session gauge, all at 0, so alerts and
     /// `rate()` see the endpoint before its first failure. Idempotent.
     pub fn register_endpoint(&self, name: &str, region: &str, route53: bool) {
-        for reason in PROBE_FAILURE_REASONS {
+        for reason in probe_failure_reasons() {
             self.probe_failures_total
                 .with_label_values(&[name, region, reason]);
         }
-        for reason in CONNECT_FAILURE_REASONS {
+        for reason in connect_failure_reasons() {
             self.backend_connect_failures_total
                 .with_label_values(&[name, region, reason]);
         }
@@ -187,12 +188,12 @@ impl Metrics {
     /// Removes what [`Self::register_endpoint`] created, for an endpoint a
     /// reload removed.
     pub fn forget_endpoint(&self, name: &str, region: &str) {
-        for reason in PROBE_FAILURE_REASONS {
+        for reason in probe_failure_reasons() {
             let _ = self
                 .probe_failures_total
                 .remove_label_values(&[name, region, reason]);
         }
-        for reason in CONNECT_FAILURE_REASONS {
+        for reason in connect_failure_reasons() {
             let _ = self
                 .backend_connect_failures_total
                 .remove_label_values(&[name, region, reason]);
@@ -325,7 +326,7 @@ mod tests {
         m.register_endpoint("a", "us-east-1", true);
         m.register_endpoint("b", "us-west-2", false);
         let text = m.render();
-        for reason in CONNECT_FAILURE_REASONS {
+        for reason in connect_failure_reasons() {
             let series = format!(
                 "dsql_proxy_backend_connect_failures_total{{endpoint=\"a\",reason=\"{reason}\",region=\"us-east-1\"}} 0"
             );

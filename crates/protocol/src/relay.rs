@@ -142,7 +142,7 @@ impl BoundaryTracker {
                         self.last_tag = self.header[0];
                         self.in_ready_for_query = self.header[0] == b'Z' && len == 5;
                         if self.direction == Direction::Frontend
-                            && frontend_length_limit(self.header[0]).map_or(true, |max| len > max)
+                            && !matches!(frontend_length_limit(self.header[0]), Some(max) if len <= max)
                         {
                             self.violation = true;
                         }

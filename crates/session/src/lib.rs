@@ -100,16 +100,13 @@ impl ProxyContext {
         credentials: Arc<dyn CredentialSource>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, SessionError> {
-        Self::build(
-            config,
-            router,
-            credentials,
-            metrics,
-            Arc::new(CancelRegistry::default()),
-            Arc::new(Drain::default()),
-            Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_STARTUPS)),
-            None,
-        )
+        let process = ProcessState {
+            cancels: Arc::new(CancelRegistry::default()),
+            drain: Arc::new(Drain::default()),
+            startups: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_STARTUPS)),
+            limiter: None,
+        };
+        Self::build(config, router, credentials, metrics, process)
     }
 
     /// A context for a reloaded `config`: settings, TLS files and the local
@@ -121,15 +118,18 @@ impl ProxyContext {
         config: &Config,
         credentials: Arc<dyn CredentialSource>,
     ) -> Result<Self, SessionError> {
+        let process = ProcessState {
+            cancels: Arc::clone(&self.cancels),
+            drain: Arc::clone(&self.drain),
+            startups: Arc::clone(&self.startups),
+            limiter: self.connect_limiter.clone(),
+        };
         let mut next = Self::build(
             config,
             Arc::clone(&self.router),
             credentials,
             Arc::clone(&self.metrics),
-            Arc::clone(&self.cancels),
-            Arc::clone(&self.drain),
-            Arc::clone(&self.startups),
-            self.connect_limiter.clone(),
+            process,
         )?;
         next.busy_poll = self.busy_poll.clone();
         Ok(next)
@@ -140,11 +140,14 @@ impl ProxyContext {
         router: Arc<dyn Router>,
         credentials: Arc<dyn CredentialSource>,
         metrics: Arc<Metrics>,
-        cancels: Arc<CancelRegistry>,
-        drain: Arc<Drain>,
-        startups: Arc<tokio::sync::Semaphore>,
-        previous_limiter: Option<Arc<ConnectLimiter>>,
+        process: ProcessState,
     ) -> Result<Self, SessionError> {
+        let ProcessState {
+            cancels,
+            drain,
+            startups,
+            limiter: previous_limiter,
+        } = process;
         let listen = &config.listen;
         let tls = match (&listen.tls_cert_file, &listen.tls_key_file) {
             (Some(cert), Some(key)) => Some(TlsAcceptor::from(tls::server_config(cert, key)?)),
@@ -221,6 +224,15 @@ impl ProxyContext {
             busy_poll: None,
         })
     }
+}
+
+/// What a context hands on to the next one across a reload: one per
+/// process (the connect limiter only while its settings stay the same).
+struct ProcessState {
+    cancels: Arc<CancelRegistry>,
+    drain: Arc<Drain>,
+    startups: Arc<tokio::sync::Semaphore>,
+    limiter: Option<Arc<ConnectLimiter>>,
 }
 
 /// The context new sessions start with; a reload stores a new one.

@@ -866,7 +866,7 @@ mod tests {
 
     #[test]
     fn connect_failure_reasons_are_the_series_created_at_startup() {
-        use dsql_proxy_metrics::CONNECT_FAILURE_REASONS;
+        let reasons: Vec<&str> = dsql_proxy_metrics::connect_failure_reasons().collect();
         let refused = SessionError::BackendRefused {
             endpoint: "a".into(),
             fields: dsql_proxy_protocol::backend::ErrorFields::default(),
@@ -876,7 +876,7 @@ mod tests {
             let reason = err
                 .failover_kind()
                 .map_or(err.reason(), FailureKind::as_str);
-            assert!(CONNECT_FAILURE_REASONS.contains(&reason), "{reason}");
+            assert!(reasons.contains(&reason), "{reason}");
         }
     }
 
