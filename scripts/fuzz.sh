@@ -13,8 +13,9 @@ if [ ${#targets[@]} -eq 0 ]; then
     mapfile -t targets < <(cargo +nightly fuzz list)
     # (lists every target, those needing --features status too)
 fi
-# Seeds from crates/fuzz-targets (valid inputs for each target).
-cargo run -q -p dsql-proxy-fuzz-targets --example seed_corpus -- fuzz/corpus >/dev/null
+# Seeds from crates/fuzz-targets (valid inputs for each target), once.
+[ -d fuzz/corpus ] ||
+    cargo run -q -p dsql-proxy-fuzz-targets --example seed_corpus -- fuzz/corpus >/dev/null
 # The two targets over the health crate need the AWS SDK built under the
 # fuzzer's instrumentation (feature `status`, slow to build); the rest not.
 features() {

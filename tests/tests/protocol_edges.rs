@@ -2111,3 +2111,25 @@ async fn a_client_breaking_the_protocol_does_not_demote_the_endpoint() {
     let log = stack.pg.log_contents();
     assert!(log.contains("invalid message length"), "{log}");
 }
+
+/// Client sockets get TCP keepalive, so a client host that vanishes
+/// without a FIN does not hold its session (and backend connection) for
+/// ever: the kernel shows the keepalive timer on the proxy's side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_sockets_have_tcp_keepalive() {
+    let stack = stack_with(Vec::new(), None);
+    let (s, resp) = raw_session(&stack, PROTOCOL_3_0).await;
+    assert_eq!(resp.ready_status(), Some(b'I'));
+    let client_port = s.local_addr().unwrap().port();
+    let filter = format!(
+        "( sport = :{} and dport = :{client_port} )",
+        stack.listen.port()
+    );
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established", &filter])
+        .output()
+        .expect("run ss (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("timer:(keepalive"), "{text:?}");
+    drop(s);
+}
