@@ -7,7 +7,9 @@ use std::time::Duration;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, Config};
 
-use crate::{free_addr, AuthMethod, PgOptions, PgServer, ProxyProcess, APP_PASSWORD};
+use crate::{
+    free_addr, AuthMethod, PgOptions, PgServer, ProxyProcess, APP_DB, APP_PASSWORD, APP_USER,
+};
 
 /// What goes into the proxy's config besides the server's address.
 #[derive(Clone, Debug)]
@@ -42,7 +44,9 @@ impl Default for ProxyOptions {
     }
 }
 
-/// Renders a proxy config for `pg`, listening on `listen`.
+/// Renders a proxy config for `pg`, listening on `listen`. It ends in its
+/// `[routing]` table (the probe login), so more routing keys can be
+/// appended.
 pub fn proxy_toml(pg: &PgServer, listen: SocketAddr, opts: &ProxyOptions) -> String {
     let mut s = String::new();
     s.push_str(&format!(
@@ -73,6 +77,11 @@ pub fn proxy_toml(pg: &PgServer, listen: SocketAddr, opts: &ProxyOptions) -> Str
         "[[endpoints]]\nname = \"local-1\"\nregion = \"test-1\"\nhost = \"{}\"\nport = {}\nconnect_address = \"{connect}\"\n",
         opts.host,
         pg.port()
+    ));
+    // Last, so callers can append more [routing] keys; the probes log in
+    // as a role that exists.
+    s.push_str(&format!(
+        "[routing]\nprobe_user = \"{APP_USER}\"\nprobe_database = \"{APP_DB}\"\n"
     ));
     s
 }

@@ -188,16 +188,35 @@ fn parse_labels<'a>(mut s: &'a str, out: &mut BTreeMap<String, String>) -> Resul
 
 /// One HTTP/1.1 request with `Connection: close`; returns status and body.
 pub fn http(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
+    http_with(addr, method, path, &[])
+}
+
+/// [`http`] with extra request headers (`Host` too replaces the default).
+/// A connection closed without an answer is status 0.
+pub fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
     let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect admin {addr}: {e}"));
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("set read timeout");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send admin request");
+    let mut head = format!("{method} {path} HTTP/1.1\r\n");
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        head.push_str(&format!("Host: {addr}\r\n"));
+    }
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("Content-Length: 0\r\nConnection: close\r\n\r\n");
+    if s.write_all(head.as_bytes()).is_err() {
+        return (0, String::new());
+    }
     let mut out = String::new();
-    s.read_to_string(&mut out).expect("read admin answer");
+    if s.read_to_string(&mut out).is_err() {
+        return (0, String::new());
+    }
     let status = out
         .split_whitespace()
         .nth(1)

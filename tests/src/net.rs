@@ -73,3 +73,21 @@ pub fn wait_for_port(addr: SocketAddr, timeout: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// This host's address on the interface of its default route: a peer that
+/// a server sees as non-loopback without leaving the host. Panics when the
+/// host has no such interface (tests of remote-client rules need one).
+pub fn non_loopback_ip() -> std::net::IpAddr {
+    // Connecting a UDP socket sends nothing; it only picks the route and
+    // with it the source address. TEST-NET-1 is never a real peer.
+    let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("bind a UDP socket");
+    socket
+        .connect((Ipv4Addr::new(192, 0, 2, 1), 9))
+        .expect("this host has no route beyond loopback; the test needs a non-loopback interface");
+    let ip = socket.local_addr().expect("UDP local address").ip();
+    assert!(
+        !ip.is_loopback() && !ip.is_unspecified(),
+        "no non-loopback address on this host (got {ip})"
+    );
+    ip
+}

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use dsql_proxy_tests::metrics::http;
+use dsql_proxy_tests::metrics::{http, http_with};
 use dsql_proxy_tests::{
     free_addr, proxy_toml, AuthMethod, PgOptions, PgServer, ProxyOptions, ProxyProcess, APP_DB,
     APP_USER,
@@ -12,15 +12,39 @@ use dsql_proxy_tests::{
 
 /// A proxy for `pg` with its admin server on a known address.
 fn start(pg: &PgServer, routing: &str) -> (ProxyProcess, SocketAddr, SocketAddr) {
+    start_with_admin(pg, routing, "")
+}
+
+/// [`start`] with more `[admin]` lines.
+fn start_with_admin(
+    pg: &PgServer,
+    routing: &str,
+    admin_extra: &str,
+) -> (ProxyProcess, SocketAddr, SocketAddr) {
     let listen = free_addr();
     let admin = free_addr();
+    start_at(
+        pg,
+        routing,
+        &format!("address = \"{admin}\"\n{admin_extra}"),
+        listen,
+        admin,
+    )
+}
+
+fn start_at(
+    pg: &PgServer,
+    routing: &str,
+    admin_section: &str,
+    listen: SocketAddr,
+    admin: SocketAddr,
+) -> (ProxyProcess, SocketAddr, SocketAddr) {
     let mut toml = proxy_toml(pg, listen, &ProxyOptions::default());
     let start = toml.find("[admin]").unwrap();
     let end = start + toml[start..].find("[backend]").unwrap();
-    toml.replace_range(start..end, &format!("[admin]\naddress = \"{admin}\"\n"));
-    toml.push_str(&format!(
-        "[routing]\nprobe_user = \"{APP_USER}\"\nprobe_database = \"{APP_DB}\"\n{routing}\n"
-    ));
+    toml.replace_range(start..end, &format!("[admin]\n{admin_section}\n"));
+    // The fixture ends in its [routing] table.
+    toml.push_str(&format!("{routing}\n"));
     let proxy = ProxyProcess::start_with(&toml, listen);
     (proxy, listen, admin)
 }
@@ -102,8 +126,142 @@ fn quitquitquit_shuts_down_with_exit_zero() {
         auth: AuthMethod::ScramSha256,
         ..PgOptions::default()
     });
-    let (mut proxy, _listen, admin) = start(&pg, "");
+    // Off by default: 404, and the proxy keeps running.
+    let (proxy, _listen, admin) = start(&pg, "");
+    let (code, text) = http(admin, "POST", "/quitquitquit");
+    assert_eq!(code, 404, "{text}");
+    assert!(text.contains("[admin] quitquitquit = true"), "{text}");
+    assert_eq!(http(admin, "GET", "/healthz").0, 200);
+    drop(proxy);
+
+    let (mut proxy, _listen, admin) = start_with_admin(&pg, "", "quitquitquit = true");
     assert_eq!(http(admin, "POST", "/quitquitquit").0, 200);
+    let status = proxy.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert!(status.success(), "{}", proxy.logs());
+}
+
+/// The admin security model through the real binary, seen from a
+/// non-loopback peer (this host's own address on its default-route
+/// interface) and from loopback: read-only routes for anyone; mutating
+/// ones for loopback or the bearer token (re-read from the file, never
+/// logged); no cross-site or DNS-rebound requests; a connection cap.
+#[test]
+fn mutating_routes_need_a_loopback_peer_or_the_bearer_token() {
+    let pg = PgServer::start(PgOptions {
+        tls: true,
+        auth: AuthMethod::ScramSha256,
+        ..PgOptions::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, "t0ken-for-the-admin-test\n").unwrap();
+    let port = dsql_proxy_tests::net::free_port();
+    let listen = free_addr();
+    let (proxy, _, local) = start_at(
+        &pg,
+        "",
+        &format!(
+            "address = \"0.0.0.0:{port}\"\ntoken_file = \"{}\"\nquitquitquit = true\nmax_connections = 4\n",
+            token_file.display()
+        ),
+        listen,
+        SocketAddr::from(([127, 0, 0, 1], port)),
+    );
+    let remote = SocketAddr::new(dsql_proxy_tests::net::non_loopback_ip(), port);
+    let bearer = "Bearer t0ken-for-the-admin-test";
+    let drain = "/endpoints/local-1/drain";
+    let undrain = "/endpoints/local-1/undrain";
+
+    // Read-only routes answer the remote peer.
+    for path in ["/healthz", "/startup", "/readyz", "/status", "/metrics"] {
+        assert_eq!(http(remote, "GET", path).0, 200, "{path}");
+    }
+    // Mutating ones need the token from it.
+    for path in [drain, "/quitquitquit", "/demo/fail/x"] {
+        let (code, text) = http(remote, "POST", path);
+        assert_eq!(code, 403, "{path}: {text}");
+        assert!(text.contains("Authorization: Bearer"), "{text}");
+    }
+    let (code, _) = http_with(remote, "POST", drain, &[("Authorization", "Bearer wrong")]);
+    assert_eq!(code, 403);
+    let (code, text) = http_with(remote, "POST", drain, &[("Authorization", bearer)]);
+    assert_eq!(code, 200, "{text}");
+    assert_eq!(
+        dsql_proxy_tests::metrics::status(local)["endpoints"][0]["drained"],
+        true
+    );
+    // Loopback needs none.
+    assert_eq!(http(local, "POST", undrain).0, 200);
+    // A web page cannot: not with its Origin, not through a rebound name.
+    for headers in [
+        vec![("Origin", "https://attacker.example")],
+        vec![("Sec-Fetch-Site", "cross-site")],
+        vec![
+            ("Host", "attacker.example:9090"),
+            ("Origin", "http://attacker.example:9090"),
+        ],
+    ] {
+        let (code, text) = http_with(local, "POST", drain, &headers);
+        assert_eq!(code, 403, "{headers:?}: {text}");
+    }
+    assert_eq!(
+        dsql_proxy_tests::metrics::status(local)["endpoints"][0]["drained"],
+        false
+    );
+    // A rotated token applies at once.
+    std::fs::write(&token_file, "rotated-token").unwrap();
+    assert_eq!(
+        http_with(remote, "POST", drain, &[("Authorization", bearer)]).0,
+        403
+    );
+    assert_eq!(
+        http_with(
+            remote,
+            "POST",
+            undrain,
+            &[("Authorization", "Bearer rotated-token")]
+        )
+        .0,
+        200
+    );
+
+    // At most 4 connections at once: a fifth is closed unanswered.
+    let idle: Vec<std::net::TcpStream> = (0..4)
+        .map(|_| std::net::TcpStream::connect(local).unwrap())
+        .collect();
+    let mut refused = false;
+    for _ in 0..50 {
+        if http(local, "GET", "/healthz").0 == 0 {
+            refused = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(refused, "a fifth connection was served");
+    drop(idle);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while http(local, "GET", "/healthz").0 != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cap never freed up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let logs = proxy.logs();
+    assert!(logs.contains("admin request refused"), "{logs}");
+    assert!(
+        !logs.contains("t0ken-for-the-admin-test") && !logs.contains("rotated-token"),
+        "{logs}"
+    );
+    let mut proxy = proxy;
+    let (code, _) = http_with(
+        remote,
+        "POST",
+        "/quitquitquit",
+        &[("Authorization", "Bearer rotated-token")],
+    );
+    assert_eq!(code, 200);
     let status = proxy.wait_exit(Duration::from_secs(10)).expect("exits");
     assert!(status.success(), "{}", proxy.logs());
 }

@@ -51,7 +51,8 @@ fn start(
     let at = toml.find("[admin]").expect("fixture has [admin]");
     let end = at + toml[at..].find("[backend]").expect("fixture has [backend]");
     toml.replace_range(at..end, &format!("[admin]\naddress = \"{admin}\"\n"));
-    toml.push_str("[routing]\nprobes = false\n");
+    // The fixture ends in its [routing] table.
+    toml.push_str("probes = false\n");
     let proxy = ProxyProcess::start_with(&toml, listen);
     (proxy, listen, admin)
 }

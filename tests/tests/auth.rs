@@ -233,3 +233,77 @@ async fn a_cleartext_password_request_is_answered_only_over_verify_full_or_when_
     );
     assert_eq!(current_user(&scram, APP_USER).await, APP_USER);
 }
+
+/// Passthrough asks the client for its real database password, so it asks
+/// only where that cannot cross a network in the clear: a remote client
+/// over plain TCP is refused before any password is requested; over TLS, or
+/// from loopback, it works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passthrough_never_asks_a_remote_plain_client_for_its_password() {
+    use dsql_proxy_tests::{proxy_toml, PgServer, ProxyProcess, TestPki};
+    use std::net::SocketAddr;
+    use tokio_postgres::config::SslMode;
+
+    let pg = PgServer::start(pg(AuthMethod::ScramSha256));
+    let pki = std::sync::Arc::new(TestPki::new());
+    let cert = pki.issue_server(&["localhost"]);
+    let port = dsql_proxy_tests::free_port();
+    let local = SocketAddr::from(([127, 0, 0, 1], port));
+    let toml = proxy_toml(
+        &pg,
+        local,
+        &ProxyOptions {
+            auth: "passthrough",
+            password: None,
+            listen_extra: vec![
+                format!("tls_cert_file = \"{}\"", cert.cert_path.display()),
+                format!("tls_key_file = \"{}\"", cert.key_path.display()),
+            ],
+            ..ProxyOptions::default()
+        },
+    )
+    .replace(
+        &format!("address = \"{local}\""),
+        &format!("address = \"0.0.0.0:{port}\""),
+    );
+    let proxy = ProxyProcess::start_with(&toml, local);
+    let remote = dsql_proxy_tests::net::non_loopback_ip();
+    let config = |ssl: SslMode| {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host("localhost")
+            .hostaddr(remote)
+            .port(port)
+            .user(APP_USER)
+            .dbname(APP_DB)
+            .password(APP_PASSWORD)
+            .ssl_mode(ssl)
+            .connect_timeout(std::time::Duration::from_secs(10));
+        cfg
+    };
+
+    let err = dsql_proxy_tests::connect_with(&config(SslMode::Disable), None)
+        .await
+        .expect_err("a remote plain-TCP client must not be asked for its password");
+    let db = err.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code().code(), "28000", "{db:?}");
+    assert!(db.message().contains("passthrough"), "{db:?}");
+
+    let client = dsql_proxy_tests::connect_with(&config(SslMode::Require), Some(&pki))
+        .await
+        .unwrap_or_else(|e| panic!("over TLS: {e:?}\n{}", proxy.logs()));
+    assert_eq!(
+        client
+            .query_one("select current_user::text", &[])
+            .await
+            .unwrap()
+            .get::<_, String>(0),
+        APP_USER
+    );
+    let mut loopback = dsql_proxy_tests::fixture::client_config(local, APP_USER, APP_DB);
+    loopback.password(APP_PASSWORD);
+    let client = dsql_proxy_tests::connect_with(&loopback, None)
+        .await
+        .unwrap();
+    client.simple_query("select 1").await.unwrap();
+    assert!(!proxy.logs().contains(APP_PASSWORD));
+}

@@ -16,6 +16,8 @@ fn write_config(text: &str) -> (tempfile::TempDir, String) {
 const VALID: &str = r#"
 [listen]
 address = "127.0.0.1:6543"
+[routing]
+probe_user = "app"
 [backend]
 kind = "postgres"
 auth = "password"
@@ -59,7 +61,7 @@ fn config_errors_are_clear_and_name_the_line() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        stderr.contains("line 9") && stderr.contains("conect_timeout"),
+        stderr.contains("line 11") && stderr.contains("conect_timeout"),
         "{stderr}"
     );
 
@@ -85,6 +87,64 @@ fn config_errors_are_clear_and_name_the_line() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("tls = \"disable\""));
+}
+
+#[test]
+fn check_refuses_a_postgres_config_without_a_probe_user() {
+    let (_dir, path) = write_config(&VALID.replace("[routing]\nprobe_user = \"app\"\n", ""));
+    let out = run_proxy_cmd(&["check", "--config", &path]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(
+        stderr.contains("[routing] probe_user is required for [backend] kind = \"postgres\""),
+        "{stderr}"
+    );
+    // An empty Route 53 health check id is an error too.
+    let (_dir, path) = write_config(&format!("{VALID}route53_health_check_id = \"\"\n"));
+    let out = run_proxy_cmd(&["check", "--config", &path]);
+    assert!(!out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("route53_health_check_id is empty"));
+}
+
+#[test]
+fn secrets_from_the_environment_are_strings_and_never_echoed() {
+    let check = |env: &[(&str, &str)], text: Option<&str>| {
+        let (_dir, path) = match text {
+            Some(t) => write_config(t),
+            None => write_config(VALID),
+        };
+        let mut cmd = std::process::Command::new(dsql_proxy_tests::proxy_binary());
+        cmd.args(["check", "--config", &path]);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    // A numeric password from the environment is a password.
+    let out = check(&[("DSQL_PROXY__BACKEND__PASSWORD", "123456")], None);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("123456"));
+    // A failing config never shows it, whatever else is wrong.
+    let out = check(
+        &[
+            ("DSQL_PROXY__BACKEND__PASSWORD", "7777-secret-7777"),
+            ("DSQL_PROXY__LISTEN__AUTH", "scram-sha-256"),
+        ],
+        None,
+    );
+    let all = format!("{out:?}");
+    assert!(!out.status.success(), "{all}");
+    assert!(!all.contains("7777-secret-7777"), "{all}");
+    // A TOML syntax error on the password line does not show the line.
+    let broken = VALID.replace(
+        "password = \"very-secret-value\"",
+        "password = \"very-secret-value",
+    );
+    let out = check(&[], Some(&broken));
+    let all = format!("{out:?}");
+    assert!(!out.status.success(), "{all}");
+    assert!(all.contains("line 9"), "{all}");
+    assert!(!all.contains("very-secret-value"), "{all}");
 }
 
 #[test]

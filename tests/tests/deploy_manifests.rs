@@ -25,9 +25,13 @@ use dsql_proxy_tests::{
 use serde::Deserialize;
 use serde_json::Value;
 
-/// `[shutdown] max_drain`'s default: the longest the proxy drains sessions
-/// after SIGTERM, which the pod's grace period must leave room for.
-const DEFAULT_MAX_DRAIN_SECS: u64 = 25;
+/// `[shutdown] max_drain` plus `request_grace` by default: the longest the
+/// proxy drains sessions after SIGTERM, which the pod's grace period must
+/// leave room for.
+const DEFAULT_MAX_DRAIN_SECS: u64 = 20 + 5;
+
+/// Where the batch Job mounts the admin token Secret.
+const TOKEN_DIR: &str = "/var/run/secrets/dsql-proxy-admin";
 
 /// The image's config path, which the ConfigMap is mounted to provide.
 const CONFIG_PATH: &str = "/etc/dsql-proxy/proxy.toml";
@@ -277,6 +281,7 @@ fn every_manifest_parses_and_every_object_names_itself() {
         "ConfigMap",
         "Deployment",
         "Job",
+        "NetworkPolicy",
         "PrometheusRule",
         "Service",
         "ServiceAccount",
@@ -514,6 +519,69 @@ fn job_asks_the_proxy_to_quit_whatever_the_outcome() {
     assert!(trap.trim_end().ends_with(" EXIT"), "{trap}");
     let url = format!("http://127.0.0.1:{}/quitquitquit", default_admin_port());
     assert!(trap.contains("-X POST") && trap.contains(&url), "{trap}");
+    // With the bearer token from the Secret, which the proxy requires.
+    let token = format!("Authorization: Bearer $(cat {TOKEN_DIR}/token)");
+    assert!(trap.contains(&token), "{trap}");
+    let job = object("Job", "nightly-batch");
+    let spec = &job["spec"]["template"]["spec"];
+    let proxy = container(&spec["containers"], "dsql-proxy");
+    assert_eq!(env_value(proxy, "DSQL_PROXY__ADMIN__QUITQUITQUIT"), "true");
+    assert_eq!(
+        env_value(proxy, "DSQL_PROXY__ADMIN__TOKEN_FILE"),
+        format!("{TOKEN_DIR}/token")
+    );
+    let volume = array(&spec["volumes"], "volumes")
+        .iter()
+        .find(|v| v["secret"]["secretName"] == "dsql-proxy-admin-token")
+        .expect("the token comes from a Secret");
+    for name in ["dsql-proxy", "batch"] {
+        let c = container(&spec["containers"], name);
+        let mounted = array(&c["volumeMounts"], "volumeMounts")
+            .iter()
+            .any(|m| m["name"] == volume["name"] && m["mountPath"] == TOKEN_DIR);
+        assert!(mounted, "{name} does not mount the token at {TOKEN_DIR}");
+    }
+    // The Deployment's proxy serves no /quitquitquit (a native sidecar is
+    // stopped by Kubernetes).
+    let config = proxy_check(&configmap_toml());
+    assert_eq!(config["admin"]["quitquitquit"].as_bool(), Some(false));
+}
+
+#[test]
+fn the_network_policy_lets_only_prometheus_reach_the_admin_port() {
+    let policy = object("NetworkPolicy", "app");
+    let deployment = object("Deployment", "app");
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    assert_eq!(&policy["spec"]["podSelector"]["matchLabels"], labels);
+    assert_eq!(policy["spec"]["policyTypes"][0], "Ingress");
+    let spec = &deployment["spec"]["template"]["spec"];
+    let proxy = container(&spec["initContainers"], "dsql-proxy");
+    let app = container(&spec["containers"], "app");
+    let mut admin_rules = 0;
+    for rule in array(&policy["spec"]["ingress"], "ingress") {
+        for port in array(&rule["ports"], "ports") {
+            let named = str_of(&port["port"], "port");
+            if named == "admin" {
+                admin_rules += 1;
+                assert_eq!(
+                    container_port(proxy, &port["port"]),
+                    u64::from(default_admin_port())
+                );
+                let from = array(&rule["from"], "from");
+                assert!(!from.is_empty(), "the admin port is open to everyone");
+                for peer in from {
+                    assert!(
+                        peer["namespaceSelector"]["matchLabels"].is_object(),
+                        "admin port: {peer:?}"
+                    );
+                }
+            } else {
+                // The application's own port, by name.
+                container_port(app, &port["port"]);
+            }
+        }
+    }
+    assert_eq!(admin_rules, 1);
 }
 
 /// Every `dsql_proxy_*` identifier in a PromQL expression.
@@ -805,17 +873,24 @@ async fn dashboard_and_alert_metrics_are_exported_by_the_real_proxy() {
     });
     let route53 = FakeRoute53::start();
     let listen = free_addr();
-    let admin = free_addr();
+    let admin_port = dsql_proxy_tests::free_port();
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin_port));
     let mut toml = proxy_toml(&pg, listen, &ProxyOptions::default());
     let start = toml.find("[admin]").expect("[admin]");
     let end = start + toml[start..].find("[backend]").expect("[backend]");
-    toml.replace_range(start..end, &format!("[admin]\naddress = \"{admin}\"\n"));
+    // On every interface, as in the ConfigMap, so the Job's call below can
+    // come from a non-loopback address and must carry the token.
+    toml.replace_range(
+        start..end,
+        &format!("[admin]\naddress = \"0.0.0.0:{admin_port}\"\n"),
+    );
+    // The fixture ends in its [routing] table, after its one endpoint.
+    let routing = toml.find("[routing]\n").expect("[routing]");
+    toml.insert_str(routing, "route53_health_check_id = \"hc-unknown\"\n");
     toml.push_str(&format!(
-        "route53_health_check_id = \"hc-unknown\"\n\
+        "probe_interval = \"250ms\"\nroute53 = \"advisory\"\nroute53_poll_interval = \"1s\"\n\
          [[endpoints]]\nname = \"unreachable-2\"\nregion = \"test-2\"\nhost = \"db.test.internal\"\n\
-         connect_address = \"{}\"\npriority = 2\n\
-         [routing]\nprobe_user = \"{APP_USER}\"\nprobe_database = \"{APP_DB}\"\n\
-         probe_interval = \"250ms\"\nroute53 = \"advisory\"\nroute53_poll_interval = \"1s\"\n",
+         connect_address = \"{}\"\npriority = 2\n",
         free_addr()
     ));
     let mut env = isolated_aws_env();
@@ -825,6 +900,20 @@ async fn dashboard_and_alert_metrics_are_exported_by_the_real_proxy() {
         "deploy-manifests-secret".into(),
     ));
     env.push(("AWS_ENDPOINT_URL_ROUTE_53".into(), route53.url()));
+    // The Job's admin settings, with the token Secret in a temp directory.
+    let secrets = tempfile::tempdir().expect("tempdir");
+    let token_file = secrets.path().join("token");
+    std::fs::write(&token_file, "job-token-0123456789\n").expect("write token");
+    let job = object("Job", "nightly-batch");
+    let job_proxy = container(&job["spec"]["template"]["spec"]["containers"], "dsql-proxy");
+    for name in [
+        "DSQL_PROXY__ADMIN__QUITQUITQUIT",
+        "DSQL_PROXY__ADMIN__TOKEN_FILE",
+    ] {
+        let value =
+            env_value(job_proxy, name).replace(TOKEN_DIR, &secrets.path().display().to_string());
+        env.push((name.into(), value));
+    }
     let mut proxy = ProxyProcess::spawn_with_env(&toml, &[], &env);
     proxy.wait_ready(listen, dsql_proxy_tests::proxy::START_TIMEOUT);
 
@@ -894,14 +983,24 @@ async fn dashboard_and_alert_metrics_are_exported_by_the_real_proxy() {
         .unwrap_or_else(|| panic!("unexpected trap line: {trap}"))
         .replace(
             &format!("127.0.0.1:{}", default_admin_port()),
-            &admin.to_string(),
-        );
+            &format!("{}:{admin_port}", dsql_proxy_tests::net::non_loopback_ip()),
+        )
+        .replace(TOKEN_DIR, &secrets.path().display().to_string())
+        .replace(" || true", "");
+    // Without the token the same call is refused.
+    let unauthorized = command.replace("Authorization: Bearer", "X-Not-Authorization: Bearer");
+    let refused = Command::new("sh")
+        .args(["-c", &unauthorized])
+        .stdin(Stdio::null())
+        .status()
+        .expect("run sh (the Job's script needs curl)");
+    assert!(!refused.success(), "{unauthorized}");
     let status = Command::new("sh")
         .args(["-c", &command])
         .stdin(Stdio::null())
         .status()
         .expect("run sh (the Job's script needs curl)");
-    assert!(status.success(), "{command}");
+    assert!(status.success(), "{command}\n{}", proxy.logs());
     let exit = proxy
         .wait_exit(Duration::from_secs(10))
         .unwrap_or_else(|| panic!("proxy still running after /quitquitquit\n{}", proxy.logs()));

@@ -44,12 +44,14 @@ fn start(pg: &PgServer, shutdown: &str, extra_toml: &str, args: &[&str]) -> Prox
     let mut toml = proxy_toml(pg, listen, &ProxyOptions::default());
     let from = toml.find("[admin]").expect("admin section");
     let to = from + toml[from..].find("[backend]").expect("backend section");
-    toml.replace_range(from..to, &format!("[admin]\naddress = \"{admin}\"\n"));
-    // `extra_toml` continues [routing] and may add [[endpoints]].
+    toml.replace_range(
+        from..to,
+        &format!("[admin]\naddress = \"{admin}\"\nquitquitquit = true\n"),
+    );
+    // The fixture ends in its [routing] table; `extra_toml` continues it
+    // and may add [[endpoints]].
     toml.push_str(&format!(
-        "[shutdown]\n{shutdown}\n\
-         [routing]\nprobe_user = \"{APP_USER}\"\nprobe_database = \"{APP_DB}\"\nprobe_interval = \"250ms\"\n\
-         {extra_toml}"
+        "probe_interval = \"250ms\"\n{extra_toml}\n[shutdown]\n{shutdown}\n"
     ));
     let mut process = ProxyProcess::spawn_with_args(&toml, args);
     process.wait_ready(listen, dsql_proxy_tests::proxy::START_TIMEOUT);
@@ -499,6 +501,7 @@ async fn json_log_lines_carry_the_session_id() {
     let config: serde_json::Value =
         serde_json::from_str(config["config"].as_str().expect("a string field")).unwrap();
     assert_eq!(config["backend"]["password"], "<redacted>");
-    assert_eq!(config["shutdown"]["max_drain"], "25s");
+    assert_eq!(config["shutdown"]["max_drain"], "20s");
+    assert_eq!(config["shutdown"]["request_grace"], "5s");
     assert!(!logs.contains(APP_PASSWORD));
 }

@@ -1275,10 +1275,12 @@ async fn client_limit_rejects_with_53300_until_a_slot_frees() {
     assert_proxy_alive(&stack);
 }
 
+/// Sessions' backend connections for the app user (the probe, which logs
+/// in as the same user, is not one).
 fn app_backends(stack: &Stack) -> i64 {
     let sql = format!(
         "select count(*) from pg_stat_activity where usename = '{APP_USER}' \
-         and backend_type = 'client backend'"
+         and backend_type = 'client backend' and application_name <> 'dsql-proxy-probe'"
     );
     tokio::task::block_in_place(|| stack.pg.superuser_sql(&sql))
         .parse()
@@ -1976,4 +1978,158 @@ async fn pipelined_queries_flow_in_both_directions_at_once() {
     let mut s = rd.reunite(wr).unwrap();
     check_select_one(&mut s, &stack).await;
     terminate(s, &stack).await;
+}
+
+// ---------------------------------------------------------------------------
+// No client can take an endpoint down (issue 15).
+
+/// The admin address the fixture gave the stack's proxy.
+fn admin_of(stack: &Stack) -> std::net::SocketAddr {
+    let config = std::fs::read_to_string(stack.proxy.config_path()).unwrap();
+    let admin = config
+        .split("[admin]\naddress = \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the fixture sets [admin] address");
+    admin.parse().unwrap()
+}
+
+/// Waits until the monitor has recorded `n` more successful probes.
+async fn wait_for_probes(stack: &Stack, n: f64) {
+    let admin = admin_of(stack);
+    let probes = || {
+        dsql_proxy_tests::metrics::scrape(admin)
+            .samples
+            .iter()
+            .filter(|s| s.name == "dsql_proxy_endpoint_latency_seconds_count")
+            .map(|s| s.value)
+            .sum::<f64>()
+    };
+    let target = probes() + n;
+    let deadline = Instant::now() + T;
+    while probes() < target {
+        assert!(Instant::now() < deadline, "no probes ran\n{}", logs(stack));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn endpoint_untouched(stack: &Stack) {
+    let admin = admin_of(stack);
+    let scrape = dsql_proxy_tests::metrics::scrape(admin);
+    let failures: f64 = scrape
+        .samples
+        .iter()
+        .filter(|s| s.name == "dsql_proxy_backend_connect_failures_total")
+        .map(|s| s.value)
+        .sum();
+    assert_eq!(
+        failures,
+        0.0,
+        "a connect failure was counted\n{}",
+        logs(stack)
+    );
+    let status = dsql_proxy_tests::metrics::status(admin);
+    assert_eq!(status["endpoints"][0]["state"], "up", "{status:#}");
+    let logs = stack.proxy.logs();
+    assert!(
+        !logs.contains("endpoint demoted by a failure on the data path"),
+        "the client's bytes demoted the endpoint:\n{logs}"
+    );
+}
+
+/// A startup packet PostgreSQL would drop silently once the proxy adds its
+/// default application_name: the client gets 54000 and no endpoint is
+/// touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_startup_packet_too_long_to_forward_is_refused_before_any_endpoint() {
+    let pg = PgServer::start(pg_options());
+    let listen = free_addr();
+    let opts = ProxyOptions {
+        backend_extra: vec!["default_application_name = \"added-by-the-proxy\"".into()],
+        ..ProxyOptions::default()
+    };
+    let stack = Stack {
+        proxy: ProxyProcess::start_with(&proxy_toml(&pg, listen, &opts), listen),
+        listen,
+        pg,
+    };
+    // A 10,000-byte packet (the most a server takes) without an
+    // application_name: the proxy's would push it over.
+    let base = wire::startup_v3(APP_USER, APP_DB).len();
+    let pad = 10_000 - base - "options".len() - 2;
+    let options = format!(
+        "-c search_path={}",
+        "p".repeat(pad - "-c search_path=".len())
+    );
+    let packet = wire::startup_message(
+        PROTOCOL_3_0,
+        &[
+            ("user", APP_USER),
+            ("database", APP_DB),
+            ("options", &options),
+        ],
+    );
+    assert_eq!(packet.len(), 10_000);
+    let (msgs, _) = exchange(&stack, &packet).await;
+    let fields = expect_fatal(&msgs, &["54000"], "oversized forwarded startup", &stack);
+    assert!(
+        fields
+            .message()
+            .is_some_and(|m| m.contains("startup packet too long")),
+        "{fields:?}"
+    );
+    endpoint_untouched(&stack);
+    // A normal client still gets in.
+    let (_s, resp) = raw_session(&stack, PROTOCOL_3_0).await;
+    assert_eq!(resp.ready_status(), Some(b'I'));
+}
+
+/// A client that breaks the protocol in a way the server answers by
+/// hanging up without an ErrorResponse (a Sync longer than the server's
+/// limit for it): its session ends, the endpoint is not blamed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_breaking_the_protocol_does_not_demote_the_endpoint() {
+    let stack = stack_with(Vec::new(), None);
+    let (mut s, resp) = raw_session(&stack, PROTOCOL_3_0).await;
+    assert_eq!(resp.ready_status(), Some(b'I'));
+    // Valid framing, but over PostgreSQL's 10,000-byte limit for a Sync.
+    let mut sync = vec![b'S'];
+    sync.extend_from_slice(&20_004u32.to_be_bytes());
+    sync.extend_from_slice(&[0u8; 20_000]);
+    let _ = wire::send(&mut s, &sync).await;
+    let (_msgs, _err) = wire::read_to_close(&mut s, T).await;
+    assert!(
+        stack.proxy.wait_for_log("session closed", T),
+        "{}",
+        logs(&stack)
+    );
+    // The server closed without an ErrorResponse. Once the monitor has
+    // taken two more probe results (the report, if any, was sent before
+    // the close was logged) the endpoint is still up and nothing demoted it.
+    wait_for_probes(&stack, 2.0).await;
+    endpoint_untouched(&stack);
+    let log = stack.pg.log_contents();
+    assert!(log.contains("invalid message length"), "{log}");
+}
+
+/// Client sockets get TCP keepalive, so a client host that vanishes
+/// without a FIN does not hold its session (and backend connection) for
+/// ever: the kernel shows the keepalive timer on the proxy's side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_sockets_have_tcp_keepalive() {
+    let stack = stack_with(Vec::new(), None);
+    let (s, resp) = raw_session(&stack, PROTOCOL_3_0).await;
+    assert_eq!(resp.ready_status(), Some(b'I'));
+    let client_port = s.local_addr().unwrap().port();
+    let filter = format!(
+        "( sport = :{} and dport = :{client_port} )",
+        stack.listen.port()
+    );
+    let out = std::process::Command::new("ss")
+        .args(["-tnoH", "state", "established", &filter])
+        .output()
+        .expect("run ss (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("timer:(keepalive"), "{text:?}");
+    drop(s);
 }

@@ -53,7 +53,8 @@ async fn simple_and_extended_queries_and_prepared_statements() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(app, "dsql-proxy", "default application_name");
+    // Off by default: the session shows what the client asked for (none).
+    assert_eq!(app, "", "default application_name");
 
     // Errors inside a session are the server's, passed through untouched.
     let err = client

@@ -191,6 +191,13 @@ async fn sighup_adds_and_removes_an_endpoint_while_sessions_run() {
         metrics.contains("dsql_proxy_config_reloads_total{result=\"success\"} 0"),
         "{metrics}"
     );
+    // Before anything failed, a's failure counters exist at 0.
+    for line in [
+        "dsql_proxy_backend_connect_failures_total{endpoint=\"a\",reason=\"connection\",region=\"test-a\"} 0",
+        "dsql_proxy_probe_failures_total{endpoint=\"a\",reason=\"timeout\",region=\"test-a\"} 0",
+    ] {
+        assert!(metrics.contains(line), "no {line:?} in\n{metrics}");
+    }
     let on_a = connect(setup.listen, &proxy).await;
     assert_eq!(port_of(&on_a).await, a.port());
 
@@ -211,6 +218,8 @@ async fn sighup_adds_and_removes_an_endpoint_while_sessions_run() {
         "dsql_proxy_config_reloads_total{result=\"failure\"} 0",
         "dsql_proxy_endpoint_up{endpoint=\"b\",region=\"test-b\"} 1",
         "dsql_proxy_endpoint_selected{endpoint=\"b\",region=\"test-b\"} 1",
+        // The reload created b's counters at 0.
+        "dsql_proxy_backend_connect_failures_total{endpoint=\"b\",reason=\"busy\",region=\"test-b\"} 0",
     ] {
         assert!(metrics.contains(line), "no {line:?} in\n{metrics}");
     }
@@ -233,8 +242,8 @@ async fn sighup_adds_and_removes_an_endpoint_while_sessions_run() {
         "{metrics}"
     );
     assert!(
-        !metrics.contains("dsql_proxy_endpoint_up{endpoint=\"b\""),
-        "b is gone from the endpoint gauges:\n{metrics}"
+        !metrics.contains("endpoint=\"b\""),
+        "b is gone from every endpoint series:\n{metrics}"
     );
     assert!(
         metrics.contains("dsql_proxy_endpoint_up{endpoint=\"a\",region=\"test-a\"} 1"),

@@ -1,15 +1,25 @@
 //! The admin HTTP server (`[admin] address`): `/metrics` for Prometheus,
 //! `/healthz`, `/startup` and `/readyz` for Kubernetes probes (none of them
 //! dials the database), `/status` as JSON, `POST /quitquitquit` to ask
-//! for a graceful shutdown (batch Jobs), `POST /endpoints/<name>/drain` and
-//! `/undrain` to take an endpoint out of (and back into) rotation for new
-//! sessions, and, only under `dsql-proxy demo`, `POST /demo/...` (see
-//! [`DemoControl`]).
+//! for a graceful shutdown (batch Jobs; only with `[admin] quitquitquit`),
+//! `POST /endpoints/<name>/drain` and `/undrain` to take an endpoint out of
+//! (and back into) rotation for new sessions, and, only under `dsql-proxy
+//! demo`, `POST /demo/...` (see [`DemoControl`]).
+//!
+//! Security model ([`access`]): the read-only routes answer anyone who can
+//! reach the address; the mutating ones only a loopback peer, or a request
+//! with the bearer token from `[admin] token_file`. A browser page cannot
+//! use either: requests with a cross-site `Origin` or `Sec-Fetch-Site` are
+//! refused, and a loopback peer must name the server by address or
+//! `localhost` (a DNS-rebound name is refused). At most
+//! `[admin] max_connections` connections are served at once.
 
+pub mod access;
 mod status;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -25,7 +35,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use thiserror::Error;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tracing::{debug, info, warn};
 
 pub use status::status_json;
@@ -78,6 +88,21 @@ pub struct AdminState {
     pub before_render: Option<MetricsRefresh>,
     /// Set only by `dsql-proxy demo`: serves `POST /demo/...`.
     pub demo: Option<Arc<dyn DemoControl>>,
+    /// Who may use the mutating routes.
+    pub access: AdminAccess,
+}
+
+/// `[admin]`'s rules for the mutating routes.
+#[derive(Debug, Clone, Default)]
+pub struct AdminAccess {
+    /// The bearer token non-loopback peers must present, read from this
+    /// file on each request that presents one (so a rotated Secret works
+    /// without a restart or reload).
+    pub token_file: Option<PathBuf>,
+    /// Serve `POST /quitquitquit`.
+    pub quitquitquit: bool,
+    /// Connections served at once; more are closed on accept.
+    pub max_connections: usize,
 }
 
 pub struct AdminServer {
@@ -96,8 +121,12 @@ impl AdminServer {
         self.listener.local_addr().ok()
     }
 
-    /// Serves until the process ends; each connection on its own task.
+    /// Serves until the process ends; each connection on its own task, at
+    /// most `[admin] max_connections` at once (more are closed at once: a
+    /// flood of idle connections cannot starve the kubelet's probes for
+    /// longer than it keeps them open, and never holds more tasks).
     pub async fn serve(self, state: Arc<AdminState>) {
+        let permits = Arc::new(Semaphore::new(state.access.max_connections.max(1)));
         loop {
             let (stream, peer) = match self.listener.accept().await {
                 Ok(c) => c,
@@ -107,11 +136,15 @@ impl AdminServer {
                     continue;
                 }
             };
+            let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+                debug!(client = %peer, limit = state.access.max_connections, "admin connection limit reached; connection closed");
+                continue;
+            };
             let state = Arc::clone(&state);
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
                     let state = Arc::clone(&state);
-                    async move { Ok::<_, Infallible>(handle(&state, req)) }
+                    async move { Ok::<_, Infallible>(handle(&state, peer, req)) }
                 });
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
@@ -120,13 +153,36 @@ impl AdminServer {
                 if let Err(e) = conn.await {
                     debug!(client = %peer, error = %e, "admin connection ended with an error");
                 }
+                drop(permit);
             });
         }
     }
 }
 
-fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+fn handle(state: &AdminState, peer: SocketAddr, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Some(why) = access::cross_site(req.headers()) {
+        debug!(client = %peer, why, "admin request refused: cross-site");
+        return text(
+            StatusCode::FORBIDDEN,
+            &format!("forbidden: {why}; the admin API takes no requests from web pages\n"),
+        );
+    }
     let path = req.uri().path();
+    let mutating = access::is_mutating(req.method(), path);
+    if mutating && path == "/quitquitquit" && !state.access.quitquitquit {
+        return text(
+            StatusCode::NOT_FOUND,
+            "not found: POST /quitquitquit is off; set [admin] quitquitquit = true to serve it\n",
+        );
+    }
+    if mutating {
+        if let Err(refusal) =
+            access::authorize(state.access.token_file.as_deref(), peer, req.headers())
+        {
+            warn!(client = %peer, method = %req.method(), path, reason = %refusal, "admin request refused");
+            return text(refusal.status(), &format!("{refusal}\n"));
+        }
+    }
     match (req.method(), path) {
         (&Method::GET | &Method::HEAD, "/metrics") => {
             if let Some(refresh) = &state.before_render {
@@ -168,7 +224,7 @@ fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
             )
         }
         (&Method::POST, "/quitquitquit") => {
-            info!("graceful shutdown requested through /quitquitquit");
+            info!(client = %peer, "graceful shutdown requested through /quitquitquit");
             state.quit.notify_one();
             text(StatusCode::OK, "shutting down\n")
         }
@@ -326,6 +382,7 @@ mod tests {
             policy: ArcSwap::from_pointee(serde_json::Value::Null),
             before_render: None,
             demo: None,
+            access: AdminAccess::default(),
         }
     }
 

@@ -87,16 +87,33 @@ pub enum ClientAuthMethod {
     ScramSha256,
 }
 
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// The admin HTTP server. Read-only routes are served to anyone who can
+/// reach `address`; mutating ones (`POST /quitquitquit`,
+/// `/endpoints/<name>/drain|undrain`, `/demo/...`) only to loopback peers
+/// or with the bearer token from `token_file`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub address: SocketAddr,
+    /// A file holding the bearer token (`Authorization: Bearer <token>`)
+    /// that authorizes mutating routes for non-loopback peers. Re-read on
+    /// each such request, so a rotated Secret applies without a restart.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+    /// Serve `POST /quitquitquit` (off by default, like Cloud SQL Auth
+    /// Proxy's `--quitquitquit`): for batch Jobs with a classic sidecar.
+    pub quitquitquit: bool,
+    /// Admin connections served at once; more are closed at once.
+    pub max_connections: u32,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             address: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            token_file: None,
+            quitquitquit: false,
+            max_connections: 32,
         }
     }
 }
@@ -107,6 +124,17 @@ pub enum BackendKind {
     Dsql,
     AuroraGlobal,
     Postgres,
+}
+
+impl BackendKind {
+    /// The name as written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Dsql => "dsql",
+            Self::AuroraGlobal => "aurora-global",
+            Self::Postgres => "postgres",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -156,7 +184,8 @@ pub struct BackendConfig {
     /// Startup parameters never forwarded to the backend (added to
     /// [`DSQL_REFUSED_PARAMETERS`] for `kind = "dsql"`).
     pub drop_parameters: Vec<String>,
-    /// `application_name` sent when the client sent none.
+    /// `application_name` sent when the client sent none; empty (the
+    /// default) sends none, so clients see what they asked for.
     pub default_application_name: String,
     /// New backend connections per second, shared by all endpoints (one
     /// token per dial, failover attempts included). Unset: 100 for
@@ -189,7 +218,7 @@ impl Default for BackendConfig {
             token_expires_in: DurationStr::from_secs(15 * 60),
             keepalive: DurationStr::from_secs(30),
             drop_parameters: Vec::new(),
-            default_application_name: "dsql-proxy".to_owned(),
+            default_application_name: String::new(),
             connect_rate: None,
             connect_burst: None,
             connect_queue: 1_000,
@@ -252,9 +281,12 @@ pub struct RoutingConfig {
     /// An endpoint that has not answered a probe for this long counts a
     /// failed probe every interval until it answers.
     pub probe_timeout: DurationStr,
-    /// The database user and database probes log in as (with the
-    /// backend's credential source).
-    pub probe_user: String,
+    /// The database user probes log in as (with the backend's credential
+    /// source). Unset means [`DEFAULT_PROBE_USER`], which only
+    /// `kind = "dsql"` accepts: other kinds must name a role that exists.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub probe_user: Option<String>,
+    /// The database probes connect to.
     pub probe_database: String,
     /// Consecutive failed probes before an endpoint is marked down.
     pub down_after: u32,
@@ -303,7 +335,7 @@ impl Default for RoutingConfig {
             probes: true,
             probe_interval: DurationStr::from_secs(1),
             probe_timeout: DurationStr::from_secs(1),
-            probe_user: "admin".to_owned(),
+            probe_user: None,
             probe_database: "postgres".to_owned(),
             down_after: 3,
             up_after: 3,
@@ -324,6 +356,16 @@ impl Default for RoutingConfig {
     }
 }
 
+/// Aurora DSQL's built-in role, the probes' login when `probe_user` is unset.
+pub const DEFAULT_PROBE_USER: &str = "admin";
+
+impl RoutingConfig {
+    /// The probes' login: `probe_user`, else [`DEFAULT_PROBE_USER`].
+    pub fn probe_user(&self) -> &str {
+        self.probe_user.as_deref().unwrap_or(DEFAULT_PROBE_USER)
+    }
+}
+
 /// Graceful shutdown on SIGTERM/SIGINT or `POST /quitquitquit`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -333,16 +375,23 @@ pub struct ShutdownConfig {
     /// answers 503 from the signal on.
     pub min_accept: DurationStr,
     /// Longest time sessions get to end by themselves, counted from the
-    /// signal; then every remaining session gets FATAL 57P01. The default
-    /// leaves room inside Kubernetes' default 30 s grace period.
+    /// signal; then every remaining session gets FATAL 57P01. With
+    /// `request_grace` and the goodbyes the default fits inside
+    /// Kubernetes' default 30 s grace period.
     pub max_drain: DurationStr,
+    /// After `max_drain`, a session with a request in flight (forwarded,
+    /// its ReadyForQuery not back yet) gets at most this long for the
+    /// answer to be relayed before its FATAL, so a COMMIT the server
+    /// carries out is not reported to the client as terminated.
+    pub request_grace: DurationStr,
 }
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
         Self {
             min_accept: DurationStr::from_secs(0),
-            max_drain: DurationStr::from_secs(25),
+            max_drain: DurationStr::from_secs(20),
+            request_grace: DurationStr::from_secs(5),
         }
     }
 }
@@ -482,6 +531,16 @@ impl Config {
             if e.port == 0 {
                 return invalid(format!("endpoint {:?}: port must not be 0", e.name));
             }
+            if e.route53_health_check_id
+                .as_deref()
+                .is_some_and(|id| id.trim().is_empty())
+            {
+                return invalid(format!(
+                    "endpoint {:?}: route53_health_check_id is empty; remove the key to use no \
+                     Route 53 health check",
+                    e.name
+                ));
+            }
         }
         if self.listen.max_client_connections == 0 {
             return invalid("[listen] max_client_connections must be at least 1".into());
@@ -565,6 +624,33 @@ impl Config {
                  high-rate polling)"
                     .into(),
             );
+        }
+        if r.probe_user.as_deref().is_some_and(str::is_empty) {
+            return invalid("[routing] probe_user must not be empty".into());
+        }
+        if r.probes && r.probe_user.is_none() && self.backend.kind != BackendKind::Dsql {
+            return invalid(format!(
+                "[routing] probe_user is required for [backend] kind = \"{}\": the default \
+                 ({DEFAULT_PROBE_USER:?}) is Aurora DSQL's role, and probes that cannot log in \
+                 never learn an endpoint's health{}; name a role that exists on the server",
+                self.backend.kind.as_str(),
+                if self.backend.kind == BackendKind::AuroraGlobal {
+                    " or which endpoint is the writer"
+                } else {
+                    ""
+                }
+            ));
+        }
+        if self.admin.max_connections == 0 {
+            return invalid("[admin] max_connections must be at least 1".into());
+        }
+        if self
+            .admin
+            .token_file
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return invalid("[admin] token_file must not be empty".into());
         }
         if r.down_after == 0 || r.up_after == 0 || r.switch_after == 0 {
             return invalid(

@@ -1,6 +1,8 @@
 use super::*;
 
 const MINIMAL: &str = r#"
+[routing]
+probe_user = "app"
 [backend]
 kind = "postgres"
 auth = "password"
@@ -10,6 +12,11 @@ tls = "require"
 name = "a"
 host = "db.example"
 "#;
+
+/// `base` with `lines` added to its `[routing]` table.
+fn with_routing(base: &str, lines: &str) -> String {
+    base.replacen("[routing]\n", &format!("[routing]\n{lines}\n"), 1)
+}
 
 #[test]
 fn defaults_are_filled_in() {
@@ -49,7 +56,7 @@ fn unknown_keys_are_errors_with_a_line() {
     let err = Config::parse(&MINIMAL.replace("tls = \"require\"", "tls = \"require\"\ntsl = 1"))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("line 7"), "{err}");
+    assert!(err.contains("line 9"), "{err}");
     assert!(err.contains("tsl"), "{err}");
 }
 
@@ -167,11 +174,15 @@ fn routing_defaults_and_overrides() {
     assert_eq!(r.attempt_timeout.get().as_secs(), 2);
 
     let text = format!(
-        "{MINIMAL}region = \"us-east-1\"\nroute53_health_check_id = \"57a713b9-1111\"\n\
-         [routing]\nprobe_interval = \"250ms\"\nroute53 = \"advisory\"\n\
-         on_endpoint_down = \"keep\"\nprefer_region = \"us-east-1\"\n"
+        "{}region = \"us-east-1\"\nroute53_health_check_id = \"57a713b9-1111\"\n\
+         [shutdown]\nmin_accept = \"1s\"\n",
+        with_routing(
+            MINIMAL,
+            "probe_interval = \"250ms\"\nroute53 = \"advisory\"\n\
+             on_endpoint_down = \"keep\"\nprefer_region = \"us-east-1\""
+        )
     );
-    // [routing] after [[endpoints]] is a new table, as TOML reads it.
+    // [shutdown] after [[endpoints]] is a new table, as TOML reads it.
     let c = Config::parse(&text).unwrap();
     assert_eq!(c.routing.probe_interval.get().as_millis(), 250);
     assert_eq!(c.routing.route53, Route53Policy::Advisory);
@@ -199,7 +210,7 @@ fn bad_routing_settings_are_explained() {
         ("on_endpoint_down = \"explode\"", "unknown variant"),
         ("probe_intervall = \"1s\"", "unknown field"),
     ] {
-        let text = format!("{MINIMAL}[routing]\n{routing}\n");
+        let text = with_routing(MINIMAL, routing);
         let err = Config::parse(&text).unwrap_err().to_string();
         assert!(err.contains(needle), "{routing}: {err}");
     }
@@ -268,14 +279,21 @@ fn bad_connect_rate_settings_are_explained() {
 fn shutdown_defaults_fit_kubernetes_and_are_checked() {
     let c = Config::parse(MINIMAL).unwrap();
     assert_eq!(c.shutdown.min_accept.get().as_secs(), 0);
-    // Inside Kubernetes' default terminationGracePeriodSeconds (30 s).
-    assert_eq!(c.shutdown.max_drain.get().as_secs(), 25);
-    assert!(c.to_redacted_toml().contains("[shutdown]"));
+    // With request_grace and a few seconds of goodbyes, inside Kubernetes'
+    // default terminationGracePeriodSeconds (30 s).
+    assert_eq!(c.shutdown.max_drain.get().as_secs(), 20);
+    assert_eq!(c.shutdown.request_grace.get().as_secs(), 5);
+    let grace = c.shutdown.max_drain.get() + c.shutdown.request_grace.get();
+    assert!(grace + std::time::Duration::from_secs(3) < std::time::Duration::from_secs(30));
+    assert!(c.to_redacted_toml().contains("request_grace"));
 
-    let text = format!("{MINIMAL}[shutdown]\nmin_accept = \"5s\"\nmax_drain = \"20s\"\n");
+    let text = format!(
+        "{MINIMAL}[shutdown]\nmin_accept = \"5s\"\nmax_drain = \"25s\"\nrequest_grace = \"0s\"\n"
+    );
     let c = Config::parse(&text).unwrap();
     assert_eq!(c.shutdown.min_accept.get().as_secs(), 5);
-    assert_eq!(c.shutdown.max_drain.get().as_secs(), 20);
+    assert_eq!(c.shutdown.max_drain.get().as_secs(), 25);
+    assert!(c.shutdown.request_grace.get().is_zero());
 
     let env = [(
         "DSQL_PROXY__SHUTDOWN__MAX_DRAIN".to_owned(),
@@ -298,6 +316,8 @@ fn shutdown_defaults_fit_kubernetes_and_are_checked() {
 const GLOBAL: &str = r#"
 [listen]
 read_only_address = "127.0.0.1:5433"
+[routing]
+probe_user = "app"
 [backend]
 kind = "aurora-global"
 auth = "password"
@@ -321,9 +341,9 @@ fn aurora_global_settings_parse_with_defaults() {
         c.listen.read_only_address,
         Some("127.0.0.1:5433".parse().unwrap())
     );
-    let text = format!(
-        "{GLOBAL}[routing]\nwriter_wait = \"2s\"\nmax_replica_lag = \"500ms\"\n\
-         global_cluster_id = \"my-global\"\n"
+    let text = with_routing(
+        GLOBAL,
+        "writer_wait = \"2s\"\nmax_replica_lag = \"500ms\"\nglobal_cluster_id = \"my-global\"",
     );
     let c = Config::parse(&text).unwrap();
     assert_eq!(c.routing.writer_wait.get().as_secs(), 2);
@@ -342,28 +362,27 @@ fn aurora_global_rules_are_explained() {
             ),
             "needs auth",
         ),
-        (
-            format!("{GLOBAL}[routing]\nprobes = false\n"),
-            "probes = true",
-        ),
+        (with_routing(GLOBAL, "probes = false"), "probes = true"),
         (
             GLOBAL.replace("kind = \"aurora-global\"", "kind = \"postgres\""),
             "read_only_address needs",
         ),
         (GLOBAL.replace("5433", "5432"), "must differ from address"),
         (
-            format!("{GLOBAL}[routing]\nglobal_cluster_poll_interval = \"100ms\"\n"),
+            with_routing(GLOBAL, "global_cluster_poll_interval = \"100ms\""),
             "at least 1s",
         ),
         (
-            format!("{GLOBAL}[routing]\nglobal_cluster_id = \"\"\n"),
+            with_routing(GLOBAL, "global_cluster_id = \"\""),
             "must not be empty",
         ),
         (
-            GLOBAL
-                .replace("kind = \"aurora-global\"", "kind = \"postgres\"")
-                .replace("read_only_address = \"127.0.0.1:5433\"", "")
-                + "[routing]\nglobal_cluster_id = \"g\"\n",
+            with_routing(
+                &GLOBAL
+                    .replace("kind = \"aurora-global\"", "kind = \"postgres\"")
+                    .replace("read_only_address = \"127.0.0.1:5433\"", ""),
+                "global_cluster_id = \"g\"",
+            ),
             "global_cluster_id needs",
         ),
     ];
@@ -390,4 +409,154 @@ fn the_rendering_shows_aurora_global_keys_only_for_that_kind() {
     assert!(plain.contains("probe_interval"), "{plain}");
     assert!(plain.find("[listen]") < plain.find("[backend]"), "{plain}");
     Config::parse(&plain.replace("<redacted>", "x")).unwrap();
+}
+
+#[test]
+fn non_dsql_kinds_need_an_explicit_probe_user() {
+    let without = MINIMAL.replace("probe_user = \"app\"\n", "");
+    let err = Config::parse(&without).unwrap_err().to_string();
+    assert!(
+        err.contains("probe_user is required for [backend] kind = \"postgres\""),
+        "{err}"
+    );
+    let err = Config::parse(&GLOBAL.replace("probe_user = \"app\"\n", ""))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("which endpoint is the writer"), "{err}");
+    // Without probes nobody logs in.
+    Config::parse(&with_routing(&without, "probes = false")).unwrap();
+    assert!(Config::parse(&with_routing(&without, "probe_user = \"\""))
+        .unwrap_err()
+        .to_string()
+        .contains("must not be empty"));
+    // DSQL has the admin role: the default stands.
+    let dsql = without
+        .replace("\"postgres\"", "\"dsql\"")
+        .replace("\"require\"", "\"verify-full\"")
+        .replace(
+            "auth = \"password\"\npassword = \"hunter2\"",
+            "auth = \"dsql-iam\"",
+        );
+    let c = Config::parse(&dsql).unwrap();
+    assert_eq!(c.routing.probe_user(), "admin");
+    assert_eq!(Config::parse(MINIMAL).unwrap().routing.probe_user(), "app");
+}
+
+#[test]
+fn an_empty_route53_health_check_id_is_an_error() {
+    for id in ["", "  "] {
+        let text = format!("{MINIMAL}route53_health_check_id = \"{id}\"\n");
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("route53_health_check_id is empty"), "{err}");
+    }
+}
+
+#[test]
+fn secret_overrides_are_strings_and_never_shown() {
+    let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    };
+    // Digits, a boolean word and TOML syntax are passwords like any other.
+    for secret in ["123456", "true", "[1, 2]", "0x10", "\"quoted\""] {
+        let c = Config::parse_with_env(
+            MINIMAL,
+            "t",
+            env(&[("DSQL_PROXY__BACKEND__PASSWORD", secret)]),
+        )
+        .unwrap();
+        assert_eq!(c.backend.password.as_ref().unwrap().expose(), secret);
+    }
+    // A failing config with a secret override: the secret is not in the
+    // error (here the override makes the listen side invalid).
+    let err = Config::parse_with_env(
+        MINIMAL,
+        "t",
+        env(&[
+            ("DSQL_PROXY__LISTEN__PASSWORD", "s3cr3t-from-env"),
+            ("DSQL_PROXY__LISTEN__MAX_CLIENT_CONNECTIONS", "many"),
+        ]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(!err.contains("s3cr3t-from-env"), "{err}");
+    let err = Config::parse_with_env(
+        MINIMAL,
+        "t",
+        env(&[("DSQL_PROXY__LISTEN__PASSWORD", "s3cr3t-from-env")]),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("scram-sha-256"), "{err}");
+    assert!(!err.contains("s3cr3t-from-env"), "{err}");
+}
+
+#[test]
+fn toml_errors_never_show_a_secret_line() {
+    let cases = [
+        // Unterminated string.
+        MINIMAL.replace("password = \"hunter2\"", "password = \"hunter2-long"),
+        // Not a string: toml's own message would quote the number.
+        MINIMAL.replace("password = \"hunter2\"", "password = 99887766"),
+        MINIMAL.replace(
+            "password = \"hunter2\"",
+            "password = \"hunter2-long\" trailing",
+        ),
+        MINIMAL.replace(
+            "password = \"hunter2\"",
+            "\"password\" = [\"hunter2-long\"]",
+        ),
+    ];
+    for text in cases {
+        let err = Config::parse(&text).unwrap_err().to_string();
+        assert!(err.contains("line 7"), "{err}");
+        assert!(err.contains("may hold a secret"), "{err}");
+        for secret in ["hunter2", "99887766"] {
+            assert!(!err.contains(secret), "{err}");
+        }
+    }
+    // Other lines are shown as toml shows them.
+    let err = Config::parse(&MINIMAL.replace("tls = \"require\"", "tls = \"require"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tls = \"require"), "{err}");
+}
+
+#[test]
+fn admin_settings_default_to_loopback_and_no_quitquitquit() {
+    let c = Config::parse(MINIMAL).unwrap();
+    assert_eq!(c.admin, AdminConfig::default());
+    assert!(!c.admin.quitquitquit);
+    assert_eq!(c.admin.token_file, None);
+    assert_eq!(c.admin.max_connections, 32);
+    assert_eq!(c.backend.default_application_name, "");
+    let text = format!(
+        "[admin]\naddress = \"0.0.0.0:9090\"\ntoken_file = \"/run/token\"\n\
+         quitquitquit = true\nmax_connections = 4\n{MINIMAL}"
+    );
+    let c = Config::parse(&text).unwrap();
+    assert!(c.admin.quitquitquit);
+    assert_eq!(c.admin.max_connections, 4);
+    assert_eq!(
+        c.admin.token_file.as_deref(),
+        Some(std::path::Path::new("/run/token"))
+    );
+    let env = [(
+        "DSQL_PROXY__ADMIN__QUITQUITQUIT".to_owned(),
+        "true".to_owned(),
+    )];
+    assert!(
+        Config::parse_with_env(MINIMAL, "t", env)
+            .unwrap()
+            .admin
+            .quitquitquit
+    );
+    for bad in ["max_connections = 0", "token_file = \"\""] {
+        let err = Config::parse(&format!("[admin]\n{bad}\n{MINIMAL}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("[admin]"), "{bad}: {err}");
+    }
 }

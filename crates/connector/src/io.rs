@@ -2,7 +2,6 @@
 //! because the session's client handshake, the probes and the DSQL emulator
 //! read and write packets the same way.
 
-use bytes::BytesMut;
 use dsql_proxy_protocol::frame::{body_len, RawMessage, HEADER_LEN};
 use dsql_proxy_protocol::ProtocolError;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -26,12 +25,29 @@ pub async fn read_message<S: AsyncRead + Unpin>(
             limit: max_body,
         }));
     }
-    let mut body = BytesMut::zeroed(len);
-    stream.read_exact(&mut body).await?;
+    let body = read_body(stream, len).await?;
     Ok(Ok(RawMessage {
         tag,
-        body: body.freeze(),
+        body: body.into(),
     }))
+}
+
+/// Reads exactly `len` bytes, growing the buffer only as bytes arrive: a
+/// length word is a claim, and a client that claims 65,535 bytes and sends
+/// nothing must not cost 64 KiB while it waits.
+pub async fn read_body<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    len: usize,
+) -> std::io::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    let read = (&mut *stream)
+        .take(len as u64)
+        .read_to_end(&mut body)
+        .await?;
+    if read < len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(body)
 }
 
 /// Writes and flushes (flushing matters for TLS streams).

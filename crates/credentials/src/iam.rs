@@ -63,7 +63,16 @@ struct Slot {
     /// Held while signing: concurrent misses wait for one signature.
     signing: tokio::sync::Mutex<()>,
     refreshing: AtomicBool,
+    /// Milliseconds since the epoch of the last connect that asked for
+    /// it, for eviction.
+    last_used: AtomicU64,
 }
+
+/// Token keys cached at once. Under `rds-iam` a key includes the user
+/// name, which clients choose: without a bound, a client cycling through
+/// names would grow the cache for ever. Beyond it, keys whose token is
+/// gone (expired, refused) go first, then the least recently used.
+pub const MAX_CACHED_KEYS: usize = 1024;
 
 impl Slot {
     fn usable(&self, now: SystemTime) -> Option<Arc<Token>> {
@@ -177,8 +186,23 @@ impl IamTokens {
     }
 
     fn slot(&self, key: &TokenKey) -> Arc<Slot> {
+        let now = self.signer.now();
+        let stamp = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis() as u64;
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        Arc::clone(slots.entry(key.clone()).or_default())
+        if !slots.contains_key(key) && slots.len() >= MAX_CACHED_KEYS {
+            evict(&mut slots, now);
+        }
+        let slot = Arc::clone(slots.entry(key.clone()).or_default());
+        slot.last_used.store(stamp, Ordering::Relaxed);
+        slot
+    }
+
+    /// Keys cached now (at most [`MAX_CACHED_KEYS`]).
+    pub fn cached_keys(&self) -> usize {
+        self.slots.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     async fn token(&self, request: CredentialRequest<'_>) -> Result<Secret, CredentialError> {
@@ -223,8 +247,15 @@ impl CredentialSource for IamTokens {
     }
     fn rejected(&self, request: CredentialRequest<'_>) {
         if let Ok(key) = self.key(&request) {
-            let slot = self.slot(&key);
-            *slot.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            // Dropped with its key: a refused user name takes no room.
+            let removed = self
+                .slots
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+            if let Some(slot) = removed {
+                *slot.current.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            }
             info!(host = %key.host, principal = %key.principal, "the server refused an IAM token; it will be re-signed");
         }
     }
@@ -242,6 +273,23 @@ impl CredentialSource for IamTokens {
             failures: s.failures.load(Ordering::Relaxed),
             cache_hits: s.cache_hits.load(Ordering::Relaxed),
         })
+    }
+}
+
+/// Makes room for one more key: drops every slot with no usable token that
+/// no connect is using (signing or about to), then, if still full, the
+/// least recently used one.
+fn evict(slots: &mut HashMap<TokenKey, Arc<Slot>>, now: SystemTime) {
+    slots.retain(|_, slot| Arc::strong_count(slot) > 1 || slot.usable(now).is_some());
+    while slots.len() >= MAX_CACHED_KEYS {
+        let Some(oldest) = slots
+            .iter()
+            .min_by_key(|(_, slot)| slot.last_used.load(Ordering::Relaxed))
+            .map(|(key, _)| key.clone())
+        else {
+            return;
+        };
+        slots.remove(&oldest);
     }
 }
 

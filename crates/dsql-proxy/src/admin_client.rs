@@ -19,22 +19,33 @@ pub struct Reply {
 
 /// `GET path` on `addr`; connect, send and every read within `timeout`.
 pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Reply> {
-    request(addr, "GET", path, timeout)
+    request(addr, "GET", path, timeout, None)
 }
 
-/// `POST path` with an empty body.
-pub fn post(addr: SocketAddr, path: &str, timeout: Duration) -> Result<Reply> {
-    request(addr, "POST", path, timeout)
+/// `POST path` with an empty body, with `Authorization: Bearer <token>`
+/// when a token is given (a mutating route on a non-loopback admin
+/// server needs it).
+pub fn post(addr: SocketAddr, path: &str, timeout: Duration, token: Option<&str>) -> Result<Reply> {
+    request(addr, "POST", path, timeout, token)
 }
 
-fn request(addr: SocketAddr, method: &str, path: &str, timeout: Duration) -> Result<Reply> {
+fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    timeout: Duration,
+    token: Option<&str>,
+) -> Result<Reply> {
     let mut stream = TcpStream::connect_timeout(&addr, timeout)
         .with_context(|| format!("cannot reach the admin server at {addr}"))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
+    let authorization = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: dsql-proxy-cli\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: dsql-proxy-cli\r\n{authorization}Content-Length: 0\r\nConnection: close\r\n\r\n"
     )
     .with_context(|| format!("cannot send a request to the admin server at {addr}"))?;
     let mut raw = Vec::new();

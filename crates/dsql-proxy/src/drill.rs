@@ -45,6 +45,29 @@ pub struct DrillArgs {
     /// How long each waiting step may take, e.g. 30s.
     #[arg(long, default_value = "30s")]
     timeout: DurationStr,
+    /// A file holding the admin server's bearer token ([admin]
+    /// token_file), for a proxy whose admin server is not on this host's
+    /// loopback. Default: the --config file's [admin] token_file, if any.
+    #[arg(long, env = "DSQL_PROXY_ADMIN_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+}
+
+/// The bearer token for the admin API: `--token-file`, else the config
+/// file's `[admin] token_file` when the config loads; none otherwise (a
+/// loopback admin server needs none).
+fn admin_token(args: &DrillArgs, config_path: &Path) -> Result<Option<(String, PathBuf)>> {
+    let file = match &args.token_file {
+        Some(file) => file.clone(),
+        None => match Config::load(config_path, std::env::vars())
+            .ok()
+            .and_then(|c| c.admin.token_file)
+        {
+            Some(file) => file,
+            None => return Ok(None),
+        },
+    };
+    let token = dsql_proxy_admin::access::read_token(&file).map_err(|e| anyhow!(e))?;
+    Ok(Some((token, file)))
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,6 +112,13 @@ impl Timeline {
 }
 
 pub fn run(admin: SocketAddr, config_path: &Path, args: &DrillArgs) -> ExitCode {
+    let token = match admin_token(args, config_path) {
+        Ok(token) => token,
+        Err(e) => {
+            eprintln!("dsql-proxy drill: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -116,6 +146,7 @@ pub fn run(admin: SocketAddr, config_path: &Path, args: &DrillArgs) -> ExitCode 
         connect: args.connect.clone(),
         method: args.method,
         config_path: config_path.to_path_buf(),
+        token: token.as_ref().map(|(t, _)| t.clone()),
         timeout: args.timeout.get(),
         runtime: &runtime,
         interrupted: &interrupted,
@@ -150,7 +181,16 @@ pub fn run(admin: SocketAddr, config_path: &Path, args: &DrillArgs) -> ExitCode 
             if let (Some(e), Some(out)) = (restore, taken_out) {
                 let fix = match &out.how {
                     Takeout::Drained => {
-                        format!("curl -X POST http://{admin}/endpoints/{}/undrain", out.name)
+                        let auth = token
+                            .as_ref()
+                            .map(|(_, file)| {
+                                format!(" -H \"Authorization: Bearer $(cat {})\"", file.display())
+                            })
+                            .unwrap_or_default();
+                        format!(
+                            "curl -X POST{auth} http://{admin}/endpoints/{}/undrain",
+                            out.name
+                        )
                     }
                     Takeout::Inverted { check_id, .. } => format!(
                         "aws route53 update-health-check --health-check-id {check_id} --no-inverted"
@@ -168,6 +208,8 @@ struct Drill<'a> {
     connect: String,
     method: Method,
     config_path: PathBuf,
+    /// The admin API's bearer token, when one is needed; never printed.
+    token: Option<String>,
     timeout: Duration,
     runtime: &'a tokio::runtime::Runtime,
     interrupted: &'a AtomicBool,
@@ -400,7 +442,7 @@ impl Drill<'_> {
     }
 
     fn post(&self, path: &str) -> Result<()> {
-        let reply = admin_client::post(self.admin, path, ADMIN_TIMEOUT)?;
+        let reply = admin_client::post(self.admin, path, ADMIN_TIMEOUT, self.token.as_deref())?;
         if reply.status != 200 {
             bail!(
                 "POST {path} answered HTTP {}: {}",

@@ -21,7 +21,7 @@ mod reload;
 use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use clap::{Parser, Subcommand, ValueEnum};
-use dsql_proxy_admin::{AdminServer, AdminState, MetricsRefresh};
+use dsql_proxy_admin::{AdminAccess, AdminServer, AdminState, MetricsRefresh};
 use dsql_proxy_config::Config;
 use dsql_proxy_credentials::CredentialSource;
 use dsql_proxy_metrics::Metrics;
@@ -326,6 +326,7 @@ pub(crate) async fn serve(config: Config, source: ConfigSource, hooks: ServeHook
     });
     let metrics =
         Arc::new(Metrics::new(env!("CARGO_PKG_VERSION")).context("cannot set up metrics")?);
+    monitor::sync_endpoint_series(&metrics, &[], router.snapshot().endpoints());
     let mut ctx = ProxyContext::from_config(
         &config,
         router.clone(),
@@ -340,6 +341,11 @@ pub(crate) async fn serve(config: Config, source: ConfigSource, hooks: ServeHook
         false => None,
     };
     let control_plane = monitor::control_plane(&config).await;
+    if let Some(file) = &config.admin.token_file {
+        // Read on each request that presents a token; checked once here so
+        // a missing or empty file is a startup error, not a surprise later.
+        dsql_proxy_admin::access::read_token(file).map_err(anyhow::Error::msg)?;
+    }
     let admin = AdminServer::bind(config.admin.address).await?;
     let admin_state = Arc::new(AdminState {
         metrics: Arc::clone(&metrics),
@@ -351,13 +357,24 @@ pub(crate) async fn serve(config: Config, source: ConfigSource, hooks: ServeHook
         policy: ArcSwap::from_pointee(policy_json(&config)),
         before_render: Some(token_counter_sync(Arc::clone(&credentials))),
         demo: hooks.demo_control,
+        access: AdminAccess {
+            token_file: config.admin.token_file.clone(),
+            quitquitquit: config.admin.quitquitquit,
+            max_connections: config.admin.max_connections as usize,
+        },
     });
     if let Some(ready) = hooks.admin_ready {
         // The demo drives the proxy through the same state the admin
         // server reads (its live table, `quit`).
         let _ = ready.send(Arc::clone(&admin_state));
     }
-    info!(address = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(), "admin server listening");
+    info!(
+        address = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        token = config.admin.token_file.is_some(),
+        quitquitquit = config.admin.quitquitquit,
+        "admin server listening (mutating routes: loopback clients{})",
+        if config.admin.token_file.is_some() { " or the bearer token" } else { " only" }
+    );
     tokio::spawn(admin.serve(Arc::clone(&admin_state)));
     // From here a SIGTERM/SIGINT starts a graceful shutdown, even one that
     // arrives during the first probe round.

@@ -62,7 +62,7 @@ pub fn probes(
                 Arc::clone(endpoint),
                 Arc::clone(connector),
                 Arc::clone(credentials),
-                &config.routing.probe_user,
+                config.routing.probe_user(),
                 &config.routing.probe_database,
             );
             // aurora-global: every probe also learns the endpoint's role.
@@ -133,4 +133,26 @@ pub async fn start(
         metrics,
     )
     .await
+}
+
+/// Keeps the endpoint-labelled series in line with the endpoint set: every
+/// endpoint of `now` has its failure counters (at 0 until something
+/// fails), connect-time histogram and session gauge; those of endpoints
+/// only in `before` are removed. At startup `before` is empty.
+pub fn sync_endpoint_series(metrics: &Metrics, before: &[Arc<Endpoint>], now: &[Arc<Endpoint>]) {
+    for e in now {
+        metrics.register_endpoint(
+            &e.name,
+            e.region_label(),
+            e.route53_health_check_id.is_some(),
+        );
+    }
+    for gone in before {
+        let kept = now
+            .iter()
+            .any(|e| e.name == gone.name && e.region_label() == gone.region_label());
+        if !kept {
+            metrics.forget_endpoint(&gone.name, gone.region_label());
+        }
+    }
 }

@@ -154,7 +154,9 @@ impl Reloader {
 
         // Everything is built: from here on nothing fails but a dead
         // monitor, which would be a bug.
+        let before = self.router.snapshot().endpoints().to_vec();
         let plan = self.router.plan(&config.endpoints);
+        monitor::sync_endpoint_series(&self.metrics, &before, &plan.endpoints);
         match &self.monitor {
             Some(running) => {
                 let update = MonitorUpdate {
@@ -222,10 +224,7 @@ fn keep_startup_settings(running: &Config, mut loaded: Config) -> Result<Config>
         "[listen] unix_socket_dir",
         loaded.listen.unix_socket_dir != running.listen.unix_socket_dir,
     );
-    keep(
-        "[admin] address",
-        loaded.admin.address != running.admin.address,
-    );
+    keep("[admin]", loaded.admin != running.admin);
     keep(
         "[backend] kind",
         loaded.backend.kind != running.backend.kind,
@@ -262,7 +261,7 @@ fn keep_startup_settings(running: &Config, mut loaded: Config) -> Result<Config>
     }
     loaded.listen.address = running.listen.address;
     loaded.listen.unix_socket_dir = running.listen.unix_socket_dir.clone();
-    loaded.admin.address = running.admin.address;
+    loaded.admin = running.admin.clone();
     loaded.backend.kind = running.backend.kind;
     loaded.backend.auth = running.backend.auth;
     loaded.backend.token_expires_in = running.backend.token_expires_in;
@@ -287,6 +286,8 @@ mod tests {
     const BASE: &str = r#"
 [listen]
 address = "127.0.0.1:6432"
+[routing]
+probe_user = "app"
 [backend]
 kind = "postgres"
 auth = "password"
@@ -309,6 +310,13 @@ host = "a.example"
         let applied = keep_startup_settings(&running, loaded).unwrap();
         assert_eq!(applied.listen.address, running.listen.address);
         assert_eq!(applied.backend.tls, dsql_proxy_config::TlsMode::VerifyFull);
+        // [admin] is bound at startup, its access rules included.
+        let loaded = Config::parse(&format!(
+            "[admin]\nquitquitquit = true\ntoken_file = \"/run/t\"\n{BASE}"
+        ))
+        .unwrap();
+        let applied = keep_startup_settings(&running, loaded).unwrap();
+        assert_eq!(applied.admin, running.admin);
     }
 
     #[test]

@@ -19,8 +19,10 @@ use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tracing::{info, warn};
 
 /// How long closed sessions get to send their FATAL and close their
-/// sockets: each step of a session's goodbye is bounded by
-/// `EVICTION_FLUSH`, so this only cuts off peers that stopped reading.
+/// sockets, on top of `request_grace` (a session with a request in flight
+/// waits that long for its answer first): each step of a session's goodbye
+/// is bounded by `EVICTION_FLUSH`, so this only cuts off peers that stopped
+/// reading.
 const FINAL_CLOSE: Duration = Duration::from_secs(3);
 
 /// SIGTERM, SIGINT and `POST /quitquitquit` as one stream of requests.
@@ -127,9 +129,10 @@ pub async fn serve_until_stopped(
         "closing the remaining sessions with FATAL 57P01"
     );
     drain.close_all();
+    let wait = settings.request_grace.get() + FINAL_CLOSE;
     tokio::select! {
-        done = timeout(FINAL_CLOSE, drain.idle()) => if done.is_err() {
-            warn!(sessions = drain.active(), wait = %DurationStr(FINAL_CLOSE), "sessions did not finish closing; exiting anyway");
+        done = timeout(wait, drain.idle()) => if done.is_err() {
+            warn!(sessions = drain.active(), wait = %DurationStr(wait), "sessions did not finish closing; exiting anyway");
         },
         third = stops.next() => {
             info!(trigger = third, sessions = drain.active(), "third stop request: exiting now");

@@ -311,7 +311,8 @@ mod tests {
         let path = dir.join("proxy.toml");
         std::fs::write(
             &path,
-            "[admin]\naddress = \"0.0.0.0:9191\"\n[backend]\nkind = \"postgres\"\nauth = \"passthrough\"\n\
+            "[admin]\naddress = \"0.0.0.0:9191\"\n[routing]\nprobe_user = \"app\"\n\
+             [backend]\nkind = \"postgres\"\nauth = \"passthrough\"\n\
              [[endpoints]]\nname = \"a\"\nhost = \"h\"\n",
         )
         .unwrap();

@@ -94,14 +94,22 @@ impl SdkGlobalClusters {
     /// `fallback_region` (an endpoint's) is used when none is configured.
     pub async fn from_env(operation_timeout: Duration, fallback_region: Option<&str>) -> Self {
         let sdk_config = aws_config::defaults(BehaviorVersion::latest()).load().await;
-        let mut builder = aws_sdk_rds::config::Builder::from(&sdk_config);
+        Self::from_sdk_config(&sdk_config, operation_timeout, fallback_region)
+    }
+
+    /// From a prepared `SdkConfig` (tests, fuzzing).
+    pub fn from_sdk_config(
+        sdk_config: &aws_types::SdkConfig,
+        operation_timeout: Duration,
+        fallback_region: Option<&str>,
+    ) -> Self {
+        let mut builder = aws_sdk_rds::config::Builder::from(sdk_config);
         if sdk_config.region().is_none() {
             if let Some(region) = fallback_region {
                 builder = builder.region(Region::new(region.to_owned()));
             }
         }
-        let (retry, timeout) =
-            crate::sdk::polling_retry_and_timeout(&sdk_config, operation_timeout);
+        let (retry, timeout) = crate::sdk::polling_retry_and_timeout(sdk_config, operation_timeout);
         let conf = builder.retry_config(retry).timeout_config(timeout).build();
         Self {
             client: Client::from_conf(conf),

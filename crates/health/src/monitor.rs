@@ -505,11 +505,15 @@ impl MonitorState {
                 let transition = state
                     .health
                     .observe(outcome, std::time::Instant::now(), rules);
-                // A passive demotion is confirmed by the probe's next failure:
-                // only then are the endpoint's sessions told to leave.
+                // A passive demotion is confirmed only by the probes' own
+                // verdict, `down_after` failures in a row, like a probe-driven
+                // down: only then are the endpoint's sessions told to leave.
+                // One flaky probe after one broken session must not end every
+                // session on a healthy endpoint.
                 if failed
                     && transition.is_none()
                     && state.health.liveness() == Liveness::Down
+                    && state.health.consecutive_failures() >= rules.down_after
                     && !state.evicted
                 {
                     state.evicted = true;

@@ -321,7 +321,7 @@ pub fn parse_role(rows: &[Vec<Option<String>>]) -> Result<RoleObservation, Strin
 }
 
 /// [`AURORA_DETECT_QUERY`]'s answer.
-fn parse_detect(rows: &[Vec<Option<String>>]) -> Result<bool, String> {
+pub fn parse_detect(rows: &[Vec<Option<String>>]) -> Result<bool, String> {
     let value = match rows {
         [row] => match row.as_slice() {
             [v] => pg_bool(v),
@@ -356,7 +356,9 @@ pub fn parse_aurora_role(rows: &[Vec<Option<String>>]) -> Result<RoleObservation
             return Ok(None);
         };
         let ms: f64 = text.trim().parse().map_err(|_| bad())?;
-        Ok((ms.is_finite() && ms >= 0.0).then(|| Duration::from_secs_f64(ms / 1000.0)))
+        // A lag too large for a Duration (1e300) is saturated, not a panic.
+        Ok((ms.is_finite() && ms >= 0.0)
+            .then(|| Duration::try_from_secs_f64(ms / 1000.0).unwrap_or(Duration::MAX)))
     };
     let visibility = millis(visibility_ms)?;
     let rpo_lag = millis(rpo_ms)?;
@@ -543,5 +545,34 @@ mod tests {
         assert!(parse_detect(&[vec![Some("t".into())]]).unwrap());
         assert!(!parse_detect(&[vec![Some("f".into())]]).unwrap());
         assert!(parse_detect(&[vec![None]]).is_err());
+    }
+
+    #[test]
+    fn absurd_lags_from_a_server_saturate_instead_of_panicking() {
+        let replica = parse_aurora_role(&aurora_row([
+            Some("t"),
+            Some("us-west-2"),
+            Some("us-east-1"),
+            Some("1e300"),
+            Some("1.7976931348623157e308"),
+        ]))
+        .unwrap();
+        assert_eq!(replica.lag, Some(Duration::MAX));
+        assert_eq!(replica.aurora.unwrap().rpo_lag, Some(Duration::MAX));
+        let nan = parse_aurora_role(&aurora_row([
+            Some("t"),
+            None,
+            None,
+            Some("NaN"),
+            Some("inf"),
+        ]));
+        assert_eq!(nan.unwrap().lag, None);
+        let standby = parse_role(&row([
+            Some("t"),
+            None,
+            Some("1"),
+            Some("-9223372036854775808"),
+        ]));
+        assert_eq!(standby.unwrap().lag, Some(Duration::ZERO));
     }
 }

@@ -58,6 +58,43 @@ pub struct Metrics {
 
 const ENDPOINT: &[&str] = &["endpoint", "region"];
 
+/// Why a probe or a connect attempt failed at the transport level (the
+/// routing crate's `FailureKind` but `query`, tested to match).
+pub const TRANSPORT_FAILURE_REASONS: [&str; 6] = [
+    "connection",
+    "timeout",
+    "tls",
+    "protocol",
+    "unavailable",
+    "busy",
+];
+
+/// `probe_failures_total{reason}`: the transport reasons and a failed
+/// probe query.
+pub fn probe_failure_reasons() -> impl Iterator<Item = &'static str> {
+    TRANSPORT_FAILURE_REASONS.into_iter().chain(["query"])
+}
+
+/// `backend_connect_failures_total{reason}`: the transport reasons (the
+/// connect moves to the next endpoint), a server's refusal passed to the
+/// client (`backend_refused`) and a credential failure (`rejected`).
+pub fn connect_failure_reasons() -> impl Iterator<Item = &'static str> {
+    TRANSPORT_FAILURE_REASONS
+        .into_iter()
+        .chain(["backend_refused", "rejected"])
+}
+
+/// `route53_errors_total{reason}` (the health crate's `Route53Error`,
+/// tested to match).
+pub const ROUTE53_ERROR_REASONS: [&str; 6] = [
+    "throttled",
+    "api",
+    "transport",
+    "no_observations",
+    "timeout",
+    "credentials",
+];
+
 impl Metrics {
     pub fn new(version: &str) -> Result<Self, MetricsError> {
         let registry = Registry::new_custom(Some(PREFIX.to_owned()), None)?;
@@ -117,6 +154,59 @@ impl Metrics {
         };
         m.build_info.with_label_values(&[version]).set(1);
         Ok(m)
+    }
+
+    /// Creates every series labelled with this endpoint that is not a
+    /// gauge the health monitor sets: the failure counters with each
+    /// reason (Route 53's only when the endpoint has a health check), the
+    /// connect-time histogram and the session gauge, all at 0, so alerts and
+    /// `rate()` see the endpoint before its first failure. Idempotent.
+    pub fn register_endpoint(&self, name: &str, region: &str, route53: bool) {
+        for reason in probe_failure_reasons() {
+            self.probe_failures_total
+                .with_label_values(&[name, region, reason]);
+        }
+        for reason in connect_failure_reasons() {
+            self.backend_connect_failures_total
+                .with_label_values(&[name, region, reason]);
+        }
+        for reason in ROUTE53_ERROR_REASONS {
+            if route53 {
+                self.route53_errors_total
+                    .with_label_values(&[name, region, reason]);
+            } else {
+                let _ = self
+                    .route53_errors_total
+                    .remove_label_values(&[name, region, reason]);
+            }
+        }
+        self.backend_connect_seconds
+            .with_label_values(&[name, region]);
+        self.sessions_active.with_label_values(&[name, region]);
+    }
+
+    /// Removes what [`Self::register_endpoint`] created, for an endpoint a
+    /// reload removed.
+    pub fn forget_endpoint(&self, name: &str, region: &str) {
+        for reason in probe_failure_reasons() {
+            let _ = self
+                .probe_failures_total
+                .remove_label_values(&[name, region, reason]);
+        }
+        for reason in connect_failure_reasons() {
+            let _ = self
+                .backend_connect_failures_total
+                .remove_label_values(&[name, region, reason]);
+        }
+        for reason in ROUTE53_ERROR_REASONS {
+            let _ = self
+                .route53_errors_total
+                .remove_label_values(&[name, region, reason]);
+        }
+        let _ = self
+            .backend_connect_seconds
+            .remove_label_values(&[name, region]);
+        let _ = self.sessions_active.remove_label_values(&[name, region]);
     }
 
     /// The Prometheus text exposition of every family.
@@ -228,5 +318,29 @@ mod tests {
         assert!(text.contains("dsql_proxy_endpoint_up{endpoint=\"a\",region=\"us-east-1\"} 1"));
         assert!(text.contains("dsql_proxy_client_connections_total 1"));
         assert!(text.contains("# TYPE dsql_proxy_route_changes_total counter"));
+    }
+
+    #[test]
+    fn endpoint_series_exist_at_zero_and_go_with_the_endpoint() {
+        let m = Metrics::new("1").unwrap();
+        m.register_endpoint("a", "us-east-1", true);
+        m.register_endpoint("b", "us-west-2", false);
+        let text = m.render();
+        for reason in connect_failure_reasons() {
+            let series = format!(
+                "dsql_proxy_backend_connect_failures_total{{endpoint=\"a\",reason=\"{reason}\",region=\"us-east-1\"}} 0"
+            );
+            assert!(text.contains(&series), "{series}\n{text}");
+        }
+        assert!(text.contains(
+            "dsql_proxy_probe_failures_total{endpoint=\"b\",reason=\"timeout\",region=\"us-west-2\"} 0"
+        ));
+        assert!(text.contains("dsql_proxy_route53_errors_total{endpoint=\"a\""));
+        assert!(!text.contains("dsql_proxy_route53_errors_total{endpoint=\"b\""));
+        assert!(text.contains("dsql_proxy_sessions_active{endpoint=\"b\",region=\"us-west-2\"} 0"));
+        m.forget_endpoint("a", "us-east-1");
+        let text = m.render();
+        assert!(!text.contains("endpoint=\"a\""), "{text}");
+        assert!(text.contains("endpoint=\"b\""));
     }
 }

@@ -249,6 +249,17 @@ pub fn encode_ssl_request(buf: &mut BytesMut) {
     buf.put_u32(SSL_REQUEST_CODE);
 }
 
+/// The length word of the StartupMessage [`encode_startup`] makes from
+/// `params`: a server drops a packet over [`MAX_STARTUP_PACKET_LEN`]
+/// without a word, so check this before sending one.
+pub fn startup_len(params: &[StartupParam]) -> usize {
+    let params: usize = params
+        .iter()
+        .map(|p| p.name.len() + 1 + p.value.len() + 1)
+        .sum();
+    4 + 4 + params + 1
+}
+
 /// Encodes a 3.0 StartupMessage with the given parameters, in order.
 pub fn encode_startup(buf: &mut BytesMut, params: &[StartupParam]) {
     let start = buf.len();
@@ -273,6 +284,23 @@ mod tests {
         let mut v = code.to_be_bytes().to_vec();
         v.extend_from_slice(tail);
         v
+    }
+
+    #[test]
+    fn startup_len_is_the_encoded_length() {
+        for params in [
+            vec![],
+            vec![StartupParam::new("user", "app")],
+            vec![
+                StartupParam::new("user", "app"),
+                StartupParam::new("application_name", vec![b'x'; 9_000]),
+            ],
+        ] {
+            let mut buf = BytesMut::new();
+            encode_startup(&mut buf, &params);
+            assert_eq!(startup_len(&params), buf.len());
+            assert_eq!(&buf[..4], &(buf.len() as u32).to_be_bytes());
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use dsql_proxy_protocol::{startup, InitialPacket, ProtocolError};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-pub use dsql_proxy_connector::io::{read_message, send};
+pub use dsql_proxy_connector::io::{read_body, read_message, send};
 
 use crate::drain::CloseSignal;
 
@@ -29,8 +29,7 @@ pub async fn read_initial<S: AsyncRead + Unpin>(
         Ok(n) => n,
         Err(e) => return Ok(Err(e)),
     };
-    let mut body = vec![0u8; body_len];
-    stream.read_exact(&mut body).await?;
+    let body = read_body(stream, body_len).await?;
     Ok(startup::parse_initial_packet(&body))
 }
 

@@ -49,6 +49,12 @@ use crate::drain::Drain;
 use crate::frontend::FrontendSettings;
 use crate::listener::Listeners;
 
+/// Connections served their startup phase at once (see
+/// [`ProxyContext::startups`]): at most a startup packet (10,000 bytes), an
+/// authentication message (64 KiB) and a TLS handshake's buffers each, so
+/// a few tens of MiB in the worst case, whatever `max_client_connections`.
+pub const MAX_CONCURRENT_STARTUPS: usize = 256;
+
 /// Everything sessions share, built from the config. A reload builds a new
 /// one with [`ProxyContext::reconfigured`]; each session keeps the context
 /// it was accepted with.
@@ -71,6 +77,9 @@ pub struct ProxyContext {
     /// remain to be tried.
     pub attempt_timeout: Duration,
     pub on_endpoint_down: OnEndpointDown,
+    /// `[shutdown] request_grace`: how long a session closed at shutdown
+    /// waits for the answer to a request in flight.
+    pub request_grace: Duration,
     /// `[backend] connect_rate`; `None` when unlimited. Shared with the
     /// next context when a reload leaves its settings alone, so a reload
     /// does not hand out a fresh burst.
@@ -86,6 +95,11 @@ pub struct ProxyContext {
     /// Session count and the close-everything signal for shutdown; like
     /// `cancels`, one per process (carry it over if a context is rebuilt).
     pub drain: Arc<Drain>,
+    /// Connections in their startup phase (TLS, startup packet, local
+    /// authentication) at once: [`MAX_CONCURRENT_STARTUPS`]. Each may hold
+    /// buffers for what its client sends; the rest wait their turn within
+    /// `startup_timeout`. One per process, like `drain`.
+    pub startups: Arc<tokio::sync::Semaphore>,
     pub metrics: Arc<Metrics>,
     /// `--busy-poll`: relays report activity to the poller. Set by the
     /// binary after building the context; carried over by a reload.
@@ -99,15 +113,13 @@ impl ProxyContext {
         credentials: Arc<dyn CredentialSource>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, SessionError> {
-        Self::build(
-            config,
-            router,
-            credentials,
-            metrics,
-            Arc::new(CancelRegistry::default()),
-            Arc::new(Drain::default()),
-            None,
-        )
+        let process = ProcessState {
+            cancels: Arc::new(CancelRegistry::default()),
+            drain: Arc::new(Drain::default()),
+            startups: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_STARTUPS)),
+            limiter: None,
+        };
+        Self::build(config, router, credentials, metrics, process)
     }
 
     /// A context for a reloaded `config`: settings, TLS files and the local
@@ -119,14 +131,18 @@ impl ProxyContext {
         config: &Config,
         credentials: Arc<dyn CredentialSource>,
     ) -> Result<Self, SessionError> {
+        let process = ProcessState {
+            cancels: Arc::clone(&self.cancels),
+            drain: Arc::clone(&self.drain),
+            startups: Arc::clone(&self.startups),
+            limiter: self.connect_limiter.clone(),
+        };
         let mut next = Self::build(
             config,
             Arc::clone(&self.router),
             credentials,
             Arc::clone(&self.metrics),
-            Arc::clone(&self.cancels),
-            Arc::clone(&self.drain),
-            self.connect_limiter.clone(),
+            process,
         )?;
         next.busy_poll = self.busy_poll.clone();
         next.idle_connections = self.idle_connections.clone();
@@ -138,10 +154,14 @@ impl ProxyContext {
         router: Arc<dyn Router>,
         credentials: Arc<dyn CredentialSource>,
         metrics: Arc<Metrics>,
-        cancels: Arc<CancelRegistry>,
-        drain: Arc<Drain>,
-        previous_limiter: Option<Arc<ConnectLimiter>>,
+        process: ProcessState,
     ) -> Result<Self, SessionError> {
+        let ProcessState {
+            cancels,
+            drain,
+            startups,
+            limiter: previous_limiter,
+        } = process;
         let listen = &config.listen;
         let tls = match (&listen.tls_cert_file, &listen.tls_key_file) {
             (Some(cert), Some(key)) => Some(TlsAcceptor::from(tls::server_config(cert, key)?)),
@@ -203,6 +223,7 @@ impl ProxyContext {
             default_application_name: config.backend.default_application_name.clone(),
             attempt_timeout: config.routing.attempt_timeout.get(),
             on_endpoint_down: config.routing.on_endpoint_down,
+            request_grace: config.shutdown.request_grace.get(),
             connect_limiter,
             global: (config.backend.kind == BackendKind::AuroraGlobal).then(|| GlobalSettings {
                 writer_wait: config.routing.writer_wait.get(),
@@ -212,10 +233,20 @@ impl ProxyContext {
             credentials,
             cancels,
             drain,
+            startups,
             metrics,
             busy_poll: None,
         })
     }
+}
+
+/// What a context hands on to the next one across a reload: one per
+/// process (the connect limiter only while its settings stay the same).
+struct ProcessState {
+    cancels: Arc<CancelRegistry>,
+    drain: Arc<Drain>,
+    startups: Arc<tokio::sync::Semaphore>,
+    limiter: Option<Arc<ConnectLimiter>>,
 }
 
 /// The context new sessions start with; a reload stores a new one.

@@ -94,12 +94,12 @@ pub async fn accept_loop(
         let accepted = tokio::select! {
             _ = &mut shutdown => break,
             r = listeners.tcp.accept() => r.map(|(s, a)| {
-                let _ = s.set_nodelay(true);
+                tune_client_socket(&s);
                 (Transport::Tcp(s), Peer::Tcp(a), Intent::ReadWrite)
             }),
             r = accept_unix(&listeners.unix) => r.map(|s| (Transport::Unix(s), Peer::Unix, Intent::ReadWrite)),
             r = accept_read_only(&listeners.read_only) => r.map(|(s, a)| {
-                let _ = s.set_nodelay(true);
+                tune_client_socket(&s);
                 (Transport::Tcp(s), Peer::Tcp(a), Intent::ReadOnly)
             }),
         };
@@ -154,6 +154,24 @@ pub async fn accept_loop(
     }
     drop(listeners);
     info!("stopped accepting connections");
+}
+
+/// TCP keepalive on client sockets: idle time before the first probe.
+pub const CLIENT_KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+/// Between unanswered keepalive probes (the kernel gives up after its
+/// retry count, 9 by default): a vanished client is noticed in about
+/// `idle + 9 * interval`, and its session and backend connection end.
+pub const CLIENT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// NODELAY (latency over packet count) and keepalive, so a client host
+/// that vanishes without a FIN does not hold its session, its slot under
+/// `max_client_connections` and a backend connection for ever.
+fn tune_client_socket(s: &tokio::net::TcpStream) {
+    let _ = s.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(CLIENT_KEEPALIVE_IDLE)
+        .with_interval(CLIENT_KEEPALIVE_INTERVAL);
+    let _ = socket2::SockRef::from(s).set_tcp_keepalive(&keepalive);
 }
 
 async fn accept_read_only(

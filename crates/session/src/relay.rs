@@ -9,7 +9,7 @@ use std::task::{ready, Context, Poll};
 
 use std::sync::Arc;
 
-use dsql_proxy_protocol::relay::BoundaryTracker;
+use dsql_proxy_protocol::relay::{requests_in_flight, BoundaryTracker};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 use crate::busy_poll::BusyPoll;
@@ -78,31 +78,54 @@ impl Half {
 
     /// Moves bytes from `reader` to `writer` until both would block, the
     /// reader reaches EOF (then shuts the writer down), or an error.
+    ///
+    /// With a `gate` (the client's side while the session settles before
+    /// the proxy ends it), only the current message and COPY traffic pass:
+    /// reads stop at message boundaries, and a message that would start a
+    /// new request is not forwarded; the gate then closes (`true`) and
+    /// nothing more is read.
     fn poll_copy<R, W>(
         &mut self,
         cx: &mut Context<'_>,
         mut reader: Pin<&mut R>,
         mut writer: Pin<&mut W>,
-        mut tracker: Option<&mut BoundaryTracker>,
+        tracker: &mut BoundaryTracker,
+        mut gate: Option<&mut bool>,
     ) -> Poll<Result<(), Fault>>
     where
         R: AsyncRead + ?Sized,
         W: AsyncWrite + ?Sized,
     {
         loop {
-            if self.pos == self.cap && !self.read_eof {
+            let closed = gate
+                .as_deref()
+                .is_some_and(|closed| *closed || tracker.is_broken());
+            if self.pos == self.cap && !self.read_eof && !closed {
                 self.pos = 0;
                 self.cap = 0;
-                let mut rb = ReadBuf::new(&mut self.buf);
+                let limit = match gate {
+                    None => self.buf.len(),
+                    // One byte at a boundary: the next message's type.
+                    Some(_) if tracker.at_boundary() => 1,
+                    Some(_) => tracker.bytes_to_boundary().min(self.buf.len()),
+                };
+                let mut rb = ReadBuf::new(&mut self.buf[..limit]);
                 match reader.as_mut().poll_read(cx, &mut rb) {
                     Poll::Ready(Ok(())) => {
                         let n = rb.filled().len();
                         if n == 0 {
                             self.read_eof = true;
-                        } else {
-                            if let Some(t) = tracker.as_deref_mut() {
-                                t.observe(&self.buf[..n]);
+                        } else if gate.is_some()
+                            && tracker.at_boundary()
+                            && !continues_a_request(self.buf[0])
+                        {
+                            // A new request: never forwarded (the session
+                            // is ending; the client hears so next).
+                            if let Some(closed) = gate.as_deref_mut() {
+                                *closed = true;
                             }
+                        } else {
+                            tracker.observe(&self.buf[..n]);
                             self.cap = n;
                             self.total += n as u64;
                         }
@@ -118,6 +141,13 @@ impl Half {
                         return Poll::Pending;
                     }
                 }
+            } else if self.pos == self.cap && closed {
+                if self.need_flush {
+                    ready!(writer.as_mut().poll_flush(cx)).map_err(Fault::Write)?;
+                    self.need_flush = false;
+                }
+                // Woken again only by the other direction.
+                return Poll::Pending;
             }
             while self.pos < self.cap {
                 let n = ready!(writer
@@ -140,6 +170,64 @@ impl Half {
     }
 }
 
+/// While a session settles: the message types that belong to a request
+/// already in flight (a COPY's data, its end or failure) or end the
+/// session (Terminate). Anything else would start a new request.
+fn continues_a_request(tag: u8) -> bool {
+    matches!(tag, b'd' | b'c' | b'f' | b'X')
+}
+
+impl Half {
+    /// Writes the bytes read but not yet written, then flushes.
+    async fn write_out<W: AsyncWrite + Unpin + ?Sized>(
+        &mut self,
+        writer: &mut W,
+    ) -> io::Result<()> {
+        std::future::poll_fn(|cx| {
+            let mut writer = Pin::new(&mut *writer);
+            while self.pos < self.cap {
+                let n = ready!(writer
+                    .as_mut()
+                    .poll_write(cx, &self.buf[self.pos..self.cap]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pos += n;
+            }
+            writer.as_mut().poll_flush(cx)
+        })
+        .await
+    }
+
+    /// Writes what was read, then copies the rest of the current message
+    /// (and nothing after it) from `reader` to `writer`.
+    async fn finish_message<R, W>(
+        &mut self,
+        tracker: &mut BoundaryTracker,
+        reader: &mut R,
+        writer: &mut W,
+    ) -> io::Result<()>
+    where
+        R: AsyncRead + Unpin + ?Sized,
+        W: AsyncWrite + Unpin + ?Sized,
+    {
+        self.write_out(writer).await?;
+        while !tracker.at_boundary() && !tracker.is_broken() {
+            let want = tracker.bytes_to_boundary().min(RELAY_BUFFER);
+            let n = reader.read(&mut self.buf[..want]).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            tracker.observe(&self.buf[..n]);
+            self.total += n as u64;
+            self.pos = 0;
+            self.cap = n;
+            self.write_out(writer).await?;
+        }
+        Ok(())
+    }
+}
+
 /// Relays until one side ends the session. Trackers watch message headers
 /// in both directions: downstream, so the caller knows whether the client
 /// stream stopped at a message boundary; upstream, to tell a client's
@@ -152,6 +240,10 @@ pub struct Relay<'a, C: ?Sized, B: ?Sized> {
     pub downstream: BoundaryTracker,
     pub upstream: BoundaryTracker,
     busy_poll: Option<Arc<BusyPoll>>,
+    /// Settling (see [`Relay::settle`]): the client's side is gated.
+    settling: bool,
+    /// The gate closed: a new request from the client was held back.
+    gate_closed: bool,
 }
 
 impl<'a, C, B> Relay<'a, C, B>
@@ -165,9 +257,11 @@ where
             backend,
             up: Half::new(),
             down: Half::new(),
-            downstream: BoundaryTracker::default(),
-            upstream: BoundaryTracker::default(),
+            downstream: BoundaryTracker::backend(),
+            upstream: BoundaryTracker::frontend(),
             busy_poll: None,
+            settling: false,
+            gate_closed: false,
         }
     }
 
@@ -181,21 +275,7 @@ where
     /// message the proxy injects next lands after it. Used when the session
     /// is being ended by the proxy; reads nothing more from either side.
     pub async fn flush_downstream(&mut self) -> io::Result<()> {
-        std::future::poll_fn(|cx| {
-            let down = &mut self.down;
-            let mut client = Pin::new(&mut *self.client);
-            while down.pos < down.cap {
-                let n = ready!(client
-                    .as_mut()
-                    .poll_write(cx, &down.buf[down.pos..down.cap]))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                down.pos += n;
-            }
-            client.as_mut().poll_flush(cx)
-        })
-        .await
+        self.down.write_out(&mut *self.client).await
     }
 
     /// Flushes what was read, then relays the backend's current message to
@@ -203,20 +283,73 @@ where
     /// does not cut one in half. Reads nothing from the client. Callers
     /// bound it in time: a backend may stall mid-message.
     pub async fn finish_downstream_message(&mut self) -> io::Result<()> {
-        self.flush_downstream().await?;
-        while !self.downstream.at_boundary() && !self.downstream.is_broken() {
-            let want = self.downstream.bytes_to_boundary().min(RELAY_BUFFER);
-            let n = self.backend.read(&mut self.down.buf[..want]).await?;
-            if n == 0 {
-                return Err(io::ErrorKind::UnexpectedEof.into());
-            }
-            self.downstream.observe(&self.down.buf[..n]);
-            self.down.total += n as u64;
-            self.down.pos = 0;
-            self.down.cap = n;
-            self.flush_downstream().await?;
+        self.down
+            .finish_message(&mut self.downstream, &mut *self.backend, &mut *self.client)
+            .await
+    }
+
+    /// The same towards the backend: writes what was read from the client,
+    /// then relays the client's current message to its end (a long Bind or
+    /// CopyData the backend has only part of), so a Terminate the proxy
+    /// sends next does not land inside it. Reads nothing from the backend.
+    pub async fn finish_upstream_message(&mut self) -> io::Result<()> {
+        self.up
+            .finish_message(&mut self.upstream, &mut *self.client, &mut *self.backend)
+            .await
+    }
+
+    /// True when everything read from the client was also written to the
+    /// backend and that ended at a message boundary: only then can the
+    /// proxy add a message of its own (Terminate) without cutting one. (The
+    /// tracker sees bytes when they are read; the buffer says whether they
+    /// were written.)
+    pub fn upstream_settled(&self) -> bool {
+        self.upstream.at_boundary() && self.up.pos == self.up.cap
+    }
+
+    /// The same towards the client: every byte read from the backend was
+    /// written, ending between two messages.
+    pub fn downstream_settled(&self) -> bool {
+        self.downstream.at_boundary() && self.down.pos == self.down.cap
+    }
+
+    /// Requests the client sent (Query, Sync, FunctionCall) that the
+    /// backend has not answered with ReadyForQuery yet.
+    pub fn requests_in_flight(&self) -> u64 {
+        requests_in_flight(&self.upstream, &self.downstream)
+    }
+
+    /// Relays until no request is in flight and both directions are
+    /// settled: the client then has every answer the server gave, and the
+    /// server has only whole messages. From the client only the message it
+    /// is in the middle of and COPY traffic pass; a new request is held
+    /// back (and never sent), so the wait ends. `Err` when the session
+    /// ended on its own meanwhile. Used before the proxy ends a session, so
+    /// a COMMIT already forwarded is answered rather than reported as
+    /// terminated. Callers bound it in time: a server may be slow.
+    pub async fn settle(&mut self) -> Result<(), RelayEnd> {
+        if self.is_settled() {
+            return Ok(());
         }
-        Ok(())
+        // From here the client may finish the message it is in the middle
+        // of and feed a COPY in flight, but not start a new request.
+        self.settling = true;
+        std::future::poll_fn(|cx| {
+            if self.is_settled() {
+                return Poll::Ready(Ok(()));
+            }
+            match self.poll_relay(cx) {
+                Poll::Ready(end) => Poll::Ready(Err(end)),
+                // Everything that could move has moved.
+                Poll::Pending if self.is_settled() => Poll::Ready(Ok(())),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    fn is_settled(&self) -> bool {
+        self.requests_in_flight() == 0 && self.upstream_settled() && self.downstream_settled()
     }
 
     pub fn client(&mut self) -> &mut C {
@@ -243,7 +376,17 @@ where
     type Output = RelayEnd;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<RelayEnd> {
-        let this = self.get_mut();
+        self.get_mut().poll_relay(cx)
+    }
+}
+
+impl<C, B> Relay<'_, C, B>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    fn poll_relay(&mut self, cx: &mut Context<'_>) -> Poll<RelayEnd> {
+        let this = self;
         if let Some(busy) = &this.busy_poll {
             busy.note_activity();
         }
@@ -253,7 +396,8 @@ where
                 cx,
                 Pin::new(&mut *this.backend),
                 Pin::new(&mut *this.client),
-                Some(&mut this.downstream),
+                &mut this.downstream,
+                None,
             ) {
                 // The server closing ends the session, whatever the client
                 // still has in flight: PostgreSQL never half-closes. After a
@@ -269,11 +413,13 @@ where
             }
         }
         if !this.up.done {
+            let gate = this.settling.then_some(&mut this.gate_closed);
             match this.up.poll_copy(
                 cx,
                 Pin::new(&mut *this.client),
                 Pin::new(&mut *this.backend),
-                Some(&mut this.upstream),
+                &mut this.upstream,
+                gate,
             ) {
                 // Client EOF: the backend's write side is shut; keep relaying
                 // the backend's last words until it closes too.
@@ -362,6 +508,91 @@ mod tests {
         let mut got = Vec::new();
         client_app.read_to_end(&mut got).await.unwrap();
         assert_eq!(got, [b'D', 0, 0, 0, 10, 1, 2, 3, 4, 5, 6]);
+    }
+
+    #[tokio::test]
+    async fn settle_relays_the_answer_to_a_request_in_flight_and_no_further() {
+        let (mut client_app, mut client_proxy) = duplex(1024);
+        let (mut backend_proxy, mut backend_server) = duplex(1024);
+        let mut relay = Relay::new(&mut client_proxy, &mut backend_proxy);
+        // Idle: nothing to wait for.
+        relay.settle().await.unwrap();
+        client_app.write_all(b"Q\0\0\0\x0bCOMMIT\0").await.unwrap();
+        let pending = tokio::time::timeout(std::time::Duration::from_millis(50), &mut relay).await;
+        assert!(pending.is_err());
+        assert_eq!(relay.requests_in_flight(), 1);
+        let mut got = [0u8; 12];
+        backend_server.read_exact(&mut got).await.unwrap();
+        // The answer and its ReadyForQuery.
+        backend_server
+            .write_all(b"C\0\0\0\x0bCOMMIT\0Z\0\0\0\x05I")
+            .await
+            .unwrap();
+        relay.settle().await.unwrap();
+        assert_eq!(relay.requests_in_flight(), 0);
+        assert!(relay.downstream_settled() && relay.upstream_settled());
+        drop(relay);
+        drop(client_proxy);
+        let mut answer = Vec::new();
+        client_app.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(answer, b"C\0\0\0\x0bCOMMIT\0Z\0\0\0\x05I");
+    }
+
+    #[tokio::test]
+    async fn settling_holds_back_new_requests_but_feeds_a_copy_in_flight() {
+        let (mut client_app, mut client_proxy) = duplex(1 << 16);
+        let (mut backend_proxy, mut backend_server) = duplex(1 << 16);
+        let mut relay = Relay::new(&mut client_proxy, &mut backend_proxy);
+        // A COPY in flight: the Query went through.
+        client_app.write_all(b"Q\0\0\0\x09COPY\0").await.unwrap();
+        let pending = tokio::time::timeout(std::time::Duration::from_millis(50), &mut relay).await;
+        assert!(pending.is_err());
+        assert_eq!(relay.requests_in_flight(), 1);
+        // While settling the client sends its data, the end of the COPY,
+        // and then a new Query, which must never reach the server.
+        client_app
+            .write_all(b"d\0\0\0\x06a\nc\0\0\0\x04Q\0\0\0\x0dDROP ALL\0")
+            .await
+            .unwrap();
+        backend_server
+            .write_all(b"C\0\0\0\x0bCOPY 1\0Z\0\0\0\x05I")
+            .await
+            .unwrap();
+        relay.settle().await.unwrap();
+        assert!(relay.upstream_settled());
+        drop(relay);
+        drop(backend_proxy);
+        let mut got = Vec::new();
+        backend_server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"Q\0\0\0\x09COPY\0d\0\0\0\x06a\nc\0\0\0\x04");
+    }
+
+    #[tokio::test]
+    async fn finish_upstream_message_completes_the_clients_message_only() {
+        let (mut client_app, mut client_proxy) = duplex(1024);
+        let (mut backend_proxy, mut backend_server) = duplex(1024);
+        // A Bind's header and 3 of its 8 body bytes.
+        client_app
+            .write_all(&[b'B', 0, 0, 0, 12, 1, 2, 3])
+            .await
+            .unwrap();
+        let mut relay = Relay::new(&mut client_proxy, &mut backend_proxy);
+        let pending = tokio::time::timeout(std::time::Duration::from_millis(50), &mut relay).await;
+        assert!(pending.is_err());
+        assert!(!relay.upstream.at_boundary() && !relay.upstream_settled());
+        // The rest of it, then a whole Sync that must stay with the client.
+        client_app
+            .write_all(&[4, 5, 6, 7, 8, b'S', 0, 0, 0, 4])
+            .await
+            .unwrap();
+        relay.finish_upstream_message().await.unwrap();
+        assert!(relay.upstream_settled());
+        assert_eq!(relay.requests_in_flight(), 0, "the Sync was not read");
+        drop(relay);
+        drop(backend_proxy);
+        let mut got = Vec::new();
+        backend_server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, [b'B', 0, 0, 0, 12, 1, 2, 3, 4, 5, 6, 7, 8]);
     }
 
     #[tokio::test]

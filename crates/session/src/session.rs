@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use bytes::BytesMut;
 use dsql_proxy_config::OnEndpointDown;
 use dsql_proxy_connector::BackendConnection;
-use dsql_proxy_protocol::startup::StartupParam;
+use dsql_proxy_protocol::startup::{self, StartupParam};
 use dsql_proxy_protocol::{messages, sqlstate, PgError, StartupMessage};
 use dsql_proxy_routing::{DownWatch, PassiveSignal};
 use tokio::io::AsyncWriteExt;
@@ -31,7 +31,31 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, inten
     let started = Instant::now();
     let mut close = ctx.drain.close_signal();
     let deadline = Deadline::after(ctx.startup_timeout).or_closed(close.clone());
-    let hello = match frontend::open(transport, &peer, &ctx.frontend, &deadline).await {
+    // Startup memory is bounded by how many run at once; waiting for a turn
+    // counts against startup_timeout.
+    let turn = deadline
+        .run(async { Ok(Arc::clone(&ctx.startups).acquire_owned().await) })
+        .await;
+    let permit = match turn {
+        Ok(Ok(permit)) => permit,
+        Ok(Err(_closed)) => return,
+        Err(err) => {
+            ctx.metrics
+                .client_connections_rejected_total
+                .with_label_values(&[err.reason()])
+                .inc();
+            info!(client = %peer, reason = %err.reason(), error = %err, "client rejected while waiting for its startup turn");
+            let _ = frontend::reject(frontend::Failure {
+                stream: Some(crate::stream::ClientStream::Plain(transport)),
+                error: err,
+            })
+            .await;
+            return;
+        }
+    };
+    let opened = frontend::open(transport, &peer, &ctx.frontend, &deadline).await;
+    drop(permit);
+    let hello = match opened {
         Ok(Opening::Session(hello)) => hello,
         Ok(Opening::Cancel(key)) => return cancel_request(&ctx, key).await,
         Err(failure) => {
@@ -64,8 +88,37 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, inten
         .param("database")
         .map(|d| d.into_owned())
         .unwrap_or_else(|| user.clone());
+    let params = backend_parameters(&startup, &ctx);
+    // A server drops an oversized startup packet without a word, which
+    // would look like an endpoint failure: refuse it here instead, before
+    // any endpoint is touched.
+    let forwarded = startup::startup_len(&params);
+    if forwarded > startup::MAX_STARTUP_PACKET_LEN {
+        let err = SessionError::Rejected(
+            PgError::fatal(
+                sqlstate::PROGRAM_LIMIT_EXCEEDED,
+                format!(
+                    "startup packet too long: the parameters forwarded to the server take \
+                     {forwarded} bytes; PostgreSQL accepts at most {}",
+                    startup::MAX_STARTUP_PACKET_LEN
+                ),
+            )
+            .with_hint("send fewer or shorter startup parameters (options, application_name)"),
+        );
+        ctx.metrics
+            .client_connections_rejected_total
+            .with_label_values(&[err.reason()])
+            .inc();
+        info!(client = %peer, %user, %database, forwarded, "startup packet too long to forward; client rejected");
+        let _ = frontend::reject(frontend::Failure {
+            stream: Some(stream),
+            error: err,
+        })
+        .await;
+        return;
+    }
     let login = Login {
-        params: backend_parameters(&startup, &ctx),
+        params,
         user,
         database,
         client_password: password,
@@ -148,8 +201,8 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, inten
         messages::backend_key_data(&mut buf, &k.0);
     }
     messages::ready_for_query(&mut buf, ready_status);
-    if let Err(e) = send(&mut stream, &buf).await {
-        debug!(client = %peer, error = %e, "client left before the session started");
+    if let Err(e) = send_greeting(&mut stream, &buf, ctx.startup_timeout).await {
+        debug!(client = %peer, error = %e, "client left (or stopped reading) before the session started");
         let mut terminate = BytesMut::new();
         messages::terminate(&mut terminate);
         let _ = send(&mut backend_stream, &terminate).await;
@@ -169,15 +222,11 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, inten
     };
     let mut relay =
         Relay::new(&mut stream, &mut backend_stream).with_busy_poll(ctx.busy_poll.clone());
-    let end = relay_until_evicted(&mut relay, down.as_mut(), role_watch.as_mut(), &mut close).await;
+    let mut end =
+        relay_until_evicted(&mut relay, down.as_mut(), role_watch.as_mut(), &mut close).await;
     let mut evicted_for = None;
     match &end {
-        Ok(end) => {
-            if let Some(detail) = backend_broke(end, &relay) {
-                ctx.router
-                    .report(endpoint.id, PassiveSignal::SessionBroken { detail });
-            }
-        }
+        Ok(_) => {}
         Err(eviction @ (Eviction::EndpointDown | Eviction::Role)) => {
             // The endpoint went down or its role changed: end the session
             // the way PostgreSQL ends one on shutdown, so pools reconnect
@@ -204,20 +253,15 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, inten
             }
         }
         Err(Eviction::Shutdown) => {
-            // The backend is alive: let it finish the message it is in the
-            // middle of, so the FATAL lands between messages.
-            let until = Instant::now() + EVICTION_FLUSH;
-            let finished = tokio::time::timeout_at(until, relay.finish_downstream_message()).await;
-            if matches!(finished, Ok(Ok(()))) && relay.downstream.at_boundary() {
-                send_fatal(&mut relay, &crate::shutdown_error(), until).await;
+            if let Some(ended) = shutdown_goodbye(&mut relay, ctx.request_grace).await {
+                end = Ok(ended);
             }
-            // A clean goodbye to the server when the client's stream is
-            // between messages (an open transaction rolls back either way).
-            if relay.upstream.at_boundary() {
-                let mut buf = BytesMut::new();
-                messages::terminate(&mut buf);
-                let _ = tokio::time::timeout_at(until, send(relay.backend(), &buf)).await;
-            }
+        }
+    }
+    if let Ok(ended) = &end {
+        if let Some(detail) = backend_broke(ended, &relay) {
+            ctx.router
+                .report(endpoint.id, PassiveSignal::SessionBroken { detail });
         }
     }
     let stats = relay.stats();
@@ -249,6 +293,18 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, inten
         reason = %reason,
         "session closed"
     );
+}
+
+/// Writes the session's first answer (AuthenticationOk .. ReadyForQuery)
+/// within `limit`: a client that stops reading right after its startup
+/// must not hold a backend connection open.
+async fn send_greeting<S>(stream: &mut S, greeting: &[u8], limit: Duration) -> std::io::Result<()>
+where
+    S: tokio::io::AsyncWrite + Unpin + ?Sized,
+{
+    tokio::time::timeout(limit, send(stream, greeting))
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
 /// How long the proxy spends telling a client its session is over (and,
@@ -304,6 +360,54 @@ where
     }
 }
 
+/// Ends a relayed session at shutdown without breaking a promise to either
+/// side. A request in flight (a COMMIT forwarded, its ReadyForQuery not
+/// back yet) may commit, so its answer is relayed first, for at most
+/// `request_grace`. Then the client's message the backend has part of is
+/// completed and the backend's current message too, so neither the FATAL
+/// to the client nor the Terminate to the server lands inside a message;
+/// the Terminate is sent only when the server has nothing but whole
+/// messages (else the connection is just closed, which the server treats
+/// as a client that vanished). Returns the relay's own end if the session
+/// ended by itself meanwhile.
+async fn shutdown_goodbye<C, B>(
+    relay: &mut Relay<'_, C, B>,
+    request_grace: Duration,
+) -> Option<RelayEnd>
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
+{
+    let in_flight = relay.requests_in_flight();
+    if in_flight > 0 {
+        match tokio::time::timeout(request_grace, relay.settle()).await {
+            Ok(Ok(())) => debug!("the request in flight was answered; closing the session"),
+            Ok(Err(end)) => return Some(end),
+            Err(_) => {
+                info!(
+                    requests = relay.requests_in_flight(),
+                    request_grace = ?request_grace,
+                    "requests still in flight after request_grace; closing the session anyway"
+                )
+            }
+        }
+    }
+    let until = Instant::now() + EVICTION_FLUSH;
+    let upstream = tokio::time::timeout_at(until, relay.finish_upstream_message()).await;
+    let downstream = tokio::time::timeout_at(until, relay.finish_downstream_message()).await;
+    if matches!(downstream, Ok(Ok(()))) && relay.downstream_settled() {
+        send_fatal(relay, &crate::shutdown_error(), until).await;
+    }
+    // A clean goodbye to the server (an open transaction rolls back either
+    // way).
+    if matches!(upstream, Ok(Ok(()))) && relay.upstream_settled() {
+        let mut buf = BytesMut::new();
+        messages::terminate(&mut buf);
+        let _ = tokio::time::timeout_at(until, send(relay.backend(), &buf)).await;
+    }
+    None
+}
+
 /// Resolves when `watch` fires; never for none, or a closed one (the
 /// router is gone at shutdown, or a reload removed the endpoint).
 async fn fired(watch: Option<&mut DownWatch>) {
@@ -328,8 +432,15 @@ where
 
 /// A backend connection that broke without the server saying why: a reset,
 /// or an EOF not preceded by an ErrorResponse. That is a passive health
-/// signal; a FATAL (admin shutdown, idle timeout) is not.
+/// signal; a FATAL (admin shutdown, idle timeout) is not, and neither is a
+/// break the client caused: a PostgreSQL server closes, without an
+/// ErrorResponse, on a client message it cannot frame or whose length is
+/// over its limit for the type, so once the client's stream did that the
+/// endpoint is not blamed.
 fn backend_broke<C: ?Sized, B: ?Sized>(end: &RelayEnd, relay: &Relay<'_, C, B>) -> Option<String> {
+    if relay.upstream.protocol_violation() {
+        return None;
+    }
     match end {
         RelayEnd::BackendError(e) => Some(format!("backend connection broke: {e}")),
         RelayEnd::BackendClosed if relay.downstream.last_tag() != b'E' => {
@@ -386,5 +497,26 @@ pub(crate) async fn cancel_request(ctx: &ProxyContext, key: dsql_proxy_protocol:
         Err(e) => {
             warn!(endpoint = %target.endpoint.name, error = %e, "cancel request could not be forwarded")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_greeting_the_client_does_not_read_times_out() {
+        // A client whose receive window is full: the greeting can never
+        // be written.
+        let (_client, mut proxy_side) = tokio::io::duplex(64);
+        let greeting = vec![b'S'; 4096];
+        let limit = Duration::from_millis(100);
+        let written = tokio::time::timeout(
+            Duration::from_secs(30),
+            send_greeting(&mut proxy_side, &greeting, limit),
+        )
+        .await
+        .expect("send_greeting gives up by itself");
+        assert_eq!(written.unwrap_err().kind(), std::io::ErrorKind::TimedOut);
     }
 }

@@ -296,3 +296,48 @@ async fn token_life_is_capped_by_the_credentials_expiry() {
         token.expose()
     );
 }
+
+/// `rds-iam` keys carry client-chosen user names: the cache stays within
+/// MAX_CACHED_KEYS however many a client tries, keeps the users in use,
+/// and forgets a user whose token the server refused.
+#[tokio::test]
+async fn the_rds_token_cache_is_bounded_and_evicts() {
+    let clock = TestClock::at(VECTOR_TIME);
+    let creds = Credentials::new("akid", "secret", None, None, "test");
+    let tokens = IamTokens::new(
+        TokenFlavor::Rds,
+        sdk(creds, &clock),
+        Duration::from_secs(900),
+    );
+    let host = "db.cluster-x.us-east-1.rds.amazonaws.com";
+    tokens.password(request(host, "app")).await.unwrap();
+    for i in 0..MAX_CACHED_KEYS + 200 {
+        clock.advance(Duration::from_millis(10));
+        let user = format!("guess-{i}");
+        tokens.password(request(host, &user)).await.unwrap();
+        if i % 100 == 0 {
+            // The application's own user stays in use, so it stays cached.
+            clock.advance(Duration::from_secs(1));
+            tokens.password(request(host, "app")).await.unwrap();
+        }
+        assert!(tokens.cached_keys() <= MAX_CACHED_KEYS);
+    }
+    assert_eq!(tokens.cached_keys(), MAX_CACHED_KEYS);
+    let signed = tokens.stats().generations.load(Ordering::SeqCst);
+    tokens.password(request(host, "app")).await.unwrap();
+    assert_eq!(
+        tokens.stats().generations.load(Ordering::SeqCst),
+        signed,
+        "the user in use was kept"
+    );
+    tokens.password(request(host, "guess-0")).await.unwrap();
+    assert_eq!(
+        tokens.stats().generations.load(Ordering::SeqCst),
+        signed + 1,
+        "the oldest guess was evicted"
+    );
+    // A refused user leaves the cache at once.
+    let before = tokens.cached_keys();
+    tokens.rejected(request(host, "guess-0"));
+    assert_eq!(tokens.cached_keys(), before - 1);
+}

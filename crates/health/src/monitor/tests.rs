@@ -161,3 +161,131 @@ async fn reconfigure_keeps_kept_endpoints_state_and_swaps_the_rest() {
     );
     wait_for(&router, "a selected again", |t| selected(t) == Some("a")).await;
 }
+
+/// Fails as many checks as it is told to, then succeeds; counts checks.
+struct Flaky {
+    fail_next: std::sync::atomic::AtomicU32,
+    checks: std::sync::atomic::AtomicU32,
+}
+
+impl Probe for Flaky {
+    fn check(self: Arc<Self>, _conn: Option<ProbeConnection>) -> CheckFuture {
+        use std::sync::atomic::Ordering::SeqCst;
+        let failing = self
+            .fail_next
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        self.checks.fetch_add(1, SeqCst);
+        Box::pin(async move {
+            let outcome = if failing {
+                ProbeOutcome::Failure {
+                    kind: dsql_proxy_routing::FailureKind::Timeout,
+                    detail: "scripted failure".into(),
+                }
+            } else {
+                ProbeOutcome::Success {
+                    rtt: Duration::from_millis(1),
+                    connect_time: None,
+                    role: None,
+                }
+            };
+            (outcome, None)
+        })
+    }
+}
+
+/// A passive report demotes at once, but sessions are closed only on the
+/// probes' own verdict (`down_after` failures in a row): one flaky probe
+/// after one broken session closes nothing.
+#[tokio::test]
+async fn closing_sessions_needs_down_after_probe_failures_after_a_passive_demotion() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let metrics = Arc::new(Metrics::new("test").unwrap());
+    let (reports_tx, reports_rx) = mpsc::channel(8);
+    let router = Arc::new(
+        TableRouter::new(RoutingTable::from_configs(&[config("a", 1)])).with_reports(reports_tx),
+    );
+    let probe = Arc::new(Flaky {
+        fail_next: 0.into(),
+        checks: 0.into(),
+    });
+    let mut s = settings();
+    s.hysteresis = Hysteresis {
+        down_after: 3,
+        up_after: 1,
+    };
+    let _monitor = start(
+        Arc::clone(&router),
+        reports_rx,
+        vec![Arc::clone(&probe)],
+        None,
+        s,
+        Arc::clone(&metrics),
+    )
+    .await;
+    let a = EndpointId(0);
+    wait_for(&router, "a up", |t| {
+        t.status(a).is_some_and(|s| s.liveness == Liveness::Up)
+    })
+    .await;
+    let mut down = router.watch_down(a).expect("a down watch");
+    let wait_checks = |n: u32| {
+        let probe = Arc::clone(&probe);
+        async move {
+            let target = probe.checks.load(SeqCst) + n;
+            while probe.checks.load(SeqCst) < target {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    };
+
+    // One broken session, then one failed probe: demoted, nothing closed.
+    probe.fail_next.store(1, SeqCst);
+    router.report(
+        a,
+        dsql_proxy_routing::PassiveSignal::SessionBroken {
+            detail: "reset".into(),
+        },
+    );
+    wait_for(&router, "a demoted", |t| {
+        t.status(a).is_some_and(|s| s.liveness == Liveness::Down)
+    })
+    .await;
+    wait_checks(5).await;
+    assert!(
+        !down.has_changed().unwrap(),
+        "one probe failure after a passive demotion closed the sessions"
+    );
+    wait_for(&router, "a back up", |t| {
+        t.status(a).is_some_and(|s| s.liveness == Liveness::Up)
+    })
+    .await;
+
+    // The probes' own verdict closes them.
+    router.report(
+        a,
+        dsql_proxy_routing::PassiveSignal::SessionBroken {
+            detail: "reset".into(),
+        },
+    );
+    probe.fail_next.store(3, SeqCst);
+    tokio::time::timeout(Duration::from_secs(10), down.changed())
+        .await
+        .expect("down_after probe failures close the sessions")
+        .unwrap();
+}
+
+#[test]
+fn metric_reason_lists_match_the_failure_kinds() {
+    let kinds: Vec<&str> = dsql_proxy_routing::FailureKind::ALL
+        .iter()
+        .map(|k| k.as_str())
+        .collect();
+    let probe: Vec<&str> = dsql_proxy_metrics::probe_failure_reasons().collect();
+    assert_eq!(kinds, probe);
+    // A connect attempt fails with any kind but a probe query's.
+    let connect: Vec<&str> = dsql_proxy_metrics::connect_failure_reasons().collect();
+    for kind in kinds.iter().filter(|k| **k != "query") {
+        assert!(connect.contains(kind), "{kind}");
+    }
+}

@@ -262,3 +262,16 @@ async fn aurora_global_without_a_writer_waits_out_the_budget_then_says_why() {
         "nothing to try"
     );
 }
+
+#[test]
+fn connect_failure_reasons_are_the_series_created_at_startup() {
+    let reasons: Vec<&str> = dsql_proxy_metrics::connect_failure_reasons().collect();
+    let credentials =
+        credential_error(dsql_proxy_credentials::CredentialError::MissingClientPassword);
+    for err in [busy_refusal(), credentials] {
+        let reason = err
+            .failover_kind()
+            .map_or(err.reason(), dsql_proxy_routing::FailureKind::as_str);
+        assert!(reasons.contains(&reason), "{reason}");
+    }
+}

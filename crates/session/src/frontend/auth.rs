@@ -39,6 +39,24 @@ pub(super) async fn authenticate(
     deadline: &Deadline,
 ) -> Result<Option<Secret>, SessionError> {
     if settings.ask_password {
+        // The password is the client's real database password: never ask
+        // for it where it would cross a network in the clear.
+        if !peer.is_local() && !stream.is_tls() {
+            return Err(SessionError::Rejected(
+                PgError::fatal(
+                    sqlstate::INVALID_AUTHORIZATION,
+                    format!(
+                        "dsql-proxy passes the client's password to the database (auth = \
+                         \"passthrough\") and asks for it only from loopback or Unix-socket \
+                         clients or over TLS; {peer} connected without TLS"
+                    ),
+                )
+                .with_hint(
+                    "connect with sslmode=require (the proxy needs [listen] tls_cert_file and \
+                     tls_key_file), or from this host",
+                ),
+            ));
+        }
         return cleartext(stream, user, deadline).await.map(Some);
     }
     match (settings.auth, &settings.verifier) {

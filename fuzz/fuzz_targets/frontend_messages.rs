@@ -1,0 +1,3 @@
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| dsql_proxy_fuzz_targets::frontend_messages(data));
