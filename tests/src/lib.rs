@@ -9,6 +9,7 @@
 //! as the `postgres` OS user in that case.
 
 pub mod aws_endpoints;
+mod build;
 pub mod dsql_stack;
 pub mod emulator;
 pub mod fixture;
