@@ -7,7 +7,9 @@ use std::time::Duration;
 use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, Config};
 
-use crate::{free_addr, AuthMethod, PgOptions, PgServer, ProxyProcess, APP_PASSWORD};
+use crate::{
+    free_addr, AuthMethod, PgOptions, PgServer, ProxyProcess, APP_DB, APP_PASSWORD, APP_USER,
+};
 
 /// What goes into the proxy's config besides the server's address.
 #[derive(Clone, Debug)]
@@ -26,6 +28,10 @@ pub struct ProxyOptions {
     pub backend_extra: Vec<String>,
     /// Replaces the endpoint's connect address (for unreachable tests).
     pub connect_address: Option<SocketAddr>,
+    /// The `[routing]` section's lines: by default the probe logs in as
+    /// [`APP_USER`], whose password `password` is. Empty: no `[routing]`
+    /// section, for a caller that appends its own.
+    pub routing: Vec<String>,
 }
 
 impl Default for ProxyOptions {
@@ -38,8 +44,19 @@ impl Default for ProxyOptions {
             listen_extra: Vec::new(),
             backend_extra: Vec::new(),
             connect_address: None,
+            routing: probe_login(APP_USER),
         }
     }
+}
+
+/// `[routing]` lines for a probe that logs in as `user` (with the
+/// backend's password), so it keeps one connection open instead of
+/// reconnecting, refused, every interval.
+pub fn probe_login(user: &str) -> Vec<String> {
+    vec![
+        format!("probe_user = \"{user}\""),
+        format!("probe_database = \"{APP_DB}\""),
+    ]
 }
 
 /// Renders a proxy config for `pg`, listening on `listen`.
@@ -67,6 +84,13 @@ pub fn proxy_toml(pg: &PgServer, listen: SocketAddr, opts: &ProxyOptions) -> Str
     for l in &opts.backend_extra {
         s.push_str(l);
         s.push('\n');
+    }
+    if !opts.routing.is_empty() {
+        s.push_str("[routing]\n");
+        for l in &opts.routing {
+            s.push_str(l);
+            s.push('\n');
+        }
     }
     let connect = opts.connect_address.unwrap_or(pg.addr());
     s.push_str(&format!(

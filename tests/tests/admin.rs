@@ -14,7 +14,12 @@ use dsql_proxy_tests::{
 fn start(pg: &PgServer, routing: &str) -> (ProxyProcess, SocketAddr, SocketAddr) {
     let listen = free_addr();
     let admin = free_addr();
-    let mut toml = proxy_toml(pg, listen, &ProxyOptions::default());
+    let opts = ProxyOptions {
+        // This proxy's [routing] section is appended below.
+        routing: Vec::new(),
+        ..ProxyOptions::default()
+    };
+    let mut toml = proxy_toml(pg, listen, &opts);
     let start = toml.find("[admin]").unwrap();
     let end = start + toml[start..].find("[backend]").unwrap();
     toml.replace_range(start..end, &format!("[admin]\naddress = \"{admin}\"\n"));

@@ -42,6 +42,8 @@ fn start(
     let opts = ProxyOptions {
         listen_extra: listen_extra.iter().map(|l| l.to_string()).collect(),
         backend_extra: backend.iter().map(|l| l.to_string()).collect(),
+        // `probes = false` is appended below.
+        routing: Vec::new(),
         ..ProxyOptions::default()
     };
     let mut toml = proxy_toml(pg, listen, &opts).replace(

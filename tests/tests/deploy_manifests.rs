@@ -806,7 +806,12 @@ async fn dashboard_and_alert_metrics_are_exported_by_the_real_proxy() {
     let route53 = FakeRoute53::start();
     let listen = free_addr();
     let admin = free_addr();
-    let mut toml = proxy_toml(&pg, listen, &ProxyOptions::default());
+    let opts = ProxyOptions {
+        // This proxy's [routing] section is appended below.
+        routing: Vec::new(),
+        ..ProxyOptions::default()
+    };
+    let mut toml = proxy_toml(&pg, listen, &opts);
     let start = toml.find("[admin]").expect("[admin]");
     let end = start + toml[start..].find("[backend]").expect("[backend]");
     toml.replace_range(start..end, &format!("[admin]\naddress = \"{admin}\"\n"));

@@ -41,7 +41,12 @@ struct Proxy {
 fn start(pg: &PgServer, shutdown: &str, extra_toml: &str, args: &[&str]) -> Proxy {
     let listen = free_addr();
     let admin = free_addr();
-    let mut toml = proxy_toml(pg, listen, &ProxyOptions::default());
+    let opts = ProxyOptions {
+        // This proxy's [routing] section is appended below.
+        routing: Vec::new(),
+        ..ProxyOptions::default()
+    };
+    let mut toml = proxy_toml(pg, listen, &opts);
     let from = toml.find("[admin]").expect("admin section");
     let to = from + toml[from..].find("[backend]").expect("backend section");
     toml.replace_range(from..to, &format!("[admin]\naddress = \"{admin}\"\n"));

@@ -1278,7 +1278,7 @@ async fn client_limit_rejects_with_53300_until_a_slot_frees() {
 fn app_backends(stack: &Stack) -> i64 {
     let sql = format!(
         "select count(*) from pg_stat_activity where usename = '{APP_USER}' \
-         and backend_type = 'client backend'"
+         and backend_type = 'client backend' and application_name <> 'dsql-proxy-probe'"
     );
     tokio::task::block_in_place(|| stack.pg.superuser_sql(&sql))
         .parse()

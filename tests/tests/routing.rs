@@ -476,20 +476,12 @@ async fn latencies_within_tolerance_do_not_flap() {
 async fn priority_breaks_a_tie_within_tolerance() {
     // "quick" is about 2ms faster per round trip, well within tolerance;
     // "primary" has the better priority and wins from the first session.
-    // That first selection rests on one probe sample per Region, and on a
-    // loaded machine one sample can be tens of milliseconds late (the
-    // proxy's one runtime thread is still busy with the other Region's
-    // TLS and login when the first answer arrives), so the tolerance is
-    // far wider than that noise: the tie must not depend on it. How a
-    // sample is taken is tested in probe.rs.
-    let mut routing = fast_probes();
-    routing.push("latency_tolerance = \"100ms\"".into());
     let stack = RegionsStack::start(RegionsOptions {
         regions: vec![
             ("quick", Duration::from_micros(2_500)),
             ("primary", Duration::from_micros(3_500)),
         ],
-        routing,
+        routing: fast_probes(),
         endpoint_extra: vec![vec!["priority = 2".into()], vec!["priority = 1".into()]],
         ..RegionsOptions::default()
     });

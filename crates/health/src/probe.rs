@@ -56,9 +56,10 @@ enum Opened {
 /// The latency sample is the round trip of that query on the established
 /// connection; opening one is timed separately (`connect_time`). On a new
 /// connection the first round trip after login is made untimed: it is slow
-/// for reasons that are not the network (the server's new backend fills its
-/// caches on its first statement; at startup it overlaps the other probes'
-/// connects), and the first sample decides the initial selection.
+/// for reasons that are not the network (a new server backend's first
+/// statement pays one-time costs, its caches are cold; at startup it
+/// overlaps the other probes' connects), and the first sample decides the
+/// initial selection.
 pub struct PgProbe {
     endpoint: Arc<Endpoint>,
     settings: BackendSettings,
