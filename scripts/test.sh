@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The project's one test command (README "Quick start"; CI runs exactly this).
 # Installs what the tests need when it is missing, then runs formatting and
-# lint checks and every unit and integration test. Integration tests start
-# their own throwaway PostgreSQL servers, so a PostgreSQL server install
-# (initdb, pg_ctl, postgres) plus psql and pgbench must be present (and curl,
-# which deploy_manifests.rs runs as the batch Job example does), and
-# Python 3 with moto's server (pip) for the route53 command tests.
+# lint checks, builds the binaries the integration tests run, and runs every
+# unit and integration test; at the end it prints the wall time of every
+# step and of every test binary, and fails if any test failed. Integration
+# tests start their own throwaway PostgreSQL servers, so a PostgreSQL server
+# install (initdb, pg_ctl, postgres) plus psql and pgbench must be present
+# (and curl, which deploy_manifests.rs runs as the batch Job example does),
+# and Python 3 with moto's server (pip) for the route53 command tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,10 +56,86 @@ if ! have_moto; then
   fi
 fi
 
-echo "==> cargo fmt --check"
-cargo fmt --all -- --check
-echo "==> cargo clippy"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+# The wall time of every step and of every test binary is printed at the
+# end, slowest first, so a slow one stands out. Lines: seconds, tab, name.
+steps=$(mktemp)
+binaries=$(mktemp)
+trap 'rm -f "$steps" "$binaries"' EXIT
+# Seconds since $1 (an $EPOCHREALTIME), one decimal.
+elapsed() {
+  awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'
+}
+# Runs a step: "step NAME COMMAND...".
+step() {
+  local name=$1 start=$EPOCHREALTIME
+  shift
+  echo "==> $name"
+  "$@"
+  printf '%s\t%s\n' "$(elapsed "$start")" "$name" >>"$steps"
+}
+script_start=$EPOCHREALTIME
+
+step "cargo fmt --check" cargo fmt --all -- --check
+step "cargo clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
+
+# The integration tests run the real binaries. The harness builds them when
+# a test first needs one (tests/src/build.rs), which would bill the build to
+# that test binary. Built here first with the harness's own command (same
+# package selection, hence the same features, target dir and profile), the
+# harness finds them fresh.
+step "cargo build --workspace --bins" cargo build --workspace --bins --locked
+# Compiled apart too, so each test binary's time is its run alone.
+step "cargo test --no-run" cargo test --workspace --locked --no-run
+
+# Passes cargo test's output through and times each test binary, from its
+# "Running" or "Doc-tests" line to the next one (or the end), appending
+# "seconds, tab, result, tab, binary" lines to $binaries.
+binary= result= started=
+end_binary() {
+  if [ -n "$binary" ]; then
+    printf '%s\t%s\t%s\n' "$(elapsed "$started")" "${result:-no result}" "$binary" >>"$binaries"
+  fi
+  binary=
+}
+time_binaries() {
+  local line
+  while IFS= read -r line || [ -n "$line" ]; do
+    printf '%s\n' "$line"
+    case $line in
+      "     Running "* | "   Doc-tests "*)
+        end_binary
+        started=$EPOCHREALTIME
+        result=
+        # "Running tests/admin.rs (target/debug/deps/admin-0f3c...)" becomes
+        # "admin (tests/admin.rs)": the binary without its hash, its source.
+        binary=$(sed -E 's@^ *Running +(unittests )?(.*) \([^(]*/([^/ ]+)-[0-9a-f]+\)$@\3 (\2)@; s/^ *Doc-tests +/doc-tests /' <<<"$line")
+        ;;
+      "test result: ok."*) result=ok ;;
+      "test result: FAILED."*) result=FAILED ;;
+    esac
+  done
+  end_binary
+}
+
 echo "==> cargo test"
+test_start=$EPOCHREALTIME
 # Servers and proxies are real processes; two test threads suit 2-core CI.
-cargo test --workspace --locked --no-fail-fast -- --test-threads "${TEST_THREADS:-2}"
+set +e
+cargo test --workspace --locked --no-fail-fast -- --test-threads "${TEST_THREADS:-2}" 2>&1 | time_binaries
+status=${PIPESTATUS[0]}
+set -e
+printf '%s\t%s\n' "$(elapsed "$test_start")" "cargo test" >>"$steps"
+
+echo
+echo "==> wall time per test binary, slowest first"
+sort -t $'\t' -k1,1 -rn "$binaries" | awk -F '\t' '
+  { sum += $1; printf "%8.1fs  %-9s  %s\n", $1, $2, $3 }
+  END { printf "%8.1fs  all %d test binaries\n", sum, NR }'
+echo "==> wall time per step"
+awk -F '\t' '{ printf "%8.1fs  %s\n", $1, $2 }' "$steps"
+printf '%8.1fs  scripts/test.sh\n' "$(elapsed "$script_start")"
+if [ "$status" -ne 0 ]; then
+  echo "==> cargo test failed (exit $status); failing test binaries:" >&2
+  awk -F '\t' '$2 != "ok" { print "  " $3 " (" $2 ")" }' "$binaries" >&2
+fi
+exit "$status"

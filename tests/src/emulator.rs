@@ -42,48 +42,10 @@ pub const TOKEN_EXPIRES: u64 = 900;
 /// How long [`EmulatorProcess::start`] waits for `listening on`.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ lives inside the workspace")
-        .to_path_buf()
-}
-
-/// Builds the emulator (once per test process) and returns the binary's
-/// path. Same approach as [`crate::proxy_binary`]: `cargo test` does not
-/// build other packages' binaries.
+/// The emulator binary, built if needed (see [`crate::build`]).
 pub fn emulator_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let root = workspace_root();
-        let target_dir = match std::env::var_os("CARGO_TARGET_DIR") {
-            Some(dir) => root.join(dir),
-            None => root.join("target"),
-        };
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let out = crate::proxy::cargo_command(&cargo)
-            .args(["build", "-p", "dsql-emulator", "--bin", "dsql-emulator"])
-            .arg("--target-dir")
-            .arg(&target_dir)
-            .current_dir(&root)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("run {cargo:?} build: {e}"));
-        if !out.status.success() {
-            panic!(
-                "`cargo build -p dsql-emulator --bin dsql-emulator` failed ({}):\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let bin = target_dir.join("debug").join("dsql-emulator");
-        assert!(
-            bin.is_file(),
-            "cargo build succeeded but {} does not exist",
-            bin.display()
-        );
-        bin
-    })
+    BIN.get_or_init(|| crate::build::workspace_binary("dsql-emulator"))
 }
 
 /// What the emulator is started with. [`EmulatorOptions::new`] fills in the

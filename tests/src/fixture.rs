@@ -28,6 +28,10 @@ pub struct ProxyOptions {
     pub backend_extra: Vec<String>,
     /// Replaces the endpoint's connect address (for unreachable tests).
     pub connect_address: Option<SocketAddr>,
+    /// The `[routing]` table's first lines (the table comes last, so a
+    /// caller may append more keys): by default the probe logs in as
+    /// [`APP_USER`], whose password `password` is.
+    pub routing: Vec<String>,
 }
 
 impl Default for ProxyOptions {
@@ -40,8 +44,19 @@ impl Default for ProxyOptions {
             listen_extra: Vec::new(),
             backend_extra: Vec::new(),
             connect_address: None,
+            routing: probe_login(APP_USER),
         }
     }
+}
+
+/// `[routing]` lines for a probe that logs in as `user` (with the
+/// backend's password), so it keeps one connection open instead of
+/// reconnecting, refused, every interval.
+pub fn probe_login(user: &str) -> Vec<String> {
+    vec![
+        format!("probe_user = \"{user}\""),
+        format!("probe_database = \"{APP_DB}\""),
+    ]
 }
 
 /// Renders a proxy config for `pg`, listening on `listen`. It ends in its
@@ -78,11 +93,12 @@ pub fn proxy_toml(pg: &PgServer, listen: SocketAddr, opts: &ProxyOptions) -> Str
         opts.host,
         pg.port()
     ));
-    // Last, so callers can append more [routing] keys; the probes log in
-    // as a role that exists.
-    s.push_str(&format!(
-        "[routing]\nprobe_user = \"{APP_USER}\"\nprobe_database = \"{APP_DB}\"\n"
-    ));
+    // Last, so callers can append more [routing] keys.
+    s.push_str("[routing]\n");
+    for l in &opts.routing {
+        s.push_str(l);
+        s.push('\n');
+    }
     s
 }
 

@@ -9,6 +9,7 @@
 //! as the `postgres` OS user in that case.
 
 pub mod aws_endpoints;
+mod build;
 pub mod dsql_stack;
 pub mod emulator;
 pub mod fixture;
@@ -28,7 +29,7 @@ pub mod route53;
 pub mod wire;
 
 pub use emulator::{emulator_binary, EmulatorOptions, EmulatorProcess};
-pub use fixture::{proxy_toml, ProxyOptions, Stack};
+pub use fixture::{probe_login, proxy_toml, ProxyOptions, Stack};
 pub use latency::{LatencyRelay, RelayMode};
 pub use metrics::Scrape;
 pub use net::{free_addr, free_port, wait_for_port};

@@ -14,20 +14,7 @@ use crate::process::{self, Watchdog};
 /// How long [`ProxyProcess::start_with`] waits for the listener.
 pub const START_TIMEOUT: Duration = Duration::from_secs(20);
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ lives inside the workspace")
-        .to_path_buf()
-}
-
-/// Builds the proxy (once per test process) and returns the binary's path.
-///
-/// `cargo test` only builds the test crate's own dependencies, and the proxy
-/// is a binary, not a library dependency, so it has to be built here.
-/// Target dir: `CARGO_TARGET_DIR` (relative paths are taken from the
-/// workspace root) or `<workspace>/target`; passed explicitly with
-/// `--target-dir` so the returned path is where cargo really put it.
+/// The proxy binary, built if needed (see [`crate::build`]).
 ///
 /// `DSQL_PROXY_BIN` names a prebuilt binary instead (the benchmarks run the
 /// release build that way); nothing is built then.
@@ -43,62 +30,8 @@ pub fn proxy_binary() -> &'static Path {
             );
             return bin;
         }
-        let root = workspace_root();
-        let target_dir = match std::env::var_os("CARGO_TARGET_DIR") {
-            Some(dir) => root.join(dir),
-            None => root.join("target"),
-        };
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let out = cargo_command(&cargo)
-            .args(["build", "-p", "dsql-proxy", "--bin", "dsql-proxy"])
-            .arg("--target-dir")
-            .arg(&target_dir)
-            .current_dir(&root)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("run {cargo:?} build: {e}"));
-        if !out.status.success() {
-            panic!(
-                "`cargo build -p dsql-proxy --bin dsql-proxy` failed ({}):\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let bin = target_dir.join("debug").join("dsql-proxy");
-        assert!(
-            bin.is_file(),
-            "cargo build succeeded but {} does not exist",
-            bin.display()
-        );
-        bin
+        crate::build::workspace_binary("dsql-proxy")
     })
-}
-
-/// `cargo` without the variables cargo set for the running test
-/// (`CARGO_PKG_NAME`, `CARGO_MANIFEST_DIR`, ...). Build scripts such as
-/// ring's declare `rerun-if-env-changed` on some of them, so inheriting them
-/// would make this build and the next `cargo test` rebuild each other's
-/// dependencies every time.
-pub(crate) fn cargo_command(cargo: &std::ffi::OsStr) -> Command {
-    let mut command = Command::new(cargo);
-    for (key, _) in std::env::vars_os() {
-        let key_text = key.to_string_lossy();
-        if key_text.starts_with("CARGO_PKG_")
-            || matches!(
-                key_text.as_ref(),
-                "CARGO_MANIFEST_DIR"
-                    | "CARGO_MANIFEST_PATH"
-                    | "CARGO_MANIFEST_LINKS"
-                    | "CARGO_CRATE_NAME"
-                    | "CARGO_BIN_NAME"
-                    | "CARGO_PRIMARY_PACKAGE"
-                    | "CARGO_TARGET_TMPDIR"
-            )
-        {
-            command.env_remove(&key);
-        }
-    }
-    command
 }
 
 /// Runs the proxy binary once to completion (e.g. `["check", "--config", f]`).

@@ -3,8 +3,8 @@
 //! it asks of local clients (trust, SCRAM-SHA-256).
 
 use dsql_proxy_tests::{
-    AuthMethod, PgOptions, ProxyOptions, Stack, APP_DB, APP_PASSWORD, APP_USER, MD5_PASSWORD,
-    MD5_USER,
+    probe_login, AuthMethod, PgOptions, ProxyOptions, Stack, APP_DB, APP_PASSWORD, APP_USER,
+    MD5_PASSWORD, MD5_USER,
 };
 
 fn pg(auth: AuthMethod) -> PgOptions {
@@ -33,6 +33,7 @@ async fn answers_scram_md5_and_cleartext_challenges() {
         pg(AuthMethod::Md5),
         ProxyOptions {
             password: Some(MD5_PASSWORD.into()),
+            routing: probe_login(MD5_USER),
             ..ProxyOptions::default()
         },
     );

@@ -23,8 +23,11 @@ pub type CheckFuture =
 /// A persistent connection a probe reuses between rounds.
 pub struct ProbeConnection {
     stream: BackendStream,
+    /// Whether the first round trip after login was made (see
+    /// [`PgProbe`]: it is no latency sample).
+    warm: bool,
     /// Whether the server has Aurora's global database functions; learned
-    /// once per connection by a role-probing check.
+    /// by a role-probing check's first round trip.
     aurora: Option<bool>,
 }
 
@@ -38,12 +41,23 @@ pub trait Probe: Send + Sync + 'static {
 
 enum Opened {
     Connection(ProbeConnection),
-    /// The server asked for a password the probe does not have.
-    HandshakeOnly,
+    /// The server asked for a password the probe does not have; the round
+    /// trip from the startup packet to that request.
+    HandshakeOnly {
+        rtt: Duration,
+    },
 }
 
 /// Checks an endpoint the way a session uses it: TCP, TLS with SNI,
 /// authentication with the backend's credential source, then `SELECT 1`.
+///
+/// The latency sample is the round trip of that query on the established
+/// connection; opening one is timed separately (`connect_time`). On a new
+/// connection the first round trip after login is made untimed: it is slow
+/// for reasons that are not the network (a new server backend's first
+/// statement pays one-time costs, its caches are cold; at startup it
+/// overlaps the other probes' connects), and the first sample decides the
+/// initial selection.
 pub struct PgProbe {
     endpoint: Arc<Endpoint>,
     connector: Arc<Connector>,
@@ -138,7 +152,10 @@ impl PgProbe {
             // Passthrough: there is no password to log in with, so the probe
             // stops at the server's authentication request, which still
             // proves TCP, TLS and a live postmaster.
-            return self.handshake_only().await.map(|()| Opened::HandshakeOnly);
+            return self
+                .handshake_only()
+                .await
+                .map(|rtt| Opened::HandshakeOnly { rtt });
         }
         let secret =
             self.credentials
@@ -161,11 +178,15 @@ impl PgProbe {
             .map_err(|e| classify(&e))?;
         Ok(Opened::Connection(ProbeConnection {
             stream: session.stream,
+            warm: false,
             aurora: None,
         }))
     }
 
-    async fn handshake_only(&self) -> Result<(), ProbeOutcome> {
+    /// Dials and sends the startup packet; returns the round trip to the
+    /// server's answer, the one round trip made on the established (TLS)
+    /// connection.
+    async fn handshake_only(&self) -> Result<Duration, ProbeOutcome> {
         let mut stream = self
             .connector
             .dial(&self.endpoint)
@@ -173,9 +194,10 @@ impl PgProbe {
             .map_err(|e| classify(&e))?;
         let mut buf = BytesMut::new();
         dsql_proxy_protocol::startup::encode_startup(&mut buf, &self.params);
+        let sent = Instant::now();
         send(&mut stream, &buf).await.map_err(io_failure)?;
         match read_message(&mut stream, MAX_PROBE_MESSAGE).await {
-            Ok(Ok(m)) if m.tag == b'R' || m.tag == b'E' => Ok(()),
+            Ok(Ok(m)) if m.tag == b'R' || m.tag == b'E' => Ok(sent.elapsed()),
             Ok(Ok(m)) => Err(protocol_failure(format!(
                 "unexpected message {:?} after startup",
                 char::from(m.tag)
@@ -195,13 +217,11 @@ impl Probe for PgProbe {
                     let started = Instant::now();
                     match self.open().await {
                         Ok(Opened::Connection(c)) => (c, Some(started.elapsed())),
-                        Ok(Opened::HandshakeOnly) => {
-                            // Its round trip is the whole handshake.
-                            let rtt = started.elapsed();
+                        Ok(Opened::HandshakeOnly { rtt }) => {
                             return (
                                 ProbeOutcome::Success {
                                     rtt,
-                                    connect_time: Some(rtt),
+                                    connect_time: Some(started.elapsed()),
                                     role: None,
                                 },
                                 None,
@@ -211,18 +231,26 @@ impl Probe for PgProbe {
                     }
                 }
             };
-            if self.roles && conn.aurora.is_none() {
-                // Once per connection, outside the measured round trip.
-                match run_query(&mut conn.stream, AURORA_DETECT_QUERY).await {
-                    Ok(rows) => match parse_detect(&rows) {
+            if !conn.warm {
+                // The untimed first round trip; a role probe learns
+                // whether the server is Aurora with it.
+                let sql = if self.roles {
+                    AURORA_DETECT_QUERY
+                } else {
+                    "SELECT 1"
+                };
+                match run_query(&mut conn.stream, sql).await {
+                    Ok(rows) if self.roles => match parse_detect(&rows) {
                         Ok(aurora) => conn.aurora = Some(aurora),
                         Err(detail) => {
                             let kind = FailureKind::Query;
                             return (ProbeOutcome::Failure { kind, detail }, Some(conn));
                         }
                     },
+                    Ok(_) => {}
                     Err(outcome) => return (outcome, None),
                 }
+                conn.warm = true;
             }
             let aurora = conn.aurora == Some(true);
             let started = Instant::now();
