@@ -20,7 +20,7 @@ use crate::SessionError;
 pub const POSTGRES_ALPN: &[u8] = b"postgresql";
 
 fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 fn setup_error(what: String) -> SessionError {
