@@ -6,6 +6,7 @@
 # (initdb, pg_ctl, postgres) plus psql and pgbench must be present (and curl,
 # which deploy_manifests.rs runs as the batch Job example does), and
 # Python 3 with moto's server (pip) for the route53 command tests.
+# TEST_IMAGE=1 also builds and tests the container image (scripts/image.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -58,6 +59,16 @@ echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The container image's build: the binary without the default `demo` feature.
+cargo clippy -p dsql-proxy --no-default-features --all-targets --locked -- -D warnings
 echo "==> cargo test"
 # Servers and proxies are real processes; two test threads suit 2-core CI.
 cargo test --workspace --locked --no-fail-fast -- --test-threads "${TEST_THREADS:-2}"
+
+# The container image, built with podman and run like the sidecar. Opt-in:
+# a first run builds the release binary inside the container, which would
+# push CI past its time budget (README, "Container image").
+if [ "${TEST_IMAGE:-0}" = 1 ]; then
+  echo "==> container image (scripts/image.sh --test)"
+  scripts/image.sh --test
+fi
