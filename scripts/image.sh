@@ -461,10 +461,11 @@ run_test() {
   local held=$!
   wait_until "the held session" held_session_running
   step "test: podman stop (max_drain ${MAX_DRAIN_SECS}s, one session open)"
-  local grace=$((MAX_DRAIN_SECS + 5)) started=$SECONDS
+  local grace=$((MAX_DRAIN_SECS + 5)) started took code
+  started=$(date +%s%N)
   podman stop -t "$grace" "$CONTAINER" >/dev/null 2>"$TEST_DIR/stop.err" ||
     fail "podman stop: $(cat "$TEST_DIR/stop.err")"
-  local took=$((SECONDS - started)) code
+  took=$(awk -v ns=$(($(date +%s%N) - started)) 'BEGIN { printf "%.1f", ns / 1e9 }')
   code=$(podman inspect --format '{{.State.ExitCode}}' "$CONTAINER")
   [ "$code" = 0 ] || fail "the proxy exited with $code after SIGTERM (137: killed after ${grace}s)"
   wait "$held" && fail "the held session survived the shutdown: $(cat "$TEST_DIR/held.out")"
