@@ -75,8 +75,8 @@ pub fn proxy_binary() -> &'static Path {
 }
 
 /// `cargo` without the variables cargo set for the running test
-/// (`CARGO_PKG_NAME`, `CARGO_MANIFEST_DIR`, ...). Build scripts such as
-/// ring's declare `rerun-if-env-changed` on some of them, so inheriting them
+/// (`CARGO_PKG_NAME`, `CARGO_MANIFEST_DIR`, ...). Build scripts may
+/// declare `rerun-if-env-changed` on some of them, so inheriting them
 /// would make this build and the next `cargo test` rebuild each other's
 /// dependencies every time.
 pub(crate) fn cargo_command(cargo: &std::ffi::OsStr) -> Command {
