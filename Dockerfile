@@ -1,28 +1,37 @@
 # syntax=docker/dockerfile:1
 #
-# dsql-proxy container image.
+# dsql-proxy container image (README, "Container image").
 #
-#   docker build -t dsql-proxy .
+#   docker build -t dsql-proxy .        # or: podman build --format docker ...
+#   scripts/image.sh [--test]           # podman, offline, no registry
 #   docker run --rm -v "$PWD/proxy.toml:/etc/dsql-proxy/proxy.toml:ro" \
-#     -p 5432:5432 -p 9090:9090 dsql-proxy \
+#     -p 127.0.0.1:5432:5432 -p 127.0.0.1:9090:9090 dsql-proxy \
 #     --listen 0.0.0.0:5432 --admin 0.0.0.0:9090
 #
 # Publishing the client port beyond the container's loopback needs
 # [listen] trust_remote = true or auth = "scram-sha-256" (README, "Container
-# and Kubernetes"). Multi-arch: docker buildx build --platform
+# image"). Multi-arch: docker buildx build --platform
 # linux/amd64,linux/arm64 .
 
+# Base images, replaceable with --build-arg (scripts/image.sh passes locally
+# made equivalents, since it can reach no registry).
 # Builder: the toolchain the project is tested with, on the same Debian
 # release (glibc 2.36) as the runtime image.
-FROM rust:1.95-bookworm AS build
+ARG RUST_IMAGE=rust:1.95-bookworm
+# Runtime: distroless "cc" (see the runtime stage).
+ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
+
+FROM ${RUST_IMAGE} AS build
 WORKDIR /src
 COPY . .
 # The target dir is a cache mount, so the binary is copied out in the same
-# step. aws-lc-sys (pulled in by the AWS SDK) builds with the image's C
-# compiler; ring likewise.
+# step. --no-default-features leaves out `dsql-proxy demo` (the emulator,
+# latency relays, certificate generation); the release profile strips the
+# binary. aws-lc-sys (rustls' one crypto provider, shared with the AWS SDK)
+# builds with the image's C compiler.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p dsql-proxy --bin dsql-proxy \
+    cargo build --release --locked -p dsql-proxy --bin dsql-proxy --no-default-features \
  && install -D -m 0755 target/release/dsql-proxy /out/dsql-proxy
 # The shipped example config must be valid for the binary that ships it.
 RUN /out/dsql-proxy check --config proxy.toml >/dev/null
@@ -32,7 +41,7 @@ RUN /out/dsql-proxy check --config proxy.toml >/dev/null
 # /etc/ssl/certs/ca-certificates.crt, where rustls-native-certs looks (the
 # backend's system roots and the AWS SDK's HTTPS client both use it). No
 # shell, no package manager; the :nonroot variant runs as uid 65532.
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM ${RUNTIME_IMAGE}
 COPY --from=build /out/dsql-proxy /usr/local/bin/dsql-proxy
 # A valid default config; mount your own over it (a ConfigMap in Kubernetes).
 COPY --chmod=0644 proxy.toml /etc/dsql-proxy/proxy.toml

@@ -8,6 +8,7 @@
 # install (initdb, pg_ctl, postgres) plus psql and pgbench must be present
 # (and curl, which deploy_manifests.rs runs as the batch Job example does),
 # and Python 3 with moto's server (pip) for the route53 command tests.
+# TEST_IMAGE=1 also builds and tests the container image (scripts/image.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -77,6 +78,9 @@ script_start=$EPOCHREALTIME
 
 step "cargo fmt --check" cargo fmt --all -- --check
 step "cargo clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
+# The container image's build: the binary without the default `demo` feature.
+step "cargo clippy (no default features)" \
+  cargo clippy -p dsql-proxy --no-default-features --all-targets --locked -- -D warnings
 
 # The integration tests run the real binaries. The harness builds them when
 # a test first needs one (tests/src/build.rs), which would bill the build to
@@ -137,5 +141,13 @@ printf '%8.1fs  scripts/test.sh\n' "$(elapsed "$script_start")"
 if [ "$status" -ne 0 ]; then
   echo "==> cargo test failed (exit $status); failing test binaries:" >&2
   awk -F '\t' '$2 != "ok" { print "  " $3 " (" $2 ")" }' "$binaries" >&2
+fi
+
+# The container image, built with podman and run like the sidecar. Opt-in:
+# a first run builds the release binary inside the container, which would
+# push CI past its time budget (README, "Container image").
+if [ "$status" -eq 0 ] && [ "${TEST_IMAGE:-0}" = 1 ]; then
+  echo "==> container image (scripts/image.sh --test)"
+  scripts/image.sh --test
 fi
 exit "$status"

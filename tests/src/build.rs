@@ -64,8 +64,8 @@ pub(crate) fn workspace_binary(name: &str) -> PathBuf {
 }
 
 /// `cargo` without the variables cargo set for the running test
-/// (`CARGO_PKG_NAME`, `CARGO_MANIFEST_DIR`, ...). Build scripts such as
-/// ring's declare `rerun-if-env-changed` on some of them, so inheriting them
+/// (`CARGO_PKG_NAME`, `CARGO_MANIFEST_DIR`, ...). Build scripts may
+/// declare `rerun-if-env-changed` on some of them, so inheriting them
 /// would make this build and the next `cargo test` rebuild each other's
 /// dependencies every time.
 fn cargo_command(cargo: &OsStr) -> Command {

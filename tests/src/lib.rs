@@ -2,7 +2,7 @@
 //!
 //! Everything here drives real components: throwaway PostgreSQL servers
 //! started from the installed server binaries, a real CA generated with
-//! rcgen, real TLS (rustls, ring provider) and the real `dsql-proxy` binary.
+//! rcgen, real TLS (rustls, aws-lc-rs provider) and the real `dsql-proxy` binary.
 //!
 //! The harness is written for Linux CI containers, which commonly run as
 //! root; PostgreSQL refuses to run as root, so server processes are started

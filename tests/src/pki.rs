@@ -140,15 +140,16 @@ impl TestPki {
         roots
     }
 
-    /// A rustls client config trusting only this CA. The ring provider is
+    /// A rustls client config trusting only this CA. The aws-lc-rs provider is
     /// passed explicitly so no process-wide default provider is required.
     pub fn rustls_client_config(&self) -> Arc<ClientConfig> {
-        let config =
-            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .expect("ring provider supports the default TLS versions")
-                .with_root_certificates(self.root_store())
-                .with_no_client_auth();
+        let config = ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("aws-lc-rs provider supports the default TLS versions")
+        .with_root_certificates(self.root_store())
+        .with_no_client_auth();
         Arc::new(config)
     }
 }

@@ -1035,15 +1035,48 @@ fn exec_form(args: &str) -> Vec<String> {
     serde_json::from_str(args).unwrap_or_else(|e| panic!("not exec form ({e}): {args}"))
 }
 
+/// The `ARG`s declared before the first `FROM` (which `FROM` lines may
+/// use), with their default values.
+fn global_args(all: &[(String, String)]) -> BTreeMap<String, String> {
+    all.iter()
+        .take_while(|(k, _)| k != "FROM")
+        .filter(|(k, _)| k == "ARG")
+        .map(|(_, a)| {
+            let (name, default) = a.split_once('=').unwrap_or((a, ""));
+            (name.to_owned(), default.to_owned())
+        })
+        .collect()
+}
+
+/// A `FROM` line's image with a global `ARG` reference (`${NAME}`)
+/// replaced by that ARG's default. Panics unless the image is given by
+/// such an ARG: both base images are replaceable with `--build-arg`, which
+/// is how scripts/image.sh builds without a registry.
+fn from_image_arg(from: &str, args: &BTreeMap<String, String>) -> String {
+    let image = from.split_whitespace().next().unwrap_or_default();
+    let name = image
+        .strip_prefix("${")
+        .and_then(|n| n.strip_suffix('}'))
+        .unwrap_or_else(|| panic!("FROM {from}: the base image is not an ARG"));
+    let default = &args[name];
+    assert!(!default.is_empty(), "ARG {name} has no default");
+    from.replacen(image, default, 1)
+}
+
 #[test]
 fn dockerfile_builds_a_small_nonroot_image_around_the_binary() {
     let text = read(&root().join("Dockerfile"));
     let all = dockerfile_instructions(&text);
+    let args = global_args(&all);
     let froms: Vec<usize> = (0..all.len()).filter(|&i| all[i].0 == "FROM").collect();
     assert!(froms.len() >= 2, "multi-stage build: {froms:?}");
-    let builder = &all[froms[0]].1;
+    let builder = &from_image_arg(&all[froms[0]].1, &args);
     let runtime = &all[*froms.last().expect("a FROM")..];
-    let runtime_image = &runtime[0].1;
+    let runtime_image = &from_image_arg(&runtime[0].1, &args);
+    assert!(
+        runtime_image.starts_with("gcr.io/distroless/cc-debian12"),
+        "{runtime_image}"
+    );
 
     // The builder's Rust is at least the workspace's rust-version, and both
     // stages are Debian 12, so the binary's glibc is the runtime's.
@@ -1116,4 +1149,140 @@ fn dockerfile_builds_a_small_nonroot_image_around_the_binary() {
 
     let ignored = read(&root().join(".dockerignore"));
     assert!(ignored.lines().any(|l| l.trim() == "target/"), "{ignored}");
+}
+
+/// The image's binary is the release build without the default `demo`
+/// feature (emulator, latency relays, certificate generation), stripped.
+#[test]
+fn image_binary_is_stripped_and_leaves_out_the_demo() {
+    let workspace: toml::Table = read(&root().join("Cargo.toml"))
+        .parse()
+        .expect("Cargo.toml");
+    let strip = &workspace["profile"]["release"]["strip"];
+    assert!(
+        strip.as_bool() == Some(true) || strip.as_str() == Some("symbols"),
+        "[profile.release] strip = {strip}"
+    );
+    let binary: toml::Table = read(&root().join("crates/dsql-proxy/Cargo.toml"))
+        .parse()
+        .expect("crates/dsql-proxy/Cargo.toml");
+    let features = &binary["features"];
+    let listed = |name: &str| -> Vec<&str> {
+        features[name]
+            .as_array()
+            .unwrap_or_else(|| panic!("feature {name}"))
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect()
+    };
+    assert!(
+        listed("default").contains(&"demo"),
+        "cargo build gives the demo"
+    );
+    for dep in ["dsql-emulator", "dsql-proxy-netsim", "rcgen"] {
+        assert!(
+            listed("demo").contains(&format!("dep:{dep}").as_str()),
+            "{dep}"
+        );
+        assert_eq!(
+            binary["dependencies"][dep]["optional"].as_bool(),
+            Some(true),
+            "{dep} is only in builds with the demo"
+        );
+    }
+    let dockerfile = dockerfile_instructions(&read(&root().join("Dockerfile")));
+    let build = dockerfile
+        .iter()
+        .find(|(k, a)| k == "RUN" && a.contains("cargo build"))
+        .map(|(_, a)| a.as_str())
+        .expect("a RUN with cargo build");
+    for flag in [
+        "--release",
+        "--locked",
+        "-p dsql-proxy",
+        "--no-default-features",
+    ] {
+        assert!(build.contains(flag), "{flag}: {build}");
+    }
+}
+
+/// `scripts/image.sh --test` runs the image the way deployment.yaml runs the
+/// sidecar (user, read-only root filesystem, capabilities, config mount),
+/// and the image, the kustomization and the ConfigMap agree on its name and
+/// ports.
+#[test]
+fn image_test_runs_the_container_like_the_deployment() {
+    let script = read(&root().join("scripts/image.sh"));
+    let flags: Vec<&str> = script
+        .split_once("SIDECAR_FLAGS=(")
+        .and_then(|(_, rest)| rest.split_once(')'))
+        .map(|(flags, _)| flags.split_whitespace().collect())
+        .expect("SIDECAR_FLAGS=(...) in scripts/image.sh");
+    let has = |pair: &[&str]| flags.windows(pair.len()).any(|w| w == pair);
+
+    let deployment = object("Deployment", "app");
+    let spec = &deployment["spec"]["template"]["spec"];
+    let proxy = container(&spec["initContainers"], "dsql-proxy");
+    let sc = &proxy["securityContext"];
+    let uid = sc["runAsUser"].as_u64().expect("runAsUser");
+    let gid = sc["runAsGroup"].as_u64().expect("runAsGroup");
+    let user = format!("{uid}:{gid}");
+    assert!(has(&["--user", &user]), "{flags:?}");
+    let dockerfile = dockerfile_instructions(&read(&root().join("Dockerfile")));
+    let image_user = dockerfile
+        .iter()
+        .rev()
+        .find(|(k, _)| k == "USER")
+        .map(|(_, a)| a.as_str());
+    assert_eq!(image_user, Some(user.as_str()), "the image's USER");
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    // Kubernetes mounts no tmpfs on a read-only root; podman would.
+    assert!(
+        has(&["--read-only", "--read-only-tmpfs=false"]),
+        "{flags:?}"
+    );
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert!(has(&["--cap-drop", "ALL"]), "{flags:?}");
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert!(has(&["--security-opt", "no-new-privileges"]), "{flags:?}");
+    let mount = array(&proxy["volumeMounts"], "volumeMounts")
+        .iter()
+        .find(|m| m["name"] == "dsql-proxy-config")
+        .expect("the config mount");
+    assert_eq!(mount["readOnly"], true);
+    let dir = str_of(&mount["mountPath"], "mountPath");
+    assert!(
+        script.contains(&format!(":{dir}:ro\"")),
+        "config mounted read-only at {dir}"
+    );
+
+    // Image name: the script's local tag and the kustomization's image.
+    let local = script
+        .lines()
+        .find_map(|l| l.strip_prefix("IMAGE="))
+        .expect("IMAGE= in scripts/image.sh");
+    assert_eq!(local, "localhost/dsql-proxy:dev");
+    let kustomization = &yaml_documents(&deploy("kubernetes/kustomization.yaml"))[0];
+    assert!(
+        array(&kustomization["images"], "images")
+            .iter()
+            .any(|i| i["name"] == "dsql-proxy"),
+        "the kustomization sets the dsql-proxy image"
+    );
+    assert_eq!(proxy["image"], "dsql-proxy");
+
+    // Ports: the image exposes the ConfigMap's client and admin ports.
+    let config = proxy_check(&configmap_toml());
+    let exposed: Vec<u16> = dockerfile
+        .iter()
+        .filter(|(k, _)| k == "EXPOSE")
+        .flat_map(|(_, a)| a.split_whitespace().filter_map(|p| p.parse().ok()))
+        .collect();
+    for section in ["listen", "admin"] {
+        let port = resolved_addr(&config, section).port();
+        assert!(
+            exposed.contains(&port),
+            "[{section}] port {port}: EXPOSE {exposed:?}"
+        );
+    }
 }

@@ -15,13 +15,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use dsql_proxy_config::TlsMode;
 use dsql_proxy_config::{PasswordSource, Secret};
+use dsql_proxy_connector::Connector;
 use dsql_proxy_credentials::{CredentialSource, Passthrough, StaticPassword};
 use dsql_proxy_health::probe::ProbeConnection;
 use dsql_proxy_health::{PgProbe, Probe};
 use dsql_proxy_routing::{Endpoint, EndpointId, ProbeOutcome};
-use dsql_proxy_config::TlsMode;
-use dsql_proxy_connector::Connector;
 use dsql_proxy_tests::{
     PgOptions, PgServer, TestPki, APP_DB, APP_PASSWORD, APP_USER, TLS_DNS_NAMES,
 };

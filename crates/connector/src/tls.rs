@@ -22,7 +22,7 @@ use crate::ConnectError;
 
 /// The crypto provider of both TLS legs.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
 
 fn setup_error(what: String) -> ConnectError {

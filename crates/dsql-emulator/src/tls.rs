@@ -12,7 +12,7 @@ use tracing::warn;
 use crate::error::tls_error;
 use crate::EmulatorError;
 
-/// The session crate's server config (ring provider, ALPN `postgresql` for
+/// The session crate's server config (aws-lc-rs provider, ALPN `postgresql` for
 /// direct TLS) with a certificate resolver that refuses ClientHellos
 /// without SNI, which fails the handshake.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, EmulatorError> {

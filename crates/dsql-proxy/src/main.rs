@@ -3,6 +3,7 @@
 //! signals and the session layer together; the work lives in the crates.
 
 mod admin_client;
+#[cfg(feature = "demo")]
 mod demo;
 mod drill;
 mod route53_cli;
@@ -101,6 +102,9 @@ enum Command {
     /// the proxy, a live table of Regions, and commands (fail, hang, heal,
     /// slow) on stdin or the admin API. Needs the PostgreSQL server
     /// binaries; --listen and --admin default to 127.0.0.1:5432 and :9090.
+    /// (Not in the container image, which is built without the `demo`
+    /// feature.)
+    #[cfg(feature = "demo")]
     Demo,
     /// Show a running proxy's endpoints and routing (its /status) as a table.
     Status,
@@ -149,6 +153,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Some(Command::Check) => check(&cli),
         Some(Command::Run) | None => run(&cli),
+        #[cfg(feature = "demo")]
         Some(Command::Demo) => demo::run(demo::DemoOptions {
             listen: cli
                 .listen
@@ -187,6 +192,7 @@ fn init_logging(cli: &Cli) {
         Some(Command::Route53 { .. }) if cli.log_level == "info" => "warn",
         // The demo's table is redrawn on the terminal; info lines would
         // scroll it away.
+        #[cfg(feature = "demo")]
         Some(Command::Demo)
             if cli.log_level == "info" && std::io::IsTerminal::is_terminal(&std::io::stdout()) =>
         {
