@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use dsql_proxy_tests::fixture::client_config;
 use dsql_proxy_tests::metrics::{scrape, status};
 use dsql_proxy_tests::{
-    connect_with, free_addr, proxy_toml, AuthMethod, PgOptions, PgServer, ProxyOptions,
-    ProxyProcess, TestPki, APP_DB, APP_PASSWORD, APP_USER,
+    connect_with, free_addr, probe_login, proxy_toml, AuthMethod, PgOptions, PgServer,
+    ProxyOptions, ProxyProcess, TestPki, APP_DB, APP_PASSWORD, APP_USER,
 };
 use tokio_postgres::Client;
 
@@ -387,14 +387,16 @@ async fn a_busy_postgres_refusal_reaches_the_client_without_the_dsql_hint() {
 /// A proxy for `pg` whose probes log in as `probe_user` every 100 ms.
 fn probed(pg: &PgServer, probe_user: &str) -> (ProxyProcess, SocketAddr, SocketAddr) {
     let (listen, admin) = (free_addr(), free_addr());
-    let mut toml = proxy_toml(pg, listen, &ProxyOptions::default());
+    let opts = ProxyOptions {
+        routing: probe_login(probe_user),
+        ..ProxyOptions::default()
+    };
+    let mut toml = proxy_toml(pg, listen, &opts);
     let at = toml.find("[admin]").expect("fixture has [admin]");
     let end = at + toml[at..].find("[backend]").expect("fixture has [backend]");
     toml.replace_range(at..end, &format!("[admin]\naddress = \"{admin}\"\n"));
-    toml.push_str(&format!(
-        "[routing]\nprobe_user = \"{probe_user}\"\nprobe_database = \"{APP_DB}\"\n\
-         probe_interval = \"100ms\"\ndown_after = 2\n"
-    ));
+    // The fixture ends in its [routing] table.
+    toml.push_str("probe_interval = \"100ms\"\ndown_after = 2\n");
     (ProxyProcess::start_with(&toml, listen), listen, admin)
 }
 

@@ -917,11 +917,27 @@ async fn a_refused_probe_login_does_not_move_traffic() {
     }
     let took = stack.wait_for_landing("fast", Duration::from_secs(3)).await;
     assert!(took.is_some(), "{}", stack.proxy.logs());
+    // fast was selected while its probe login was still refused (a refusal
+    // is a latency sample): wait until the probe has logged in, so the
+    // refusal below is a new one the monitor reports.
+    let fast = &stack.region("fast").pg;
+    let logged_in = Instant::now();
+    while fast.superuser_sql(
+        "select count(*) from pg_stat_activity \
+         where application_name = 'dsql-proxy-probe' and usename = 'prober'",
+    ) == "0"
+    {
+        assert!(
+            logged_in.elapsed() < Duration::from_secs(5),
+            "the probe never logged in as prober\n{}",
+            stack.proxy.logs()
+        );
+        tokio::time::sleep(ms(50)).await;
+    }
 
     // Now fast's probe login is refused: its probe connection is cut and
     // every reconnect fails authentication.
     let mark = stack.proxy.logs().len();
-    let fast = &stack.region("fast").pg;
     fast.superuser_sql("alter role prober password 'no-longer-this'");
     fast.superuser_sql(
         "select pg_terminate_backend(pid) from pg_stat_activity \

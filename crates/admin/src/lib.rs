@@ -306,17 +306,23 @@ fn demo_route(state: &AdminState, method: &Method, rest: &str) -> Response<Full<
     }
 }
 
-/// Busy cooldowns end on their own, so their gauges are read when scraped.
+/// Busy cooldowns end on their own, so their gauges are read when scraped;
+/// series of endpoints no longer in the table (a reload removed them) go.
 fn backpressure_gauges(state: &AdminState) {
     let table = state.router.snapshot();
+    let gauges = &state.metrics.endpoint_backpressure;
     for e in table.endpoints() {
         let busy = state.router.busy_remaining(e.id).is_some();
-        state
-            .metrics
-            .endpoint_backpressure
+        gauges
             .with_label_values(&[e.name.as_str(), e.region_label()])
             .set(i64::from(busy));
     }
+    state.metrics.retain_backpressure(|name, region| {
+        table
+            .endpoints()
+            .iter()
+            .any(|e| e.name == name && e.region_label() == region)
+    });
 }
 
 /// Ready means new sessions can be served: started, not draining, below

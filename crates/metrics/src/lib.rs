@@ -207,6 +207,34 @@ impl Metrics {
             .backend_connect_seconds
             .remove_label_values(&[name, region]);
         let _ = self.sessions_active.remove_label_values(&[name, region]);
+        // Set per scrape from the routing table, which no longer has it.
+        let _ = self
+            .endpoint_backpressure
+            .remove_label_values(&[name, region]);
+    }
+
+    /// Removes the `endpoint_backpressure` series whose (endpoint, region)
+    /// `keep` rejects: the gauge is set per scrape from the routing table,
+    /// so an endpoint a reload removed must not linger in it.
+    pub fn retain_backpressure(&self, keep: impl Fn(&str, &str) -> bool) {
+        for family in prometheus::core::Collector::collect(&self.endpoint_backpressure) {
+            for series in family.get_metric() {
+                let label = |name: &str| {
+                    series
+                        .get_label()
+                        .iter()
+                        .find(|l| l.name() == name)
+                        .map(|l| l.value().to_owned())
+                        .unwrap_or_default()
+                };
+                let (name, region) = (label("endpoint"), label("region"));
+                if !keep(&name, &region) {
+                    let _ = self
+                        .endpoint_backpressure
+                        .remove_label_values(&[&name, &region]);
+                }
+            }
+        }
     }
 
     /// The Prometheus text exposition of every family.
