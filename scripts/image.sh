@@ -372,6 +372,7 @@ probe_interval = "500ms"
 
 [shutdown]
 max_drain = "${MAX_DRAIN_SECS}s"
+request_grace = "${REQUEST_GRACE_SECS}s"
 
 [[endpoints]]
 name = "local"
@@ -405,6 +406,7 @@ run_test() {
   PROXY_PORT=$(free_port)
   ADMIN_PORT=$(free_port)
   MAX_DRAIN_SECS=5
+  REQUEST_GRACE_SECS=2
 
   step "test: --version and check of the shipped proxy.toml"
   local out
@@ -454,14 +456,16 @@ run_test() {
   out=$(podman healthcheck run "$CONTAINER" 2>&1) || fail "podman healthcheck run: $out"
   ok "podman healthcheck run: ${out:-healthy}"
 
-  # A session still open at SIGTERM: the proxy drains for max_drain, then
-  # ends it with FATAL 57P01 and exits 0.
+  # A session still open at SIGTERM, its query in flight: the proxy drains
+  # for max_drain, gives the query request_grace to answer, then ends the
+  # session with FATAL 57P01 and exits 0, within podman's grace period (as
+  # terminationGracePeriodSeconds must cover both in Kubernetes).
   psql "host=127.0.0.1 port=$PROXY_PORT user=app dbname=app sslmode=disable" -v VERBOSITY=verbose -qAt \
     -c "SELECT pg_sleep(600)" >"$TEST_DIR/held.out" 2>&1 &
   local held=$!
   wait_until "the held session" held_session_running
-  step "test: podman stop (max_drain ${MAX_DRAIN_SECS}s, one session open)"
-  local grace=$((MAX_DRAIN_SECS + 5)) started took code
+  step "test: podman stop (max_drain ${MAX_DRAIN_SECS}s, request_grace ${REQUEST_GRACE_SECS}s, one query in flight)"
+  local grace=$((MAX_DRAIN_SECS + REQUEST_GRACE_SECS + 5)) started took code
   started=$(date +%s%N)
   podman stop -t "$grace" "$CONTAINER" >/dev/null 2>"$TEST_DIR/stop.err" ||
     fail "podman stop: $(cat "$TEST_DIR/stop.err")"
@@ -470,7 +474,7 @@ run_test() {
   [ "$code" = 0 ] || fail "the proxy exited with $code after SIGTERM (137: killed after ${grace}s)"
   wait "$held" && fail "the held session survived the shutdown: $(cat "$TEST_DIR/held.out")"
   grep -q 57P01 "$TEST_DIR/held.out" || fail "the held session did not get 57P01: $(cat "$TEST_DIR/held.out")"
-  ok "exit code 0 after ${took}s (max_drain ${MAX_DRAIN_SECS}s; podman stop -t $grace); the open session got FATAL 57P01"
+  ok "exit code 0 after ${took}s (max_drain ${MAX_DRAIN_SECS}s + request_grace ${REQUEST_GRACE_SECS}s; podman stop -t $grace); the open session got FATAL 57P01"
   echo "image.sh --test: all checks passed"
 }
 
