@@ -77,11 +77,16 @@ pub fn probe_failure_reasons() -> impl Iterator<Item = &'static str> {
 
 /// `backend_connect_failures_total{reason}`: the transport reasons (the
 /// connect moves to the next endpoint), a server's refusal passed to the
-/// client (`backend_refused`) and a credential failure (`rejected`).
+/// client (`backend_refused`), a credential failure (`rejected`), a
+/// cleartext password request the proxy would not answer
+/// (`backend_auth_declined`) and unusable TLS settings (`setup_error`).
 pub fn connect_failure_reasons() -> impl Iterator<Item = &'static str> {
-    TRANSPORT_FAILURE_REASONS
-        .into_iter()
-        .chain(["backend_refused", "rejected"])
+    TRANSPORT_FAILURE_REASONS.into_iter().chain([
+        "backend_refused",
+        "rejected",
+        "backend_auth_declined",
+        "setup_error",
+    ])
 }
 
 /// `route53_errors_total{reason}` (the health crate's `Route53Error`,

@@ -268,7 +268,17 @@ fn connect_failure_reasons_are_the_series_created_at_startup() {
     let reasons: Vec<&str> = dsql_proxy_metrics::connect_failure_reasons().collect();
     let credentials =
         credential_error(dsql_proxy_credentials::CredentialError::MissingClientPassword);
-    for err in [busy_refusal(), credentials] {
+    let refused = SessionError::Backend(ConnectError::Refused {
+        endpoint: "a (a.example:5432)".into(),
+        fields: ErrorFields::default(),
+        round_trip: Duration::ZERO,
+    });
+    let declined = SessionError::Backend(ConnectError::Declined {
+        endpoint: "a (a.example:5432)".into(),
+        reason: "cleartext password".into(),
+    });
+    let setup = SessionError::Backend(ConnectError::Setup("no roots".into()));
+    for err in [busy_refusal(), refused, declined, setup, credentials] {
         let reason = err
             .failover_kind()
             .map_or(err.reason(), dsql_proxy_routing::FailureKind::as_str);
