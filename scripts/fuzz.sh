@@ -28,7 +28,7 @@ for t in "${targets[@]}"; do
     # shellcheck disable=SC2046 # no or one word
     cargo +nightly fuzz run -O $(features "$t") "$t" -- -max_total_time="$seconds" -timeout=10 \
         -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1 || status=$?
-    execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo "?")
+    execs=$(grep -ao 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo "?")
     crashes=$(find "fuzz/artifacts/$t" -type f 2>/dev/null | wc -l)
     corpus=$(find "fuzz/corpus/$t" -type f | wc -l)
     echo "$t: ${execs} executions in ${seconds}s, corpus ${corpus}, crash artifacts ${crashes}, exit ${status}"
