@@ -212,10 +212,6 @@ impl Metrics {
             .backend_connect_seconds
             .remove_label_values(&[name, region]);
         let _ = self.sessions_active.remove_label_values(&[name, region]);
-        // Set per scrape from the routing table, which no longer has it.
-        let _ = self
-            .endpoint_backpressure
-            .remove_label_values(&[name, region]);
     }
 
     /// Removes the `endpoint_backpressure` series whose (endpoint, region)
