@@ -11,6 +11,9 @@ use crate::EmulatorError;
 
 /// Default `max_session_duration`: DSQL closes connections after one hour.
 pub const DEFAULT_MAX_SESSION_DURATION: Duration = Duration::from_secs(60 * 60);
+/// How long a transaction running when `max_session_duration` is reached may
+/// still take before the session is ended anyway: DSQL's transaction limit.
+pub const TRANSACTION_GRACE: Duration = Duration::from_secs(5 * 60);
 /// Default connection rate limit (new connections per second).
 pub const DEFAULT_RATE_PER_SECOND: f64 = 100.0;
 /// Default token-bucket size of the connection rate limit.
@@ -46,6 +49,17 @@ impl std::str::FromStr for UpstreamTls {
             ))),
         }
     }
+}
+
+/// How a session ends at `max_session_duration`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SessionEnd {
+    /// Close the connection without a message, as DSQL does.
+    #[default]
+    Close,
+    /// Send FATAL `57P01` first, then close (what PostgreSQL does when an
+    /// administrator ends a session).
+    Fatal,
 }
 
 /// The real PostgreSQL accepted sessions are relayed to.
@@ -97,6 +111,7 @@ pub struct EmulatorConfig {
     pub credentials: HashMap<String, Secret>,
     pub upstream: UpstreamConfig,
     pub max_session_duration: Duration,
+    pub session_end: SessionEnd,
     pub rate_limit: RateLimit,
     pub max_connections: usize,
     /// Startup parameters answered with FATAL 08P01 (case-insensitive).
@@ -130,6 +145,7 @@ impl EmulatorConfig {
                 connect_timeout: DEFAULT_UPSTREAM_CONNECT_TIMEOUT,
             },
             max_session_duration: DEFAULT_MAX_SESSION_DURATION,
+            session_end: SessionEnd::default(),
             rate_limit: RateLimit::default(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             refused_parameters: DEFAULT_REFUSED_PARAMETERS

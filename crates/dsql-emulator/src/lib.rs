@@ -12,9 +12,12 @@
 //!   ([`sigv4`]) against its own copy of the test credentials. Failures are
 //!   FATAL `28P01` `password authentication failed for user "ROLE"` with the
 //!   reason as DETAIL.
-//! * Refused startup parameters, a connection rate limit (`53400`), a
-//!   connection limit (`53300`) and a maximum session duration (FATAL
-//!   `57P01`, then close).
+//! * Refused startup parameters, a connection rate limit (`53400`) and a
+//!   connection limit (`53300`).
+//! * A maximum session duration: a transaction still running then may
+//!   finish (for up to [`TRANSACTION_GRACE`]), then the connection is
+//!   closed without a message, or after FATAL `57P01` with
+//!   [`SessionEnd::Fatal`].
 //!
 //! Accepted sessions log in to the upstream PostgreSQL as the same role
 //! (password from [`UpstreamConfig::role_passwords`]) through
@@ -33,7 +36,8 @@ pub mod sigv4;
 pub mod tls;
 
 pub use config::{
-    parse_duration, parse_pair, EmulatorConfig, RateLimit, UpstreamConfig, UpstreamTls,
+    parse_duration, parse_pair, EmulatorConfig, RateLimit, SessionEnd, UpstreamConfig, UpstreamTls,
+    TRANSACTION_GRACE,
 };
 pub use dsql_proxy_config::Secret;
 pub use error::{EmulatorError, TokenRejection};

@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use dsql_emulator::{
     parse_duration, parse_pair, Emulator, EmulatorConfig, EmulatorError, RateLimit, Secret,
-    UpstreamTls,
+    SessionEnd, UpstreamTls,
 };
 use tracing::{error, info, warn};
 
@@ -51,9 +51,13 @@ struct Cli {
     /// Upstream password for a role; repeat for more roles.
     #[arg(long = "role-password", value_name = "ROLE=PASSWORD", value_parser = parse_pair)]
     role_passwords: Vec<(String, String)>,
-    /// Sessions are closed (FATAL 57P01) after this long, e.g. 60m, 2s.
+    /// Sessions are ended after this long, e.g. 60m, 2s (a transaction
+    /// still running may finish first, for up to 5 minutes).
     #[arg(long, default_value = "60m", value_parser = parse_duration)]
     max_session_duration: Duration,
+    /// How a session ends at --max-session-duration.
+    #[arg(long, value_enum, default_value = "close")]
+    session_end: SessionEndArg,
     /// New connections per second (token bucket refill); 0 disables.
     #[arg(long, default_value_t = 100.0)]
     rate_limit: f64,
@@ -89,6 +93,14 @@ struct Cli {
 enum TlsArg {
     Disable,
     Require,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum SessionEndArg {
+    /// Close the connection without a message, as Aurora DSQL does.
+    Close,
+    /// Send FATAL 57P01 (admin_shutdown) first, then close.
+    Fatal,
 }
 
 fn main() -> ExitCode {
@@ -150,6 +162,10 @@ fn build_config(cli: Cli) -> EmulatorConfig {
         .collect();
     config.upstream.connect_timeout = cli.upstream_connect_timeout;
     config.max_session_duration = cli.max_session_duration;
+    config.session_end = match cli.session_end {
+        SessionEndArg::Close => SessionEnd::Close,
+        SessionEndArg::Fatal => SessionEnd::Fatal,
+    };
     config.rate_limit = RateLimit {
         per_second: cli.rate_limit,
         burst: cli.rate_burst,

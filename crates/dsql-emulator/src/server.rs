@@ -3,11 +3,10 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
 use bytes::BytesMut;
@@ -20,16 +19,16 @@ use dsql_proxy_protocol::{
 };
 use dsql_proxy_routing::{Endpoint, EndpointId};
 use dsql_proxy_session::io::{read_initial, read_message, send};
-use dsql_proxy_session::relay::Relay;
+use dsql_proxy_session::relay::{Relay, RelayEnd};
 use dsql_proxy_session::stream::{ClientStream, Rewind, Transport};
 use dsql_proxy_session::tls::POSTGRES_ALPN;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use crate::config::{EmulatorConfig, UpstreamTls};
+use crate::config::{EmulatorConfig, SessionEnd, UpstreamTls, TRANSACTION_GRACE};
 use crate::error::upstream_tls_error;
 use crate::limits::{ConnectionLimit, ConnectionSlot, TokenBucket};
 use crate::sigv4::{TokenVerifier, VerifiedToken};
@@ -53,6 +52,7 @@ struct Shared {
     connections: ConnectionLimit,
     refused_parameters: Vec<String>,
     max_session_duration: Duration,
+    session_end: SessionEnd,
     startup_timeout: Duration,
 }
 
@@ -143,6 +143,7 @@ impl Emulator {
             connections: ConnectionLimit::new(config.max_connections),
             refused_parameters: config.refused_parameters,
             max_session_duration: config.max_session_duration,
+            session_end: config.session_end,
             startup_timeout: config.startup_timeout,
         };
         Ok(Self {
@@ -593,7 +594,7 @@ async fn run_session(shared: &Shared, auth: Authenticated, peer: SocketAddr, sta
         }
     };
     let BackendConnection {
-        stream: upstream_stream,
+        stream: mut upstream_stream,
         parameters,
         notices,
         key,
@@ -612,7 +613,6 @@ async fn run_session(shared: &Shared, auth: Authenticated, peer: SocketAddr, sta
         messages::backend_key_data(&mut buf, k);
     }
     messages::ready_for_query(&mut buf, ready_status);
-    let mut upstream_stream = Counted::new(upstream_stream);
     if let Err(e) = send(&mut client, &buf).await {
         debug!(client = %peer, error = %e, "client left before the session started");
         let mut terminate = BytesMut::new();
@@ -627,17 +627,45 @@ async fn run_session(shared: &Shared, auth: Authenticated, peer: SocketAddr, sta
         "session started"
     );
 
-    let mut client = Counted::new(client);
     let deadline = started + shared.max_session_duration;
     let mut relay = Relay::new(&mut client, &mut upstream_stream);
-    let outcome = tokio::time::timeout_at(deadline, &mut relay).await;
+    let ending = match tokio::time::timeout_at(deadline, &mut relay).await {
+        Ok(end) => Ending::Relay(end),
+        Err(_elapsed) => {
+            // DSQL lets a transaction running at the limit finish, within
+            // its own transaction limit.
+            let in_transaction = !is_idle(&relay);
+            if in_transaction {
+                debug!(
+                    client = %peer, user = %role,
+                    transaction_status = %char::from(relay.downstream.transaction_status()),
+                    requests_in_flight = relay.requests_in_flight(),
+                    "maximum session duration reached while busy: letting the transaction finish"
+                );
+            }
+            let grace = deadline + TRANSACTION_GRACE;
+            match tokio::time::timeout_at(grace, relay_until_idle(&mut relay)).await {
+                Ok(Some(end)) => Ending::Relay(end),
+                Ok(None) => Ending::Deadline {
+                    in_transaction,
+                    grace_exceeded: false,
+                },
+                Err(_elapsed) => Ending::Deadline {
+                    in_transaction,
+                    grace_exceeded: true,
+                },
+            }
+        }
+    };
     let stats = relay.stats();
-    let client_at_boundary = relay.downstream.at_boundary();
-    let upstream_at_boundary = relay.upstream.at_boundary();
+    // Idle, or the grace ran out: the session is ended at whatever point
+    // each direction is, but a message is added only where none is cut.
+    let client_clean = relay.downstream_settled();
+    let upstream_clean = relay.upstream_settled();
     drop(relay);
 
-    match outcome {
-        Ok(end) => {
+    match ending {
+        Ending::Relay(end) => {
             let _ = tokio::time::timeout(REJECT_WRITE_TIMEOUT, client.shutdown()).await;
             info!(
                 client = %peer, user = %role,
@@ -648,13 +676,12 @@ async fn run_session(shared: &Shared, auth: Authenticated, peer: SocketAddr, sta
                 "session closed"
             );
         }
-        Err(_elapsed) => {
-            // The trackers saw every byte read; only if all of them were
-            // also written is the stream really between two messages.
-            let client_clean = client_at_boundary && client.written == stats.backend_to_client;
-            let upstream_clean =
-                upstream_at_boundary && upstream_stream.written == stats.client_to_backend;
-            if client_clean {
+        Ending::Deadline {
+            in_transaction,
+            grace_exceeded,
+        } => {
+            let fatal_sent = shared.session_end == SessionEnd::Fatal && client_clean;
+            if fatal_sent {
                 let err = PgError::fatal(
                     sqlstate::ADMIN_SHUTDOWN,
                     format!(
@@ -665,6 +692,8 @@ async fn run_session(shared: &Shared, auth: Authenticated, peer: SocketAddr, sta
                 .with_hint("open a new connection");
                 reject(&mut client, &err).await;
             } else {
+                // DSQL's way: no message, just the end of the stream (a TLS
+                // close_notify, so clients see a clean close).
                 let _ = tokio::time::timeout(REJECT_WRITE_TIMEOUT, client.shutdown()).await;
             }
             if upstream_clean {
@@ -681,12 +710,64 @@ async fn run_session(shared: &Shared, auth: Authenticated, peer: SocketAddr, sta
                 duration_ms = started.elapsed().as_millis() as u64,
                 bytes_from_client = stats.client_to_backend,
                 bytes_to_client = stats.backend_to_client,
-                fatal_sent = client_clean,
+                fatal_sent,
+                waited_for_transaction = in_transaction,
+                transaction_grace_exceeded = grace_exceeded,
                 reason = "max_session_duration",
                 "session closed"
             );
         }
     }
+}
+
+/// Why the relay stopped.
+enum Ending {
+    /// One side ended the session.
+    Relay(RelayEnd),
+    /// The maximum session duration: reached while idle, after the
+    /// transaction running then finished (`in_transaction`), or when that
+    /// took longer than [`TRANSACTION_GRACE`].
+    Deadline {
+        in_transaction: bool,
+        grace_exceeded: bool,
+    },
+}
+
+/// Outside a transaction block, no request in flight, and everything read
+/// in either direction written, ending between two messages: the session
+/// can end here without losing an answer or cutting a message.
+fn is_idle<C, B>(relay: &Relay<'_, C, B>) -> bool
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    relay.downstream.transaction_status() == b'I'
+        && relay.requests_in_flight() == 0
+        && relay.upstream_settled()
+        && relay.downstream_settled()
+}
+
+/// Relays as usual (the client's next statements in a transaction are new
+/// requests, so not [`Relay::settle`]) until the session is idle (`None`)
+/// or ends on its own. The state only changes while the relay is polled,
+/// so checking after each poll catches the first idle moment without a
+/// timer. Callers bound it in time.
+async fn relay_until_idle<C, B>(relay: &mut Relay<'_, C, B>) -> Option<RelayEnd>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    std::future::poll_fn(|cx| {
+        if is_idle(relay) {
+            return Poll::Ready(None);
+        }
+        match Pin::new(&mut *relay).poll(cx) {
+            Poll::Ready(end) => Poll::Ready(Some(end)),
+            Poll::Pending if is_idle(relay) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
 }
 
 async fn forward_cancel(shared: &Shared, key: CancelKey, peer: SocketAddr) {
@@ -700,65 +781,6 @@ async fn forward_cancel(shared: &Shared, key: CancelKey, peer: SocketAddr) {
     {
         Ok(()) => debug!(client = %peer, pid, "cancel request forwarded upstream"),
         Err(e) => warn!(client = %peer, pid, error = %e, "cancel request could not be forwarded"),
-    }
-}
-
-/// A stream that counts the bytes written through it, so the session can
-/// tell whether the relay's buffer still held bytes when it stopped.
-struct Counted<S> {
-    inner: S,
-    written: u64,
-}
-
-impl<S> Counted<S> {
-    fn new(inner: S) -> Self {
-        Self { inner, written: 0 }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = r {
-            this.written += n as u64;
-        }
-        r
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        if let Poll::Ready(Ok(n)) = r {
-            this.written += n as u64;
-        }
-        r
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
 
