@@ -27,7 +27,7 @@ use crate::pki::{ServerCert, TestPki};
 use crate::process::Watchdog;
 use crate::wire;
 
-pub use dsql_emulator::{sign_token, ACTION_CONNECT, ACTION_CONNECT_ADMIN};
+pub use dsql_emulator::{sign_token, SessionEnd, ACTION_CONNECT, ACTION_CONNECT_ADMIN};
 
 /// A DSQL-style cluster host name for the emulator's certificate and tokens.
 pub const CLUSTER_HOST: &str = "abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws";
@@ -65,6 +65,8 @@ pub struct EmulatorOptions<'a> {
     /// `(role, upstream password)` pairs.
     pub role_passwords: Vec<(String, String)>,
     pub max_session_duration: Option<Duration>,
+    /// `--session-end`: how a session ends at `max_session_duration`.
+    pub session_end: Option<SessionEnd>,
     /// `(per second, burst)`.
     pub rate_limit: Option<(f64, u32)>,
     pub max_connections: Option<usize>,
@@ -89,6 +91,7 @@ impl<'a> EmulatorOptions<'a> {
                 (APP_USER.to_owned(), APP_PASSWORD.to_owned()),
             ],
             max_session_duration: None,
+            session_end: None,
             rate_limit: None,
             max_connections: None,
             refused_parameters: None,
@@ -159,6 +162,13 @@ impl EmulatorProcess {
         }
         if let Some(d) = opts.max_session_duration {
             cmd.args(["--max-session-duration", &duration_arg(d)]);
+        }
+        if let Some(end) = opts.session_end {
+            let end = match end {
+                SessionEnd::Close => "close",
+                SessionEnd::Fatal => "fatal",
+            };
+            cmd.args(["--session-end", end]);
         }
         if let Some((rate, burst)) = opts.rate_limit {
             cmd.args(["--rate-limit", &rate.to_string()]);

@@ -5,7 +5,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use dsql_proxy_tests::emulator::{sign_token, ACCESS_KEY_ID, ACTION_CONNECT, SECRET_ACCESS_KEY};
+use dsql_proxy_tests::emulator::{
+    sign_token, SessionEnd, ACCESS_KEY_ID, ACTION_CONNECT, SECRET_ACCESS_KEY,
+};
 use dsql_proxy_tests::wire::{self, BackendMessage, ErrorFields, StartupResponse};
 use dsql_proxy_tests::{
     connect_with, AuthMethod, EmulatorOptions, EmulatorProcess, PgOptions, PgServer, TestPki,
@@ -542,12 +544,69 @@ async fn connection_limit_refuses_with_53300() {
     assert_eq!(err.code(), Some("53300"), "{err:?}");
 }
 
+/// Runs `sql` and checks it succeeded; its messages up to ReadyForQuery.
+async fn query_ok<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    sql: &str,
+    emu: &EmulatorProcess,
+) -> Vec<BackendMessage> {
+    let msgs = wire::simple_query(stream, sql, T)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}\n--- emulator log ---\n{}", emu.logs()));
+    assert!(wire::first_error(&msgs).is_none(), "{sql}: {msgs:?}");
+    msgs
+}
+
+/// The stream ends cleanly (TLS close_notify) with no message at all: how
+/// DSQL ends a session at its maximum duration.
+async fn closed_without_a_message<S: AsyncRead + Unpin>(stream: &mut S, emu: &EmulatorProcess) {
+    let (msgs, err) = wire::read_to_close(stream, T).await;
+    assert!(
+        msgs.iter().all(|m| m.tag != b'E'),
+        "ErrorResponse before close: {msgs:?}\n{}",
+        emu.logs()
+    );
+    assert!(msgs.is_empty(), "{msgs:?}");
+    assert!(err.is_none(), "not a clean close: {err:?}\n{}", emu.logs());
+}
+
 #[tokio::test]
-async fn session_is_closed_at_the_maximum_duration() {
+async fn session_is_closed_without_a_message_at_the_maximum_duration() {
     let pg = upstream();
     let pki = TestPki::new();
     let emu = EmulatorProcess::start(EmulatorOptions {
         max_session_duration: Some(Duration::from_secs(2)),
+        ..EmulatorOptions::new(&pg, &pki)
+    });
+    let started = Instant::now();
+    let mut s = tls_stream(&emu, &pki).await;
+    login(&mut s, APP_USER, &emu.token(APP_USER))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(current_user(&mut s).await, APP_USER);
+
+    // Idle until the emulator ends the session.
+    closed_without_a_message(&mut s, &emu).await;
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(1900) && elapsed < Duration::from_secs(10),
+        "closed after {elapsed:?}"
+    );
+    assert!(emu.wait_for_log("fatal_sent=false", T), "{}", emu.logs());
+    assert!(
+        emu.logs().contains("max_session_duration"),
+        "{}",
+        emu.logs()
+    );
+}
+
+#[tokio::test]
+async fn session_end_fatal_sends_57p01_at_the_maximum_duration() {
+    let pg = upstream();
+    let pki = TestPki::new();
+    let emu = EmulatorProcess::start(EmulatorOptions {
+        max_session_duration: Some(Duration::from_secs(2)),
+        session_end: Some(SessionEnd::Fatal),
         ..EmulatorOptions::new(&pg, &pki)
     });
     let started = Instant::now();
@@ -579,9 +638,96 @@ async fn session_is_closed_at_the_maximum_duration() {
         elapsed >= Duration::from_millis(1900) && elapsed < Duration::from_secs(10),
         "closed after {elapsed:?}"
     );
+    assert!(emu.wait_for_log("fatal_sent=true", T), "{}", emu.logs());
     assert!(
-        emu.wait_for_log("max_session_duration", T),
+        emu.logs().contains("max_session_duration"),
         "{}",
         emu.logs()
+    );
+}
+
+#[tokio::test]
+async fn transaction_running_at_the_maximum_duration_finishes_first() {
+    let pg = upstream();
+    pg.superuser_sql(&format!(
+        "create table session_end (n int); grant all on session_end to {APP_USER}"
+    ));
+    let pki = TestPki::new();
+    let max = Duration::from_secs(2);
+    let emu = EmulatorProcess::start(EmulatorOptions {
+        max_session_duration: Some(max),
+        ..EmulatorOptions::new(&pg, &pki)
+    });
+    let started = Instant::now();
+    let mut s = tls_stream(&emu, &pki).await;
+    login(&mut s, APP_USER, &emu.token(APP_USER))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    query_ok(&mut s, "begin", &emu).await;
+    query_ok(&mut s, "insert into session_end values (1)", &emu).await;
+
+    // Idle in the transaction past the deadline: the session stays open.
+    tokio::time::sleep((max + Duration::from_secs(1)).saturating_sub(started.elapsed())).await;
+    query_ok(&mut s, "insert into session_end values (2)", &emu).await;
+    let commit = query_ok(&mut s, "commit", &emu).await;
+    let tag = commit.iter().find_map(BackendMessage::command_tag);
+    assert_eq!(tag.as_deref(), Some("COMMIT"), "{commit:?}");
+    assert_eq!(
+        commit.last().and_then(BackendMessage::ready_status),
+        Some(b'I')
+    );
+
+    // Back outside the transaction, the session ends right away.
+    let committed = Instant::now();
+    closed_without_a_message(&mut s, &emu).await;
+    assert!(
+        committed.elapsed() < Duration::from_secs(5),
+        "closed {:?} after COMMIT",
+        committed.elapsed()
+    );
+    assert!(
+        emu.wait_for_log("waited_for_transaction=true", T),
+        "{}",
+        emu.logs()
+    );
+
+    // The commit is visible to a new session.
+    let mut v = tls_stream(&emu, &pki).await;
+    login(&mut v, APP_USER, &emu.token(APP_USER))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let msgs = query_ok(&mut v, "select count(*) from session_end", &emu).await;
+    assert_eq!(wire::rows(&msgs), vec![vec![Some("2".to_owned())]]);
+}
+
+#[tokio::test]
+async fn statement_running_at_the_maximum_duration_is_answered_first() {
+    let pg = upstream();
+    let pki = TestPki::new();
+    let max = Duration::from_secs(2);
+    let emu = EmulatorProcess::start(EmulatorOptions {
+        max_session_duration: Some(max),
+        ..EmulatorOptions::new(&pg, &pki)
+    });
+    let started = Instant::now();
+    let mut s = tls_stream(&emu, &pki).await;
+    login(&mut s, APP_USER, &emu.token(APP_USER))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+
+    // In flight from before the deadline until a second after it.
+    let sleep = (max + Duration::from_secs(1)).saturating_sub(started.elapsed());
+    let msgs = query_ok(
+        &mut s,
+        &format!("select pg_sleep({})", sleep.as_secs_f64()),
+        &emu,
+    )
+    .await;
+    assert_eq!(wire::rows(&msgs).len(), 1, "{msgs:?}");
+    closed_without_a_message(&mut s, &emu).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "closed after {:?}",
+        started.elapsed()
     );
 }
