@@ -201,6 +201,14 @@ pub struct BackendConfig {
     /// Connects that may wait for the rate limit at once; beyond it a client
     /// gets 53300 at once.
     pub connect_queue: u32,
+    /// How long a backend connection serves a session before the session
+    /// moves to a fresh one (at an idle point, make before break; with
+    /// about ±10% jitter). `0s` is off. Unset: 55 minutes for
+    /// `kind = "dsql"` (Aurora DSQL closes connections at 60 minutes
+    /// without a message), off otherwise. See
+    /// [`Self::effective_server_lifetime`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_lifetime: Option<DurationStr>,
 }
 
 impl Default for BackendConfig {
@@ -222,6 +230,7 @@ impl Default for BackendConfig {
             connect_rate: None,
             connect_burst: None,
             connect_queue: 1_000,
+            server_lifetime: None,
         }
     }
 }
@@ -261,6 +270,11 @@ pub enum Route53Policy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnEndpointDown {
+    /// Sessions between transactions move, with their state, to another
+    /// endpoint when they send their next message; the others (inside a
+    /// transaction, a request in flight, pinned) are closed as with `close`.
+    /// Drained endpoints and endpoints a reload removes count as down.
+    Move,
     /// Sessions on an endpoint that goes down get a FATAL 57P01 and are
     /// closed, so pools reconnect to a healthy endpoint at once.
     Close,
@@ -345,7 +359,7 @@ impl Default for RoutingConfig {
             route53: Route53Policy::Veto,
             route53_poll_interval: DurationStr::from_secs(30),
             route53_max_staleness: DurationStr::from_secs(120),
-            on_endpoint_down: OnEndpointDown::Close,
+            on_endpoint_down: OnEndpointDown::Move,
             attempt_timeout: DurationStr::from_secs(2),
             busy_cooldown: DurationStr::from_secs(5),
             writer_wait: DurationStr::from_secs(30),
@@ -354,6 +368,18 @@ impl Default for RoutingConfig {
             global_cluster_poll_interval: DurationStr::from_secs(5),
         }
     }
+}
+
+/// Default `server_lifetime` for `kind = "dsql"`: under the service's
+/// 60-minute connection limit with room for the jitter, as AWS's own
+/// connectors advise.
+pub const DSQL_SERVER_LIFETIME: std::time::Duration = std::time::Duration::from_secs(55 * 60);
+
+/// Aurora DSQL closes every connection at this age, without a message.
+pub const DSQL_MAX_CONNECTION_AGE: std::time::Duration = std::time::Duration::from_secs(60 * 60);
+
+fn humantime_secs(d: std::time::Duration) -> String {
+    format!("{}s", d.as_secs())
 }
 
 /// Aurora DSQL's built-in role, the probes' login when `probe_user` is unset.
@@ -401,6 +427,15 @@ impl Default for ShutdownConfig {
 pub const DSQL_REFUSED_PARAMETERS: &[&str] = &["default_transaction_read_only"];
 
 impl BackendConfig {
+    /// The backend connection lifetime; zero is off.
+    pub fn effective_server_lifetime(&self) -> std::time::Duration {
+        match (self.server_lifetime, self.kind) {
+            (Some(lifetime), _) => lifetime.get(),
+            (None, BackendKind::Dsql) => DSQL_SERVER_LIFETIME,
+            (None, _) => std::time::Duration::ZERO,
+        }
+    }
+
     /// The configured drop list plus the kind's own.
     pub fn effective_drop_parameters(&self) -> Vec<String> {
         let mut list = self.drop_parameters.clone();
@@ -552,6 +587,15 @@ impl Config {
             || self.backend.connect_timeout.get().is_zero()
         {
             return invalid("timeouts must be greater than zero".into());
+        }
+        if self.backend.kind == BackendKind::Dsql
+            && self.backend.effective_server_lifetime() >= DSQL_MAX_CONNECTION_AGE
+        {
+            return invalid(format!(
+                "[backend] server_lifetime must be under 60m for kind = \"dsql\": Aurora DSQL \
+                 closes every connection at 60 minutes (got {})",
+                humantime_secs(self.backend.effective_server_lifetime())
+            ));
         }
         let backend_password = self.backend_password()?;
         match (self.backend.auth, &backend_password) {

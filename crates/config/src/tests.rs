@@ -170,7 +170,7 @@ fn routing_defaults_and_overrides() {
     assert_eq!((r.down_after, r.up_after, r.switch_after), (3, 3, 3));
     assert_eq!(r.route53, Route53Policy::Veto);
     assert_eq!(r.route53_poll_interval.get().as_secs(), 30);
-    assert_eq!(r.on_endpoint_down, OnEndpointDown::Close);
+    assert_eq!(r.on_endpoint_down, OnEndpointDown::Move);
     assert_eq!(r.attempt_timeout.get().as_secs(), 2);
 
     let text = format!(
@@ -559,4 +559,37 @@ fn admin_settings_default_to_loopback_and_no_quitquitquit() {
             .to_string();
         assert!(err.contains("[admin]"), "{bad}: {err}");
     }
+}
+
+#[test]
+fn server_lifetime_defaults_to_55m_for_dsql_only_and_stays_under_dsql_s_limit() {
+    use std::time::Duration;
+    let postgres = Config::parse(MINIMAL).unwrap();
+    assert_eq!(postgres.backend.effective_server_lifetime(), Duration::ZERO);
+    let dsql_text = MINIMAL.replace(
+        "kind = \"postgres\"\nauth = \"password\"\npassword = \"hunter2\"\ntls = \"require\"",
+        "kind = \"dsql\"\nauth = \"dsql-iam\"\ntls = \"verify-full\"",
+    );
+    let dsql = Config::parse(&dsql_text).unwrap();
+    assert_eq!(
+        dsql.backend.effective_server_lifetime(),
+        Duration::from_secs(55 * 60)
+    );
+    let set = MINIMAL.replace("[backend]\n", "[backend]\nserver_lifetime = \"10m\"\n");
+    let c = Config::parse(&set).unwrap();
+    assert_eq!(
+        c.backend.effective_server_lifetime(),
+        Duration::from_secs(600)
+    );
+    let too_long = dsql_text.replace("[backend]\n", "[backend]\nserver_lifetime = \"60m\"\n");
+    let err = Config::parse(&too_long).unwrap_err().to_string();
+    assert!(err.contains("server_lifetime must be under 60m"), "{err}");
+    let off = dsql_text.replace("[backend]\n", "[backend]\nserver_lifetime = \"0s\"\n");
+    assert_eq!(
+        Config::parse(&off)
+            .unwrap()
+            .backend
+            .effective_server_lifetime(),
+        Duration::ZERO
+    );
 }

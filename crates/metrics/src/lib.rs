@@ -42,6 +42,10 @@ pub struct Metrics {
     pub sessions_active: IntGaugeVec,
     pub sessions_closed_total: IntCounterVec,
     pub session_duration_seconds: Histogram,
+    pub sessions_moved_total: IntCounterVec,
+    pub session_moves_failed_total: IntCounterVec,
+    pub sessions_pinned: IntGaugeVec,
+    pub session_move_seconds: Histogram,
     pub bytes_total: IntCounterVec,
     pub cancel_requests_total: IntCounter,
     pub token_generations_total: IntCounter,
@@ -87,6 +91,77 @@ pub fn connect_failure_reasons() -> impl Iterator<Item = &'static str> {
         "backend_auth_declined",
         "setup_error",
     ])
+}
+
+/// `sessions_moved_total{reason}`: why a session left its backend.
+pub const MOVE_REASONS: [&str; 5] = [
+    "lifetime",
+    "endpoint_down",
+    "drained",
+    "writer_changed",
+    "backend_lost",
+];
+
+/// `session_moves_failed_total{cause}`: why a session that had to leave
+/// its backend could not move (`connect`, `restore`: the new backend could
+/// not be reached or refused the session's state; `busy`: inside a
+/// transaction or a request in flight; `pinned`; `state_unknown`: the
+/// backend was lost before its state was read).
+pub const MOVE_FAILURE_CAUSES: [&str; 5] =
+    ["connect", "restore", "busy", "pinned", "state_unknown"];
+
+/// `sessions_pinned{cause}`: why a session cannot move (the protocol
+/// crate's `Pins` labels, tested to match).
+pub const PIN_CAUSES: [&str; 6] = [
+    "listen",
+    "hold_cursor",
+    "temp_table",
+    "advisory_lock",
+    "state_too_large",
+    "unclassifiable",
+];
+
+impl Metrics {
+    /// Session moves, failed moves and pinned sessions by label, for
+    /// `/status`.
+    pub fn continuity_counts(&self) -> [(&'static str, Vec<(&'static str, u64)>); 3] {
+        let counter = |vec: &IntCounterVec, label: &'static str| {
+            (
+                label,
+                vec.get_metric_with_label_values(&[label])
+                    .map_or(0, |c| c.get()),
+            )
+        };
+        [
+            (
+                "moved",
+                MOVE_REASONS
+                    .iter()
+                    .map(|r| counter(&self.sessions_moved_total, r))
+                    .collect(),
+            ),
+            (
+                "move_failures",
+                MOVE_FAILURE_CAUSES
+                    .iter()
+                    .map(|c| counter(&self.session_moves_failed_total, c))
+                    .collect(),
+            ),
+            (
+                "pinned",
+                PIN_CAUSES
+                    .iter()
+                    .map(|c| {
+                        let n = self
+                            .sessions_pinned
+                            .get_metric_with_label_values(&[c])
+                            .map_or(0, |g| g.get().max(0) as u64);
+                        (*c, n)
+                    })
+                    .collect(),
+            ),
+        ]
+    }
 }
 
 /// `route53_errors_total{reason}` (the health crate's `Route53Error`,
@@ -143,6 +218,15 @@ impl Metrics {
                 "Length of relayed sessions",
                 exponential_buckets(0.01, 4.0, 12)?, // 10ms .. ~12 days
             )?,
+            sessions_moved_total: counter_vec(r, "sessions_moved_total", "Sessions moved to a new backend connection with their state, by reason", &["reason"])?,
+            session_moves_failed_total: counter_vec(r, "session_moves_failed_total", "Sessions that had to leave their backend and could not move, by cause", &["cause"])?,
+            sessions_pinned: gauge_vec(r, "sessions_pinned", "Open sessions that cannot move to another backend, by cause (a session may count under several)", &["cause"])?,
+            session_move_seconds: histogram(
+                r,
+                "session_move_seconds",
+                "Time a move held the session: from its decision (or the client's next message) to relaying on the new backend",
+                exponential_buckets(0.0005, 2.0, 16)?, // 0.5ms .. ~16s
+            )?,
             bytes_total: counter_vec(r, "bytes_total", "Bytes relayed, counted when a session ends", &["direction"])?,
             cancel_requests_total: counter(r, "cancel_requests_total", "CancelRequests received")?,
             token_generations_total: counter(r, "token_generations_total", "IAM tokens signed")?,
@@ -158,6 +242,12 @@ impl Metrics {
             registry,
         };
         m.build_info.with_label_values(&[version]).set(1);
+        for reason in MOVE_REASONS {
+            m.sessions_moved_total.with_label_values(&[reason]);
+        }
+        for cause in MOVE_FAILURE_CAUSES {
+            m.session_moves_failed_total.with_label_values(&[cause]);
+        }
         Ok(m)
     }
 

@@ -90,6 +90,16 @@ pub trait Router: Send + Sync + 'static {
     fn watch_table(&self) -> Option<watch::Receiver<u64>> {
         None
     }
+
+    /// Changes whenever an endpoint is drained or restored (admin API).
+    fn watch_drains(&self) -> Option<watch::Receiver<u64>> {
+        None
+    }
+
+    /// Whether `id` is drained (admin API).
+    fn is_drained(&self, _id: EndpointId) -> bool {
+        false
+    }
 }
 
 /// A passive signal on its way to the health monitor.
@@ -315,6 +325,14 @@ impl Router for TableRouter {
             // one more loses nothing.
             let _ = tx.try_send((id, signal));
         }
+    }
+
+    fn watch_drains(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.manual.subscribe())
+    }
+
+    fn is_drained(&self, id: EndpointId) -> bool {
+        self.manual.is_drained(id)
     }
 
     fn watch_down(&self, id: EndpointId) -> Option<DownWatch> {
