@@ -263,7 +263,7 @@ fn drain_route(state: &AdminState, method: &Method, rest: &str) -> Response<Full
                 info!(endpoint = name, "endpoint {what} through the admin API");
             }
             let answer = match (drained, changed) {
-                (true, true) => format!("endpoint {name} drained: new sessions go to other endpoints; open sessions are left alone\n"),
+                (true, true) => format!("endpoint {name} drained: new sessions go to other endpoints; with [routing] on_endpoint_down = \"move\" (the default) open sessions move at their next idle point, otherwise they are left alone\n"),
                 (true, false) => format!("endpoint {name} was already drained\n"),
                 (false, true) => format!("endpoint {name} restored: it takes new sessions again when the selection picks it\n"),
                 (false, false) => format!("endpoint {name} was not drained\n"),

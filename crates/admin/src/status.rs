@@ -111,7 +111,16 @@ pub fn status_json(
                 "last_error": c.last_error,
             })
         });
+    let mut sessions = Map::new();
+    for (what, counts) in metrics.continuity_counts() {
+        let counts: Map<String, Value> = counts
+            .into_iter()
+            .map(|(label, n)| (label.to_owned(), json!(n)))
+            .collect();
+        sessions.insert(what.to_owned(), Value::Object(counts));
+    }
     json!({
+        "sessions": sessions,
         "writer": writer,
         "control_plane": control_plane,
         "selected": table.selected().map(|e| e.name.clone()),

@@ -195,6 +195,29 @@ pub fn render(status: &Value) -> String {
             let _ = writeln!(out, "{n}");
         }
     }
+    if let Some(sessions) = status["sessions"].as_object() {
+        out.push_str("\nsession continuity:\n");
+        for (what, title) in [
+            ("moved", "moved"),
+            ("move_failures", "could not move"),
+            ("pinned", "pinned now"),
+        ] {
+            let counts: Vec<String> = sessions
+                .get(what)
+                .and_then(Value::as_object)
+                .into_iter()
+                .flatten()
+                .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
+                .map(|(label, n)| format!("{label} {n}"))
+                .collect();
+            let counts = if counts.is_empty() {
+                "none".to_owned()
+            } else {
+                counts.join(", ")
+            };
+            let _ = writeln!(out, "  {title}: {counts}");
+        }
+    }
     if let Some(policy) = status["policy"].as_object() {
         out.push_str("\npolicy:\n");
         if let Some(rule) = policy.get("rule").and_then(Value::as_str) {
@@ -253,6 +276,9 @@ mod tests {
             "generation": 12,
             "route_changes_total": 2,
             "policy": {"rule": "healthy endpoints only", "probe_interval": "1s", "switch_after": 3},
+            "sessions": {"moved": {"lifetime": 4, "endpoint_down": 0},
+                         "move_failures": {"connect": 0},
+                         "pinned": {"listen": 1, "temp_table": 2}},
             "endpoints": [
                 {"name": "us-east-1", "region": "us-east-1", "selected": true, "rank": 0,
                  "state": "up", "eligible": true, "latency_ms": 1.234, "last_rtt_ms": 1.1,
@@ -270,6 +296,12 @@ mod tests {
         let out = render(&status);
         assert!(
             out.starts_with("selected: us-east-1 (lowest latency"),
+            "{out}"
+        );
+        assert!(out.contains("  moved: lifetime 4\n"), "{out}");
+        assert!(out.contains("  could not move: none\n"), "{out}");
+        assert!(
+            out.contains("  pinned now: listen 1, temp_table 2\n"),
             "{out}"
         );
         let row1 = out.lines().find(|l| l.contains("us-east-1  ")).unwrap();

@@ -297,6 +297,17 @@ fn report_failure(ctx: &ProxyContext, endpoint: &Endpoint, kind: FailureKind, er
     }
 }
 
+/// One attempt on `endpoint` alone, within `attempt_timeout`: whether it
+/// takes a connection for `login` now (no failover, no failure reports).
+pub(crate) async fn connect_to(
+    ctx: &ProxyContext,
+    endpoint: &Endpoint,
+    login: &Login,
+) -> Result<BackendConnection, SessionError> {
+    let limit = ctx.attempt_timeout.min(ctx.connect_timeout);
+    attempt(ctx, endpoint, login, limit, limit, None).await
+}
+
 /// One attempt on one endpoint: an idle pooled connection, else the
 /// secret, a connect-rate token, then dial, TLS and authentication within
 /// `limit`; abandoned early if the probes mark the endpoint down. The
@@ -412,11 +423,17 @@ impl Drop for GaugeGuard<'_> {
 }
 
 /// Ends a backend connection that will not be used.
-async fn terminate(backend: BackendConnection) {
-    let mut stream = backend.stream;
+/// Says goodbye to a backend connection that will not be used.
+pub(crate) async fn terminate(backend: BackendConnection) {
+    terminate_stream(backend.stream).await;
+}
+
+/// Sends Terminate on a backend stream between messages, then drops it.
+/// Bounded: the server may be hung.
+pub(crate) async fn terminate_stream(mut stream: dsql_proxy_connector::BackendStream) {
     let mut buf = BytesMut::new();
     messages::terminate(&mut buf);
-    let _ = tokio::time::timeout(Duration::from_secs(1), send(&mut stream, &buf)).await;
+    let _ = tokio::time::timeout(Duration::from_millis(500), send(&mut stream, &buf)).await;
 }
 
 /// The client's error when no endpoint took the session. With one endpoint

@@ -12,12 +12,14 @@ pub mod admission;
 pub mod busy_poll;
 pub mod cancel;
 pub mod connect;
+mod continuity;
 pub mod drain;
 mod error;
 pub mod frontend;
 pub mod io;
 mod limit;
 pub mod listener;
+mod mover;
 pub mod relay;
 mod role;
 mod session;
@@ -77,6 +79,8 @@ pub struct ProxyContext {
     /// remain to be tried.
     pub attempt_timeout: Duration,
     pub on_endpoint_down: OnEndpointDown,
+    /// `[backend] server_lifetime` (zero: off), before jitter.
+    pub server_lifetime: Duration,
     /// `[shutdown] request_grace`: how long a session closed at shutdown
     /// waits for the answer to a request in flight.
     pub request_grace: Duration,
@@ -162,6 +166,7 @@ impl ProxyContext {
             startups,
             limiter: previous_limiter,
         } = process;
+        continuity::register_pin_metrics(&metrics);
         let listen = &config.listen;
         let tls = match (&listen.tls_cert_file, &listen.tls_key_file) {
             (Some(cert), Some(key)) => Some(TlsAcceptor::from(tls::server_config(cert, key)?)),
@@ -223,6 +228,7 @@ impl ProxyContext {
             default_application_name: config.backend.default_application_name.clone(),
             attempt_timeout: config.routing.attempt_timeout.get(),
             on_endpoint_down: config.routing.on_endpoint_down,
+            server_lifetime: config.backend.effective_server_lifetime(),
             request_grace: config.shutdown.request_grace.get(),
             connect_limiter,
             global: (config.backend.kind == BackendKind::AuroraGlobal).then(|| GlobalSettings {

@@ -1,6 +1,12 @@
 //! The data path: bytes between client and backend, in one task, with one
 //! fixed buffer per direction allocated at session start. No locks, no
 //! per-message allocation, no awaits on anything but the two streams.
+//!
+//! With a [`SessionTracker`] (session continuity), the relay also feeds it
+//! every byte it forwards, stops at idle points when the session asks (or
+//! when the tracker wants a snapshot), and holds back an ErrorResponse the
+//! backend sends while the session is idle (a FATAL of a dying server), so
+//! the session can move instead of passing the error on.
 
 use std::future::Future;
 use std::io;
@@ -10,6 +16,7 @@ use std::task::{ready, Context, Poll};
 use std::sync::Arc;
 
 use dsql_proxy_protocol::relay::{requests_in_flight, BoundaryTracker};
+use dsql_proxy_protocol::tracking::SessionTracker;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 use crate::busy_poll::BusyPoll;
@@ -29,6 +36,14 @@ pub enum RelayEnd {
     BackendClosed,
     ClientError(io::Error),
     BackendError(io::Error),
+    /// Not an end: the relay stopped at an idle point (only with a
+    /// session tracker, when asked to or when the tracker is dirty).
+    /// Polling again resumes.
+    IdlePoint,
+    /// Not an end: while the session was idle the backend began an
+    /// ErrorResponse, which is held back (see [`Relay::release_held`] and
+    /// [`Relay::drop_held`]); everything before it was relayed.
+    IdleError,
 }
 
 impl RelayEnd {
@@ -38,7 +53,14 @@ impl RelayEnd {
             Self::BackendClosed => "backend_closed",
             Self::ClientError(_) => "client_error",
             Self::BackendError(_) => "backend_error",
+            Self::IdlePoint => "idle_point",
+            Self::IdleError => "idle_error",
         }
+    }
+
+    /// The backend connection is gone (closed or broken).
+    pub fn backend_gone(&self) -> bool {
+        matches!(self, Self::BackendClosed | Self::BackendError(_))
     }
 }
 
@@ -51,6 +73,57 @@ pub struct RelayStats {
 enum Fault {
     Read(io::Error),
     Write(io::Error),
+    /// An ErrorResponse from the backend at an idle point is held.
+    HeldError,
+}
+
+/// Which stream a half reads from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Client,
+    Server,
+}
+
+/// What watches the bytes a half reads: the boundary tracker always, the
+/// session tracker when the session can move.
+struct Observers<'t> {
+    boundary: &'t mut BoundaryTracker,
+    session: Option<&'t mut SessionTracker>,
+    side: Side,
+}
+
+impl Observers<'_> {
+    #[inline]
+    fn observe(&mut self, bytes: &[u8]) {
+        self.boundary.observe(bytes);
+        if let Some(session) = self.session.as_deref_mut() {
+            match self.side {
+                Side::Client => session.observe_client(bytes),
+                Side::Server => session.observe_server(bytes),
+            }
+        }
+    }
+
+    /// Where, in a chunk just read from the backend, an ErrorResponse
+    /// begins while the session is idle (the chunk then starts at a message
+    /// boundary). Later messages of a chunk that ends inside one are not
+    /// looked at: an idle backend sends one message at a time.
+    fn idle_error_offset(&self, chunk: &[u8]) -> Option<usize> {
+        let session = self.session.as_deref()?;
+        if self.side != Side::Server || !session.at_idle_point() {
+            return None;
+        }
+        let mut at = 0;
+        while at < chunk.len() {
+            if chunk[at] == b'E' {
+                return Some(at);
+            }
+            let header = chunk.get(at + 1..at + 5)?;
+            let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+            at = at.checked_add(1 + len)?;
+        }
+        None
+    }
 }
 
 struct Half {
@@ -61,10 +134,16 @@ struct Half {
     need_flush: bool,
     done: bool,
     total: u64,
+    /// Bytes read but held back after `cap` (an idle ErrorResponse).
+    held: usize,
+    /// Shut the writer down when the reader ends: the backend's write side
+    /// follows the client's EOF; the client's stream outlives a backend
+    /// (the session decides what the client hears).
+    shutdown_at_eof: bool,
 }
 
 impl Half {
-    fn new() -> Self {
+    fn new(shutdown_at_eof: bool) -> Self {
         Self {
             buf: vec![0u8; RELAY_BUFFER].into_boxed_slice(),
             pos: 0,
@@ -73,7 +152,14 @@ impl Half {
             need_flush: false,
             done: false,
             total: 0,
+            held: 0,
+            shutdown_at_eof,
         }
+    }
+
+    /// Nothing read is waiting to be written.
+    fn is_empty(&self) -> bool {
+        self.pos == self.cap && self.held == 0
     }
 
     /// Moves bytes from `reader` to `writer` until both would block, the
@@ -89,7 +175,7 @@ impl Half {
         cx: &mut Context<'_>,
         mut reader: Pin<&mut R>,
         mut writer: Pin<&mut W>,
-        tracker: &mut BoundaryTracker,
+        mut observers: Observers<'_>,
         mut gate: Option<&mut bool>,
     ) -> Poll<Result<(), Fault>>
     where
@@ -97,9 +183,17 @@ impl Half {
         W: AsyncWrite + ?Sized,
     {
         loop {
+            let tracker = &*observers.boundary;
             let closed = gate
                 .as_deref()
                 .is_some_and(|closed| *closed || tracker.is_broken());
+            if self.pos == self.cap && self.held > 0 {
+                if self.need_flush {
+                    ready!(writer.as_mut().poll_flush(cx)).map_err(Fault::Write)?;
+                    self.need_flush = false;
+                }
+                return Poll::Ready(Err(Fault::HeldError));
+            }
             if self.pos == self.cap && !self.read_eof && !closed {
                 self.pos = 0;
                 self.cap = 0;
@@ -125,9 +219,11 @@ impl Half {
                                 *closed = true;
                             }
                         } else {
-                            tracker.observe(&self.buf[..n]);
-                            self.cap = n;
-                            self.total += n as u64;
+                            let forward = observers.idle_error_offset(&self.buf[..n]).unwrap_or(n);
+                            observers.observe(&self.buf[..forward]);
+                            self.cap = forward;
+                            self.held = n - forward;
+                            self.total += forward as u64;
                         }
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(Fault::Read(e))),
@@ -160,9 +256,11 @@ impl Half {
                 self.pos += n;
                 self.need_flush = true;
             }
-            if self.pos == self.cap && self.read_eof {
+            if self.pos == self.cap && self.read_eof && self.held == 0 {
                 ready!(writer.as_mut().poll_flush(cx)).map_err(Fault::Write)?;
-                ready!(writer.as_mut().poll_shutdown(cx)).map_err(Fault::Write)?;
+                if self.shutdown_at_eof {
+                    ready!(writer.as_mut().poll_shutdown(cx)).map_err(Fault::Write)?;
+                }
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
@@ -203,7 +301,7 @@ impl Half {
     /// (and nothing after it) from `reader` to `writer`.
     async fn finish_message<R, W>(
         &mut self,
-        tracker: &mut BoundaryTracker,
+        mut observers: Observers<'_>,
         reader: &mut R,
         writer: &mut W,
     ) -> io::Result<()>
@@ -212,13 +310,13 @@ impl Half {
         W: AsyncWrite + Unpin + ?Sized,
     {
         self.write_out(writer).await?;
-        while !tracker.at_boundary() && !tracker.is_broken() {
-            let want = tracker.bytes_to_boundary().min(RELAY_BUFFER);
+        while !observers.boundary.at_boundary() && !observers.boundary.is_broken() {
+            let want = observers.boundary.bytes_to_boundary().min(RELAY_BUFFER);
             let n = reader.read(&mut self.buf[..want]).await?;
             if n == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
-            tracker.observe(&self.buf[..n]);
+            observers.observe(&self.buf[..n]);
             self.total += n as u64;
             self.pos = 0;
             self.cap = n;
@@ -244,6 +342,10 @@ pub struct Relay<'a, C: ?Sized, B: ?Sized> {
     settling: bool,
     /// The gate closed: a new request from the client was held back.
     gate_closed: bool,
+    /// Session continuity: the message-level view of the session.
+    session: Option<SessionTracker>,
+    /// Stop at the next idle point (see [`RelayEnd::IdlePoint`]).
+    pause_at_idle: bool,
 }
 
 impl<'a, C, B> Relay<'a, C, B>
@@ -255,14 +357,117 @@ where
         Self {
             client,
             backend,
-            up: Half::new(),
-            down: Half::new(),
+            up: Half::new(true),
+            down: Half::new(false),
             downstream: BoundaryTracker::backend(),
             upstream: BoundaryTracker::frontend(),
             busy_poll: None,
             settling: false,
             gate_closed: false,
+            session: None,
+            pause_at_idle: false,
         }
+    }
+
+    /// Feeds `tracker` every byte relayed, and stops at idle points when
+    /// it is dirty (to take a snapshot) or when [`Relay::pause_at_idle`]
+    /// asks.
+    pub fn with_session_tracker(mut self, tracker: SessionTracker) -> Self {
+        self.session = Some(tracker);
+        self
+    }
+
+    pub fn session(&self) -> Option<&SessionTracker> {
+        self.session.as_ref()
+    }
+
+    pub fn session_mut(&mut self) -> Option<&mut SessionTracker> {
+        self.session.as_mut()
+    }
+
+    /// Whether polling stops at the next idle point even when the tracker
+    /// is clean (a move is due).
+    pub fn pause_at_idle(&mut self, pause: bool) {
+        self.pause_at_idle = pause;
+    }
+
+    /// An idle point: the tracker says both streams rest between
+    /// transactions with nothing in flight, and the relay holds no bytes.
+    pub fn at_idle_point(&self) -> bool {
+        self.session.as_ref().is_some_and(|s| s.at_idle_point())
+            && self.up.is_empty()
+            && self.down.is_empty()
+            && !self.up.read_eof
+            && self.downstream.at_boundary()
+            && self.upstream.at_boundary()
+    }
+
+    fn wants_pause(&self) -> bool {
+        self.session
+            .as_ref()
+            .is_some_and(|s| self.pause_at_idle || s.is_dirty())
+            && self.at_idle_point()
+    }
+
+    /// After [`RelayEnd::IdleError`]: relays the held error after all (the
+    /// session stays on this backend and ends the way it always did).
+    pub fn release_held(&mut self) {
+        let (start, end) = (self.down.cap, self.down.cap + self.down.held);
+        let mut observers = Observers {
+            boundary: &mut self.downstream,
+            session: self.session.as_mut(),
+            side: Side::Server,
+        };
+        observers.observe(&self.down.buf[start..end]);
+        self.down.cap = end;
+        self.down.total += self.down.held as u64;
+        self.down.held = 0;
+    }
+
+    /// After [`RelayEnd::IdleError`]: the bytes held back (the error's
+    /// start, or all of it, and whatever followed in the same read).
+    pub fn held_bytes(&self) -> &[u8] {
+        &self.down.buf[self.down.cap..self.down.cap + self.down.held]
+    }
+
+    /// After [`RelayEnd::IdleError`]: forgets the held error (the session
+    /// leaves this backend; the client never sees it).
+    pub fn drop_held(&mut self) {
+        self.down.held = 0;
+    }
+
+    /// Reads the client's next bytes into the relay without forwarding
+    /// them, at an idle point whose backend must be left first (a lazy
+    /// move): they go to whichever backend is in place when relaying
+    /// resumes. `Ok(false)` when the client closed instead.
+    pub async fn read_client_ahead(&mut self) -> io::Result<bool> {
+        debug_assert!(self.up.is_empty());
+        let n = self.client.read(&mut self.up.buf[..]).await?;
+        if n == 0 {
+            self.up.read_eof = true;
+            return Ok(false);
+        }
+        let mut observers = Observers {
+            boundary: &mut self.upstream,
+            session: self.session.as_mut(),
+            side: Side::Client,
+        };
+        observers.observe(&self.up.buf[..n]);
+        self.up.pos = 0;
+        self.up.cap = n;
+        self.up.total += n as u64;
+        Ok(true)
+    }
+
+    /// Forgets the bytes [`Relay::read_client_ahead`] read (the session
+    /// ends before they could go anywhere).
+    pub fn discard_client_ahead(&mut self) {
+        self.up.pos = self.up.cap;
+    }
+
+    /// The bytes [`Relay::read_client_ahead`] read, not yet forwarded.
+    pub fn client_bytes_ahead(&self) -> &[u8] {
+        &self.up.buf[self.up.pos..self.up.cap]
     }
 
     /// Reports each poll to the busy poller, when there is one.
@@ -278,13 +483,33 @@ where
         self.down.write_out(&mut *self.client).await
     }
 
+    /// Writes `bytes` to the client (at an idle point, messages the proxy
+    /// owes it), feeding them to the trackers like relayed backend bytes.
+    pub async fn send_to_client(&mut self, bytes: &[u8]) -> io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let mut observers = Observers {
+            boundary: &mut self.downstream,
+            session: self.session.as_mut(),
+            side: Side::Server,
+        };
+        observers.observe(bytes);
+        self.down.total += bytes.len() as u64;
+        self.client.write_all(bytes).await?;
+        self.client.flush().await
+    }
+
     /// Flushes what was read, then relays the backend's current message to
     /// its end (and nothing after it), so a message the proxy injects next
     /// does not cut one in half. Reads nothing from the client. Callers
     /// bound it in time: a backend may stall mid-message.
     pub async fn finish_downstream_message(&mut self) -> io::Result<()> {
+        let observers = Observers {
+            boundary: &mut self.downstream,
+            session: self.session.as_mut(),
+            side: Side::Server,
+        };
         self.down
-            .finish_message(&mut self.downstream, &mut *self.backend, &mut *self.client)
+            .finish_message(observers, &mut *self.backend, &mut *self.client)
             .await
     }
 
@@ -293,8 +518,13 @@ where
     /// CopyData the backend has only part of), so a Terminate the proxy
     /// sends next does not land inside it. Reads nothing from the backend.
     pub async fn finish_upstream_message(&mut self) -> io::Result<()> {
+        let observers = Observers {
+            boundary: &mut self.upstream,
+            session: self.session.as_mut(),
+            side: Side::Client,
+        };
         self.up
-            .finish_message(&mut self.upstream, &mut *self.client, &mut *self.backend)
+            .finish_message(observers, &mut *self.client, &mut *self.backend)
             .await
     }
 
@@ -368,6 +598,26 @@ where
     }
 }
 
+impl<C, B> Relay<'_, C, B>
+where
+    C: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    /// Puts `backend` in place of the current backend at an idle point
+    /// (or after the backend was lost there) and returns the old one.
+    /// Both streams are between messages, so the trackers carry on.
+    pub fn replace_backend(&mut self, backend: B) -> B {
+        let down = &mut self.down;
+        down.pos = 0;
+        down.cap = 0;
+        down.held = 0;
+        down.read_eof = false;
+        down.need_flush = false;
+        down.done = false;
+        std::mem::replace(self.backend, backend)
+    }
+}
+
 impl<C, B> Future for Relay<'_, C, B>
 where
     C: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -390,13 +640,21 @@ where
         if let Some(busy) = &this.busy_poll {
             busy.note_activity();
         }
+        if this.wants_pause() {
+            return Poll::Ready(RelayEnd::IdlePoint);
+        }
         // Backend to client first: results are what the client waits for.
         if !this.down.done {
+            let observers = Observers {
+                boundary: &mut this.downstream,
+                session: this.session.as_mut(),
+                side: Side::Server,
+            };
             match this.down.poll_copy(
                 cx,
                 Pin::new(&mut *this.backend),
                 Pin::new(&mut *this.client),
-                &mut this.downstream,
+                observers,
                 None,
             ) {
                 // The server closing ends the session, whatever the client
@@ -409,16 +667,25 @@ where
                 Poll::Ready(Ok(())) => return Poll::Ready(RelayEnd::BackendClosed),
                 Poll::Ready(Err(Fault::Read(e))) => return Poll::Ready(RelayEnd::BackendError(e)),
                 Poll::Ready(Err(Fault::Write(e))) => return Poll::Ready(RelayEnd::ClientError(e)),
+                Poll::Ready(Err(Fault::HeldError)) => return Poll::Ready(RelayEnd::IdleError),
+                // Only an answer (a ReadyForQuery) makes an idle point:
+                // stop before reading the client's next request.
+                Poll::Pending if this.wants_pause() => return Poll::Ready(RelayEnd::IdlePoint),
                 Poll::Pending => {}
             }
         }
         if !this.up.done {
             let gate = this.settling.then_some(&mut this.gate_closed);
+            let observers = Observers {
+                boundary: &mut this.upstream,
+                session: this.session.as_mut(),
+                side: Side::Client,
+            };
             match this.up.poll_copy(
                 cx,
                 Pin::new(&mut *this.client),
                 Pin::new(&mut *this.backend),
-                &mut this.upstream,
+                observers,
                 gate,
             ) {
                 // Client EOF: the backend's write side is shut; keep relaying
@@ -432,6 +699,8 @@ where
                 }
                 Poll::Ready(Err(Fault::Read(e))) => return Poll::Ready(RelayEnd::ClientError(e)),
                 Poll::Ready(Err(Fault::Write(e))) => return Poll::Ready(RelayEnd::BackendError(e)),
+                // Never produced for the client's side.
+                Poll::Ready(Err(Fault::HeldError)) => return Poll::Ready(RelayEnd::IdleError),
                 Poll::Pending => {}
             }
         }

@@ -10,16 +10,21 @@ use bytes::BytesMut;
 use dsql_proxy_config::OnEndpointDown;
 use dsql_proxy_connector::BackendConnection;
 use dsql_proxy_protocol::startup::{self, StartupParam};
+use dsql_proxy_protocol::tracking::SessionTracker;
 use dsql_proxy_protocol::{messages, sqlstate, PgError, StartupMessage};
-use dsql_proxy_routing::{DownWatch, PassiveSignal};
+use dsql_proxy_routing::PassiveSignal;
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, warn};
 
 use crate::cancel::CancelTarget;
 use crate::connect::{self, Connected, Login};
-use crate::drain::CloseSignal;
+use crate::continuity;
 use crate::frontend::{self, ClientHello, Opening, Peer};
 use crate::io::{send, Deadline};
+use crate::mover::{
+    at_idle_point, backend_failed_at_idle, connecting, continuity_enabled, drains_changed,
+    lazy_move, signal, sleep_until, Fallback, Home, MoveReason, Mover, Step, Wake,
+};
 use crate::relay::{Relay, RelayEnd};
 use crate::role::{self, Intent};
 use crate::stream::Transport;
@@ -135,7 +140,7 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, inten
     let Connected {
         endpoint,
         backend,
-        mut role_watch,
+        role_watch,
     } = match connected {
         Ok(connected) => connected,
         Err(SessionError::Shutdown) => {
@@ -178,7 +183,7 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, inten
 
     // The client sees the backend's startup results, with the backend's
     // real process id and a proxy-issued secret, all in one write.
-    let (client_key, _registration) = match key {
+    let (client_key, registration) = match key {
         Some(backend_key) => {
             let target = CancelTarget {
                 backend_key,
@@ -210,20 +215,137 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, inten
     }
     drop(buf);
 
-    let endpoint_labels = [endpoint.name.as_str(), endpoint.region_label()];
-    let active = ctx
-        .metrics
-        .sessions_active
-        .with_label_values(&endpoint_labels);
-    active.inc();
-    let mut down = match ctx.on_endpoint_down {
-        OnEndpointDown::Close => ctx.router.watch_down(endpoint.id),
-        OnEndpointDown::Keep => None,
-    };
+    let continuity = continuity_enabled(&ctx);
+    let mut home = Home::new(&ctx, endpoint, role_watch);
     let mut relay =
         Relay::new(&mut stream, &mut backend_stream).with_busy_poll(ctx.busy_poll.clone());
-    let mut end =
-        relay_until_evicted(&mut relay, down.as_mut(), role_watch.as_mut(), &mut close).await;
+    if continuity {
+        relay = relay.with_session_tracker(SessionTracker::new(
+            continuity::tracker_limits(),
+            continuity::parameter_values(&parameters),
+        ));
+    }
+    drop(parameters);
+    let mut mover = Mover::new(&ctx, &login, intent, registration);
+    let eviction_endpoint;
+    let mut end: Result<RelayEnd, Eviction> = loop {
+        let wake = tokio::select! {
+            // A role change goes first: once a stale writer is fenced, not
+            // one more client byte may reach it.
+            biased;
+            changed = signal(&mut home.role) => Wake::Role(changed),
+            end = &mut relay => Wake::Relay(end),
+            changed = signal(&mut home.down) => Wake::Down(changed),
+            () = drains_changed(&mut home.drains) => Wake::Drains,
+            () = sleep_until(mover.move_at) => Wake::Lifetime,
+            connected = connecting(&mut mover.connecting) => Wake::Spare(connected),
+            () = close.closed() => Wake::Shutdown,
+        };
+        let step = match wake {
+            Wake::Relay(RelayEnd::IdlePoint) => {
+                at_idle_point(&mut relay, &mut home, &mut mover, &mut close).await
+            }
+            Wake::Relay(RelayEnd::IdleError) => {
+                backend_failed_at_idle(&mut relay, &mut home, &mut mover, &mut close, true).await
+            }
+            Wake::Relay(end)
+                if end.backend_gone() && relay.at_idle_point() && !relay.downstream.is_broken() =>
+            {
+                backend_failed_at_idle(&mut relay, &mut home, &mut mover, &mut close, false)
+                    .await
+                    .or_end(end)
+            }
+            Wake::Relay(end) => Step::End(Ok(end)),
+            // Drained, or removed by a reload: the endpoint is alive, so
+            // the session leaves at its next idle point, or stays.
+            Wake::Down(false) | Wake::Drains
+                if continuity
+                    && ctx.on_endpoint_down == OnEndpointDown::Move
+                    && (!home.endpoint_exists(&ctx) || ctx.router.is_drained(home.endpoint.id)) =>
+            {
+                mover.leave_pending = Some(if home.endpoint_exists(&ctx) {
+                    MoveReason::Drained
+                } else {
+                    MoveReason::EndpointDown
+                });
+                relay.pause_at_idle(true);
+                Step::Continue
+            }
+            Wake::Drains => Step::Continue,
+            Wake::Role(false) | Wake::Down(false) => Step::Continue,
+            Wake::Role(true) => {
+                if continuity && relay.at_idle_point() && mover.movable(&relay) {
+                    lazy_move(
+                        &mut relay,
+                        &mut home,
+                        &mut mover,
+                        &mut close,
+                        MoveReason::WriterChanged,
+                        Fallback::Close,
+                    )
+                    .await
+                } else {
+                    mover.refused(&ctx, &relay);
+                    Step::End(Err(Eviction::Role))
+                }
+            }
+            Wake::Down(_) => match ctx.on_endpoint_down {
+                OnEndpointDown::Keep => Step::Continue,
+                OnEndpointDown::Move
+                    if continuity && relay.at_idle_point() && mover.movable(&relay) =>
+                {
+                    lazy_move(
+                        &mut relay,
+                        &mut home,
+                        &mut mover,
+                        &mut close,
+                        MoveReason::EndpointDown,
+                        Fallback::Close,
+                    )
+                    .await
+                }
+                OnEndpointDown::Move => {
+                    mover.refused(&ctx, &relay);
+                    Step::End(Err(Eviction::EndpointDown))
+                }
+                OnEndpointDown::Close => Step::End(Err(Eviction::EndpointDown)),
+            },
+            Wake::Lifetime => {
+                mover.move_at = None;
+                if !mover.state.pins.is_empty() {
+                    // No connection for a session that cannot move now.
+                    mover.refused(&ctx, &relay);
+                    mover.retry_later();
+                } else if continuity {
+                    mover.connecting = Some(Box::pin(connect::connect(&ctx, &login, intent)));
+                }
+                Step::Continue
+            }
+            Wake::Spare(Ok(connected)) => {
+                mover.spare = Some(connected);
+                relay.pause_at_idle(true);
+                Step::Continue
+            }
+            Wake::Spare(Err(err)) => {
+                mover.failed(&ctx, MoveReason::Lifetime, "connect", &err.to_string());
+                mover.retry_later();
+                Step::Continue
+            }
+            Wake::Shutdown => Step::End(Err(Eviction::Shutdown)),
+        };
+        match step {
+            Step::Continue => {}
+            Step::End(end) => {
+                eviction_endpoint = Arc::clone(&home.endpoint);
+                break end;
+            }
+        }
+    };
+    if let Some(spare) = mover.spare.take() {
+        connect::terminate(spare.backend).await;
+    }
+    mover.connecting = None;
+    let endpoint = eviction_endpoint;
     let mut evicted_for = None;
     match &end {
         Ok(_) => {}
@@ -257,6 +379,7 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, inten
                 end = Ok(ended);
             }
         }
+        Err(Eviction::MoveFailed) => evicted_for = Some("move_failed"),
     }
     if let Ok(ended) = &end {
         if let Some(detail) = backend_broke(ended, &relay) {
@@ -270,7 +393,7 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, inten
         Err(eviction) => evicted_for.unwrap_or(eviction.reason()),
     };
     drop(relay);
-    active.dec();
+    drop(home);
     let m = &ctx.metrics;
     m.sessions_closed_total.with_label_values(&[reason]).inc();
     m.session_duration_seconds
@@ -314,7 +437,7 @@ pub const EVICTION_FLUSH: Duration = Duration::from_secs(1);
 
 /// Why the proxy ended a relayed session itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Eviction {
+pub(crate) enum Eviction {
     /// The probes confirmed the session's endpoint down.
     EndpointDown,
     /// The endpoint stopped being the writer, or was fenced
@@ -322,6 +445,9 @@ enum Eviction {
     Role,
     /// The proxy is shutting down and the drain time is over.
     Shutdown,
+    /// The session had to leave its backend and could not move; the
+    /// client was told why.
+    MoveFailed,
 }
 
 impl Eviction {
@@ -332,31 +458,8 @@ impl Eviction {
             Self::EndpointDown => "endpoint_down",
             Self::Role => "role_changed",
             Self::Shutdown => "shutdown",
+            Self::MoveFailed => "move_failed",
         }
-    }
-}
-
-/// Relays until the session ends (`Ok`), a watch fires or the proxy
-/// closes every session (`Err`). The signals are `watch` receivers: an
-/// atomic version check per poll, woken only when they fire.
-async fn relay_until_evicted<C, B>(
-    relay: &mut Relay<'_, C, B>,
-    down: Option<&mut DownWatch>,
-    role: Option<&mut DownWatch>,
-    close: &mut CloseSignal,
-) -> Result<RelayEnd, Eviction>
-where
-    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
-{
-    tokio::select! {
-        // A role change goes first: once a stale writer is fenced, not one
-        // more client byte may reach it.
-        biased;
-        () = fired(role) => Err(Eviction::Role),
-        end = &mut *relay => Ok(end),
-        () = fired(down) => Err(Eviction::EndpointDown),
-        () = close.closed() => Err(Eviction::Shutdown),
     }
 }
 
@@ -406,17 +509,6 @@ where
         let _ = tokio::time::timeout_at(until, send(relay.backend(), &buf)).await;
     }
     None
-}
-
-/// Resolves when `watch` fires; never for none, or a closed one (the
-/// router is gone at shutdown, or a reload removed the endpoint).
-async fn fired(watch: Option<&mut DownWatch>) {
-    if let Some(w) = watch {
-        if w.changed().await.is_ok() {
-            return;
-        }
-    }
-    std::future::pending().await
 }
 
 /// Tells the client its session is over, giving up at `until`.
