@@ -7,7 +7,8 @@
 # tests start their own throwaway PostgreSQL servers, so a PostgreSQL server
 # install (initdb, pg_ctl, postgres) plus psql and pgbench must be present
 # (and curl, which deploy_manifests.rs runs as the batch Job example does),
-# and Python 3 with moto's server (pip) for the route53 command tests.
+# and Python 3 with moto's server (pip) for the route53 command tests
+# and psycopg (pip) for the continuity tests.
 # TEST_IMAGE=1 also builds and tests the container image (scripts/image.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -53,6 +54,21 @@ if ! have_moto; then
     || python3 -m pip install --quiet --break-system-packages 'moto[server]'
   if ! have_moto; then
     echo "moto's server is required for the route53 tests: python3 -m pip install 'moto[server]'" >&2
+    exit 1
+  fi
+fi
+
+# tests/tests/continuity.rs drives a psycopg session (libpq in its binary
+# wheel) through session moves.
+have_psycopg() {
+  python3 -c "import psycopg; psycopg.pq.version()" >/dev/null 2>&1
+}
+if ! have_psycopg; then
+  echo "==> installing psycopg[binary] (pip)"
+  python3 -m pip install --quiet 'psycopg[binary]' \
+    || python3 -m pip install --quiet --break-system-packages 'psycopg[binary]'
+  if ! have_psycopg; then
+    echo "psycopg is required for the continuity tests: python3 -m pip install 'psycopg[binary]'" >&2
     exit 1
   fi
 fi

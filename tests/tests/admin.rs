@@ -314,8 +314,9 @@ async fn drained_endpoints_get_no_new_sessions_until_undrained() {
     for _ in 0..5 {
         assert_eq!(stack.landing().await.unwrap(), "region-b");
     }
-    // The session opened before the drain is left alone.
-    assert_eq!(stack.region_of(&open).await, "region-a");
+    // The session opened before the drain moves at its next message
+    // (`on_endpoint_down = "move"`, the default).
+    assert_eq!(stack.region_of(&open).await, "region-b");
     let scrape = dsql_proxy_tests::metrics::scrape(admin);
     assert_eq!(
         scrape.value("dsql_proxy_endpoint_drained", &[("endpoint", "region-a")]),

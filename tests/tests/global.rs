@@ -82,10 +82,17 @@ async fn writes_follow_a_promotion_and_the_old_primary_is_fenced() {
 
     let (client, _) = open(stack.listen).await.expect("connect");
     assert_eq!(write(&client, "before").await.unwrap(), primary.port());
-    // A session left open on the old primary, and a read-only one on the
-    // replica.
-    let (stale, stale_task) = open(stack.listen).await.expect("connect");
+    // Sessions left open on the old primary, one idle with state and one
+    // inside a transaction, and a read-only one on the replica.
+    let (stale, _) = open(stack.listen).await.expect("connect");
     assert_eq!(port_of(&stale).await, primary.port());
+    stale
+        .batch_execute("set application_name = 'stale-idle'; prepare w (text) as insert into writes (note) values ($1)")
+        .await
+        .expect("state");
+    let (in_transaction, in_transaction_task) = open(stack.listen).await.expect("connect");
+    in_transaction.batch_execute("begin").await.expect("begin");
+    assert_eq!(port_of(&in_transaction).await, primary.port());
     let (reader, _) = open(stack.read_only).await.expect("connect read-only");
     assert_eq!(port_of(&reader).await, standby.port());
 
@@ -166,16 +173,28 @@ async fn writes_follow_a_promotion_and_the_old_primary_is_fenced() {
         "{results:?}"
     );
 
-    // The session left on the old primary was closed with a clear error.
-    let ended = tokio::time::timeout(Duration::from_secs(5), stale_task)
+    // The idle session left on the old primary moved to the new writer
+    // with its state: its next write lands there.
+    stale
+        .batch_execute("execute w('stale')")
         .await
-        .expect("the stale session was not closed")
+        .unwrap_or_else(|e| panic!("{}\n{}", describe(&e), stack.proxy.logs()));
+    assert_eq!(port_of(&stale).await, standby.port());
+    assert_eq!(
+        one(&stale, "show application_name").await.unwrap(),
+        "stale-idle"
+    );
+    assert!(stack.proxy.logs().contains("reason=writer_changed"));
+    // The one inside a transaction was closed with a clear error.
+    let ended = tokio::time::timeout(Duration::from_secs(5), in_transaction_task)
+        .await
+        .expect("the session in a transaction was not closed")
         .expect("connection task");
-    let err = ended.expect_err("the stale session ended without an error");
+    let err = ended.expect_err("the session ended without an error");
     let text = describe(&err);
     assert!(text.starts_with("57P01"), "{text}");
     assert!(text.contains("fenced") && text.contains("west"), "{text}");
-    assert!(stale.simple_query("select 1").await.is_err());
+    assert!(in_transaction.simple_query("select 1").await.is_err());
 
     // New sessions write to the new writer; the read-only one on the
     // promoted replica was left alone.

@@ -679,7 +679,9 @@ impl RawSession {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_endpoint_down_close_ends_idle_sessions_with_57p01() {
-    let mut stack = RegionsStack::start(fast_and_slow());
+    let mut opts = fast_and_slow();
+    opts.routing.push("on_endpoint_down = \"close\"".into());
+    let mut stack = RegionsStack::start(opts);
 
     // A partition: the server cannot say anything, so what the client gets
     // comes from the proxy.
