@@ -118,4 +118,9 @@ async fn pg_terminate_backend_with_the_clients_pid_ends_that_session() {
     assert_eq!(error.code(), Some("57P01"), "{msgs:?}");
     // The other session carries on.
     assert_eq!(admin.one("select 1").await, "1");
+    // A kill meant for one session is neither moved past nor taken for a
+    // failing endpoint.
+    let logs = stack.proxy.logs();
+    assert!(!logs.contains("session moved"), "{logs}");
+    assert!(!logs.contains("demoted"), "{logs}");
 }

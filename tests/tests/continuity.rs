@@ -463,7 +463,16 @@ async fn an_idle_dsql_session_cut_without_a_message_moves_at_its_next_query() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_psycopg_session_survives_three_lifetime_moves() {
-    let stack = lifetime_stack("1s");
+    use dsql_proxy_tests::dsql_stack::{DsqlProxyOptions, DsqlStack};
+    // As with tokio-postgres above: the emulator cuts connections after
+    // 3 s, the proxy moves sessions after 1 s.
+    let stack = DsqlStack::start_with(
+        DsqlProxyOptions {
+            backend_extra: vec!["server_lifetime = \"1s\"".into()],
+            ..DsqlProxyOptions::default()
+        },
+        |emulator| emulator.max_session_duration = Some(Duration::from_secs(3)),
+    );
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/continuity_psycopg.py");
     let dsn = format!(
         "host={} port={} user={APP_USER} dbname={APP_DB} sslmode=disable",

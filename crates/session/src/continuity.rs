@@ -29,8 +29,8 @@ pub const MAX_SESSION_STATE: usize = 256 * 1024;
 /// Largest single message a hidden exchange keeps (a row, an error).
 const MAX_EXCHANGE_MESSAGE: usize = MAX_SESSION_STATE + 1024;
 
-/// How long a hidden exchange may wait for the backend: it holds the
-/// client's next request back meanwhile.
+/// How long a hidden exchange may wait for each answer of the backend: it
+/// holds the client's next request back meanwhile.
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Aurora DSQL closes connections at 60 minutes: a jittered lifetime never
@@ -117,11 +117,19 @@ where
         max_state: MAX_SESSION_STATE,
     };
     let mut decoder = SnapshotDecoder::new(plan, limits);
+    // Only the backend's side is timed: a write to the client is never cut
+    // in the middle of a message.
     let exchange = async {
-        send(relay.backend(), &out).await.map_err(|_| ())?;
+        tokio::time::timeout(EXCHANGE_TIMEOUT, send(relay.backend(), &out))
+            .await
+            .map_err(|_| ())?
+            .map_err(|_| ())?;
         let mut buf = vec![0u8; crate::relay::RELAY_BUFFER];
         loop {
-            let n = relay.backend().read(&mut buf).await.map_err(|_| ())?;
+            let n = tokio::time::timeout(EXCHANGE_TIMEOUT, relay.backend().read(&mut buf))
+                .await
+                .map_err(|_| ())?
+                .map_err(|_| ())?;
             if n == 0 {
                 return Err(());
             }
@@ -140,10 +148,10 @@ where
             }
         }
     };
-    let finished = match tokio::time::timeout(EXCHANGE_TIMEOUT, exchange).await {
-        Ok(Ok(true)) => true,
-        Ok(Ok(false)) => return SnapshotResult::ClientLost,
-        Ok(Err(())) | Err(_) => false,
+    let finished = match exchange.await {
+        Ok(true) => true,
+        Ok(false) => return SnapshotResult::ClientLost,
+        Err(()) => false,
     };
     let outcome = if finished { decoder.finish() } else { None };
     let Some(tracker) = relay.session_mut() else {

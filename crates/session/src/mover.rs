@@ -347,16 +347,25 @@ pub async fn at_idle_point(
                 )))
             }
             SnapshotResult::BackendLost(fatal) => {
-                // The state is unknown: the session cannot move.
+                // The state is unknown: the session cannot move. The client
+                // hears why (the server's FATAL, or the proxy's), between
+                // messages: the exchange wrote only whole ones.
                 mover.refused(mover.ctx, relay);
-                if let Some(fields) = fatal {
-                    let _ = tokio::time::timeout(
-                        crate::EVICTION_FLUSH,
-                        send(relay.client(), &error_response(&fields)),
-                    )
+                let message = match fatal {
+                    Some(fields) => error_response(&fields),
+                    None => {
+                        let mut buf = BytesMut::new();
+                        PgError::fatal(
+                            sqlstate::CONNECTION_FAILURE,
+                            "dsql-proxy: the backend stopped answering while the proxy read the session's state",
+                        )
+                        .encode(&mut buf);
+                        buf
+                    }
+                };
+                let _ = tokio::time::timeout(crate::EVICTION_FLUSH, relay.send_to_client(&message))
                     .await;
-                }
-                return Step::End(Ok(RelayEnd::BackendClosed));
+                return Step::End(Err(Eviction::MoveFailed));
             }
         }
     }
@@ -476,6 +485,15 @@ pub async fn lazy_move(
     fallback: Fallback,
 ) -> Step {
     let ctx = mover.ctx;
+    // The client may still wait for the end of the last answer (TLS).
+    let flushed = tokio::select! {
+        biased;
+        flushed = relay.flush_client() => flushed,
+        () = close.closed() => return Step::End(Err(Eviction::Shutdown)),
+    };
+    if let Err(e) = flushed {
+        return Step::End(Ok(RelayEnd::ClientError(e)));
+    }
     let next = tokio::select! {
         biased;
         read = relay.read_client_ahead() => read,
@@ -505,7 +523,7 @@ pub async fn lazy_move(
             // The held message was never sent anywhere: it is dropped, as
             // a shutdown drops a request that had not started.
             relay.discard_client_ahead();
-            return Step::End(Err(Eviction::Shutdown));
+            return Step::End(Err(Eviction::ShutdownDuringMove));
         }
     };
     let connected = match connected {
@@ -606,6 +624,13 @@ async fn swap_in(
     let ctx = mover.ctx;
     let previous = std::mem::replace(home, Home::new(ctx, endpoint, role_watch));
     drop(previous);
+    // A lifetime move under way was for the old home (its spare may be on
+    // the endpoint just left): the new backend starts a lifetime of its own.
+    mover.connecting = None;
+    if let Some(spare) = mover.spare.take() {
+        connect::terminate(spare.backend).await;
+    }
+    relay.pause_at_idle(false);
     mover.arm_lifetime();
     Ok(())
 }

@@ -90,6 +90,9 @@ struct Observers<'t> {
     boundary: &'t mut BoundaryTracker,
     session: Option<&'t mut SessionTracker>,
     side: Side,
+    /// Hold back an ErrorResponse that starts while idle (not while the
+    /// session settles before the proxy ends it).
+    hold_idle_errors: bool,
 }
 
 impl Observers<'_> {
@@ -110,7 +113,7 @@ impl Observers<'_> {
     /// looked at: an idle backend sends one message at a time.
     fn idle_error_offset(&self, chunk: &[u8]) -> Option<usize> {
         let session = self.session.as_deref()?;
-        if self.side != Side::Server || !session.at_idle_point() {
+        if self.side != Side::Server || !self.hold_idle_errors || !session.at_idle_point() {
             return None;
         }
         let mut at = 0;
@@ -403,9 +406,11 @@ where
     }
 
     fn wants_pause(&self) -> bool {
-        self.session
-            .as_ref()
-            .is_some_and(|s| self.pause_at_idle || s.is_dirty())
+        !self.settling
+            && self
+                .session
+                .as_ref()
+                .is_some_and(|s| self.pause_at_idle || s.is_dirty())
             && self.at_idle_point()
     }
 
@@ -417,6 +422,7 @@ where
             boundary: &mut self.downstream,
             session: self.session.as_mut(),
             side: Side::Server,
+            hold_idle_errors: false,
         };
         observers.observe(&self.down.buf[start..end]);
         self.down.cap = end;
@@ -441,7 +447,10 @@ where
     /// move): they go to whichever backend is in place when relaying
     /// resumes. `Ok(false)` when the client closed instead.
     pub async fn read_client_ahead(&mut self) -> io::Result<bool> {
-        debug_assert!(self.up.is_empty());
+        if !self.up.is_empty() {
+            // Bytes read but not yet written: they are the next message.
+            return Ok(true);
+        }
         let n = self.client.read(&mut self.up.buf[..]).await?;
         if n == 0 {
             self.up.read_eof = true;
@@ -451,6 +460,7 @@ where
             boundary: &mut self.upstream,
             session: self.session.as_mut(),
             side: Side::Client,
+            hold_idle_errors: false,
         };
         observers.observe(&self.up.buf[..n]);
         self.up.pos = 0;
@@ -483,6 +493,15 @@ where
         self.down.write_out(&mut *self.client).await
     }
 
+    /// Flushes what was written to the client (TLS may hold the end of an
+    /// answer), so it is not left waiting while the proxy waits for it.
+    pub async fn flush_client(&mut self) -> io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.client.flush().await?;
+        self.down.need_flush = false;
+        Ok(())
+    }
+
     /// Writes `bytes` to the client (at an idle point, messages the proxy
     /// owes it), feeding them to the trackers like relayed backend bytes.
     pub async fn send_to_client(&mut self, bytes: &[u8]) -> io::Result<()> {
@@ -491,6 +510,7 @@ where
             boundary: &mut self.downstream,
             session: self.session.as_mut(),
             side: Side::Server,
+            hold_idle_errors: false,
         };
         observers.observe(bytes);
         self.down.total += bytes.len() as u64;
@@ -507,6 +527,7 @@ where
             boundary: &mut self.downstream,
             session: self.session.as_mut(),
             side: Side::Server,
+            hold_idle_errors: false,
         };
         self.down
             .finish_message(observers, &mut *self.backend, &mut *self.client)
@@ -522,6 +543,7 @@ where
             boundary: &mut self.upstream,
             session: self.session.as_mut(),
             side: Side::Client,
+            hold_idle_errors: false,
         };
         self.up
             .finish_message(observers, &mut *self.client, &mut *self.backend)
@@ -564,6 +586,10 @@ where
         // From here the client may finish the message it is in the middle
         // of and feed a COPY in flight, but not start a new request.
         self.settling = true;
+        // An error held back while idle is the backend's last word: relayed.
+        if self.down.held > 0 {
+            self.release_held();
+        }
         std::future::poll_fn(|cx| {
             if self.is_settled() {
                 return Poll::Ready(Ok(()));
@@ -649,6 +675,7 @@ where
                 boundary: &mut this.downstream,
                 session: this.session.as_mut(),
                 side: Side::Server,
+                hold_idle_errors: !this.settling,
             };
             match this.down.poll_copy(
                 cx,
@@ -680,6 +707,7 @@ where
                 boundary: &mut this.upstream,
                 session: this.session.as_mut(),
                 side: Side::Client,
+                hold_idle_errors: false,
             };
             match this.up.poll_copy(
                 cx,

@@ -248,8 +248,13 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, inten
             Wake::Relay(RelayEnd::IdleError) => {
                 backend_failed_at_idle(&mut relay, &mut home, &mut mover, &mut close, true).await
             }
+            // Closed or broken while idle, with no last word: the backend
+            // is lost. (After an error the client was given, it is not.)
             Wake::Relay(end)
-                if end.backend_gone() && relay.at_idle_point() && !relay.downstream.is_broken() =>
+                if end.backend_gone()
+                    && relay.at_idle_point()
+                    && !relay.downstream.is_broken()
+                    && relay.downstream.last_tag() != b'E' =>
             {
                 backend_failed_at_idle(&mut relay, &mut home, &mut mover, &mut close, false)
                     .await
@@ -379,7 +384,11 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, inten
                 end = Ok(ended);
             }
         }
-        Err(Eviction::MoveFailed) => evicted_for = Some("move_failed"),
+        Err(Eviction::MoveFailed) => {}
+        Err(Eviction::ShutdownDuringMove) => {
+            let until = Instant::now() + EVICTION_FLUSH;
+            send_fatal(&mut relay, &crate::shutdown_error(), until).await;
+        }
     }
     if let Ok(ended) = &end {
         if let Some(detail) = backend_broke(ended, &relay) {
@@ -448,6 +457,9 @@ pub(crate) enum Eviction {
     /// The session had to leave its backend and could not move; the
     /// client was told why.
     MoveFailed,
+    /// The proxy is shutting down while a move held the client's next
+    /// message, which was never sent anywhere: the client only hears why.
+    ShutdownDuringMove,
 }
 
 impl Eviction {
@@ -459,6 +471,7 @@ impl Eviction {
             Self::Role => "role_changed",
             Self::Shutdown => "shutdown",
             Self::MoveFailed => "move_failed",
+            Self::ShutdownDuringMove => "shutdown",
         }
     }
 }
