@@ -225,16 +225,31 @@ async fn sighup_adds_and_removes_an_endpoint_while_sessions_run() {
     }
     let on_b = connect(setup.listen, &proxy).await;
     assert_eq!(port_of(&on_b).await, b.port());
+    on_b.batch_execute("set application_name = 'on-b'")
+        .await
+        .unwrap();
 
-    // Remove b again: new sessions go back to a at once; the session on b
-    // is not closed, routing just stops choosing b.
+    // Remove b again: new sessions go back to a at once; the idle session
+    // on b is not closed: it moves to a at its next message, with its
+    // state (on_endpoint_down = "move", the default).
     reload(&proxy, &setup.toml(&servers, &[("a", a, 1)]), RELOADED, 2);
     assert_eq!(status_names(setup.admin), ["a"]);
     for _ in 0..5 {
         let client = connect(setup.listen, &proxy).await;
         assert_eq!(port_of(&client).await, a.port());
     }
-    assert_eq!(port_of(&on_b).await, b.port(), "the session on b runs on");
+    assert_eq!(
+        port_of(&on_b).await,
+        a.port(),
+        "the session on b moved to a"
+    );
+    let name = on_b.query_one("show application_name", &[]).await.unwrap();
+    assert_eq!(name.get::<_, String>(0), "on-b");
+    assert!(
+        proxy.logs().contains("reason=endpoint_down"),
+        "{}",
+        proxy.logs()
+    );
     assert_eq!(port_of(&on_a).await, a.port());
     let metrics = get(setup.admin, "/metrics");
     assert!(
