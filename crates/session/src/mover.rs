@@ -375,9 +375,29 @@ pub async fn at_idle_point(
         return Step::Continue;
     }
     relay.pause_at_idle(false);
+    if let Some(reason) = mover.leave_pending.take() {
+        // A lifetime spare was made before the endpoint was drained or
+        // removed, maybe on it: routing decides again.
+        let lifetime_move_under_way = mover.connecting.take().is_some();
+        let spare = mover.spare.take();
+        if lifetime_move_under_way || spare.is_some() {
+            // Tried again later, unless the move below restarts the
+            // lifetime.
+            mover.retry_later();
+        }
+        if let Some(spare) = spare {
+            connect::terminate(spare.backend).await;
+        }
+        if mover.movable(relay) {
+            return lazy_move(relay, home, mover, close, reason, Fallback::KeepOld).await;
+        }
+        mover.refused(mover.ctx, relay);
+        return Step::Continue;
+    }
     if let Some(spare) = mover.spare.take() {
         if !mover.movable(relay) {
-            mover.refused(mover.ctx, relay);
+            // Pinned since the lifetime move began: try again later (not a
+            // failed move, nothing forced one).
             connect::terminate(spare.backend).await;
             mover.retry_later();
             return Step::Continue;
@@ -396,12 +416,6 @@ pub async fn at_idle_point(
             }
         }
         return Step::Continue;
-    }
-    if let Some(reason) = mover.leave_pending.take() {
-        if mover.movable(relay) {
-            return lazy_move(relay, home, mover, close, reason, Fallback::KeepOld).await;
-        }
-        mover.refused(mover.ctx, relay);
     }
     Step::Continue
 }

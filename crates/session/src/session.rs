@@ -318,8 +318,8 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, inten
             Wake::Lifetime => {
                 mover.move_at = None;
                 if !mover.state.pins.is_empty() {
-                    // No connection for a session that cannot move now.
-                    mover.refused(&ctx, &relay);
+                    // No connection for a session that cannot move now (not
+                    // counted as a failed move: nothing forced one).
                     mover.retry_later();
                 } else if continuity {
                     mover.connecting = Some(Box::pin(connect::connect(&ctx, &login, intent)));
