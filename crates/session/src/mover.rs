@@ -268,7 +268,8 @@ impl<'a> Mover<'a> {
     }
 
     /// Counts a session that had to leave its backend and cannot move.
-    pub fn refused(&self, ctx: &ProxyContext, relay: &SessionRelay<'_>) {
+    pub fn refused(&self, relay: &SessionRelay<'_>) {
+        let ctx = self.ctx;
         if relay.session().is_none() {
             return;
         }
@@ -286,7 +287,8 @@ impl<'a> Mover<'a> {
         debug!(cause, pins = ?self.state.pins.labels().collect::<Vec<_>>(), "session cannot move");
     }
 
-    pub fn failed(&self, ctx: &ProxyContext, reason: MoveReason, cause: &str, detail: &str) {
+    pub fn failed(&self, reason: MoveReason, cause: &str, detail: &str) {
+        let ctx = self.ctx;
         ctx.metrics
             .session_moves_failed_total
             .with_label_values(&[cause])
@@ -350,7 +352,7 @@ pub async fn at_idle_point(
                 // The state is unknown: the session cannot move. The client
                 // hears why (the server's FATAL, or the proxy's), between
                 // messages: the exchange wrote only whole ones.
-                mover.refused(mover.ctx, relay);
+                mover.refused(relay);
                 let message = match fatal {
                     Some(fields) => error_response(&fields),
                     None => {
@@ -391,7 +393,7 @@ pub async fn at_idle_point(
         if mover.movable(relay) {
             return lazy_move(relay, home, mover, close, reason, Fallback::KeepOld).await;
         }
-        mover.refused(mover.ctx, relay);
+        mover.refused(relay);
         return Step::Continue;
     }
     if let Some(spare) = mover.spare.take() {
@@ -406,12 +408,7 @@ pub async fn at_idle_point(
         match swap_in(relay, home, mover, spare, true).await {
             Ok(()) => moved(mover, home, MoveReason::Lifetime, started),
             Err(failure) => {
-                mover.failed(
-                    mover.ctx,
-                    MoveReason::Lifetime,
-                    failure.label(),
-                    &failure.to_string(),
-                );
+                mover.failed(MoveReason::Lifetime, failure.label(), &failure.to_string());
                 mover.retry_later();
             }
         }
@@ -470,7 +467,7 @@ pub async fn backend_failed_at_idle(
         },
     );
     if !mover.movable(relay) {
-        mover.refused(ctx, relay);
+        mover.refused(relay);
         if held {
             relay.release_held();
             return Step::Continue;
@@ -565,7 +562,7 @@ async fn not_moved(
     fallback: Fallback,
     failure: MoveFailure,
 ) -> Step {
-    mover.failed(mover.ctx, reason, failure.label(), &failure.to_string());
+    mover.failed(reason, failure.label(), &failure.to_string());
     if fallback == Fallback::KeepOld {
         // The held message goes to the old backend when relaying resumes.
         return Step::Continue;

@@ -290,7 +290,7 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, inten
                     )
                     .await
                 } else {
-                    mover.refused(&ctx, &relay);
+                    mover.refused(&relay);
                     Step::End(Err(Eviction::Role))
                 }
             }
@@ -310,7 +310,7 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, inten
                     .await
                 }
                 OnEndpointDown::Move => {
-                    mover.refused(&ctx, &relay);
+                    mover.refused(&relay);
                     Step::End(Err(Eviction::EndpointDown))
                 }
                 OnEndpointDown::Close => Step::End(Err(Eviction::EndpointDown)),
@@ -332,7 +332,7 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, inten
                 Step::Continue
             }
             Wake::Spare(Err(err)) => {
-                mover.failed(&ctx, MoveReason::Lifetime, "connect", &err.to_string());
+                mover.failed(MoveReason::Lifetime, "connect", &err.to_string());
                 mover.retry_later();
                 Step::Continue
             }
