@@ -37,6 +37,13 @@ if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
   useradd --system --user-group --home-dir /var/lib/postgresql --shell /bin/sh postgres
 fi
 
+# Installs a Python package; a distribution's own Python may refuse user
+# installs (PEP 668).
+pip_install() {
+  python3 -m pip install --quiet "$1" \
+    || python3 -m pip install --quiet --break-system-packages "$1"
+}
+
 # tests/tests/route53_cli.rs runs moto's server as a local Route 53.
 have_moto() {
   python3 -c "import moto.server" >/dev/null 2>&1
@@ -49,9 +56,7 @@ if ! have_moto; then
     apt-get install -y -qq --no-install-recommends python3 python3-pip >/dev/null
   fi
   echo "==> installing moto[server] (pip)"
-  # A distribution's own Python may refuse user installs (PEP 668).
-  python3 -m pip install --quiet 'moto[server]' \
-    || python3 -m pip install --quiet --break-system-packages 'moto[server]'
+  pip_install 'moto[server]'
   if ! have_moto; then
     echo "moto's server is required for the route53 tests: python3 -m pip install 'moto[server]'" >&2
     exit 1
@@ -65,8 +70,7 @@ have_psycopg() {
 }
 if ! have_psycopg; then
   echo "==> installing psycopg[binary] (pip)"
-  python3 -m pip install --quiet 'psycopg[binary]' \
-    || python3 -m pip install --quiet --break-system-packages 'psycopg[binary]'
+  pip_install 'psycopg[binary]'
   if ! have_psycopg; then
     echo "psycopg is required for the continuity tests: python3 -m pip install 'psycopg[binary]'" >&2
     exit 1

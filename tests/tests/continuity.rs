@@ -1,9 +1,10 @@
 //! Session continuity: client sessions outlive their backend connection.
 //! Real PostgreSQL servers, the real proxy binary, real drivers
-//! (tokio-postgres here, psycopg in `scripts/continuity_psycopg.py`).
+//! (tokio-postgres here, psycopg in `tests/python/continuity_psycopg.py`).
 
 use std::time::{Duration, Instant};
 
+use dsql_proxy_tests::dsql_stack::{DsqlProxyOptions, DsqlStack};
 use dsql_proxy_tests::fixture::{ProxyOptions, Stack};
 use dsql_proxy_tests::metrics::{http, scrape};
 use dsql_proxy_tests::{AuthMethod, PgOptions, RegionsOptions, RegionsStack, APP_DB, APP_USER};
@@ -397,18 +398,24 @@ async fn a_session_is_never_moved_in_the_middle_of_a_client_message() {
 
 // --- Aurora DSQL (the emulator): connections cut at the maximum duration --
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dsql_session_outlives_the_maximum_connection_duration() {
-    use dsql_proxy_tests::dsql_stack::{DsqlProxyOptions, DsqlStack};
-    // The emulator cuts connections after 3 s without a word, as DSQL does
-    // after 60 minutes; the proxy's lifetime is 1 s.
-    let stack = DsqlStack::start_with(
+/// The proxy (`kind = "dsql"`, `server_lifetime = lifetime`) in front of
+/// the emulator, which cuts every connection after `cut` without a word,
+/// as DSQL does after 60 minutes.
+fn dsql_stack(lifetime: &str, cut: Duration) -> DsqlStack {
+    DsqlStack::start_with(
         DsqlProxyOptions {
-            backend_extra: vec!["server_lifetime = \"1s\"".into()],
+            backend_extra: vec![format!("server_lifetime = \"{lifetime}\"")],
             ..DsqlProxyOptions::default()
         },
-        |emulator| emulator.max_session_duration = Some(Duration::from_secs(3)),
-    );
+        |emulator| emulator.max_session_duration = Some(cut),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dsql_session_outlives_the_maximum_connection_duration() {
+    // The emulator cuts connections after 3 s without a word, as DSQL does
+    // after 60 minutes; the proxy's lifetime is 1 s.
+    let stack = dsql_stack("1s", Duration::from_secs(3));
     let client = stack.connect(APP_USER, APP_DB).await;
     client
         .batch_execute(
@@ -437,15 +444,8 @@ async fn a_dsql_session_outlives_the_maximum_connection_duration() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_dsql_session_cut_without_a_message_moves_at_its_next_query() {
-    use dsql_proxy_tests::dsql_stack::{DsqlProxyOptions, DsqlStack};
     // No lifetime: the emulator's silent cut is what the proxy sees.
-    let stack = DsqlStack::start_with(
-        DsqlProxyOptions {
-            backend_extra: vec!["server_lifetime = \"0s\"".into()],
-            ..DsqlProxyOptions::default()
-        },
-        |emulator| emulator.max_session_duration = Some(Duration::from_secs(2)),
-    );
+    let stack = dsql_stack("0s", Duration::from_secs(2));
     let client = stack.connect(APP_USER, APP_DB).await;
     client
         .batch_execute("set search_path = cut_s, public; prepare p as select 7")
@@ -463,16 +463,9 @@ async fn an_idle_dsql_session_cut_without_a_message_moves_at_its_next_query() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_psycopg_session_survives_three_lifetime_moves() {
-    use dsql_proxy_tests::dsql_stack::{DsqlProxyOptions, DsqlStack};
     // As with tokio-postgres above: the emulator cuts connections after
     // 3 s, the proxy moves sessions after 1 s.
-    let stack = DsqlStack::start_with(
-        DsqlProxyOptions {
-            backend_extra: vec!["server_lifetime = \"1s\"".into()],
-            ..DsqlProxyOptions::default()
-        },
-        |emulator| emulator.max_session_duration = Some(Duration::from_secs(3)),
-    );
+    let stack = dsql_stack("1s", Duration::from_secs(3));
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/continuity_psycopg.py");
     let dsn = format!(
         "host={} port={} user={APP_USER} dbname={APP_DB} sslmode=disable",

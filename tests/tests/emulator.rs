@@ -570,19 +570,39 @@ async fn closed_without_a_message<S: AsyncRead + Unpin>(stream: &mut S, emu: &Em
     assert!(err.is_none(), "not a clean close: {err:?}\n{}", emu.logs());
 }
 
+/// How long the sessions of [`short_session`]'s emulator last.
+const MAX_SESSION: Duration = Duration::from_secs(2);
+
+/// An emulator whose sessions last [`MAX_SESSION`] (ended as
+/// `session_end`, the default when `None`), and a session logged in on it
+/// as [`APP_USER`], with the instant its connection was opened.
+async fn short_session(
+    pg: &PgServer,
+    pki: &TestPki,
+    session_end: Option<SessionEnd>,
+) -> (
+    EmulatorProcess,
+    tokio_rustls::client::TlsStream<TcpStream>,
+    Instant,
+) {
+    let emu = EmulatorProcess::start(EmulatorOptions {
+        max_session_duration: Some(MAX_SESSION),
+        session_end,
+        ..EmulatorOptions::new(pg, pki)
+    });
+    let started = Instant::now();
+    let mut s = tls_stream(&emu, pki).await;
+    login(&mut s, APP_USER, &emu.token(APP_USER))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    (emu, s, started)
+}
+
 #[tokio::test]
 async fn session_is_closed_without_a_message_at_the_maximum_duration() {
     let pg = upstream();
     let pki = TestPki::new();
-    let emu = EmulatorProcess::start(EmulatorOptions {
-        max_session_duration: Some(Duration::from_secs(2)),
-        ..EmulatorOptions::new(&pg, &pki)
-    });
-    let started = Instant::now();
-    let mut s = tls_stream(&emu, &pki).await;
-    login(&mut s, APP_USER, &emu.token(APP_USER))
-        .await
-        .unwrap_or_else(|e| panic!("{e:?}"));
+    let (emu, mut s, started) = short_session(&pg, &pki, None).await;
     assert_eq!(current_user(&mut s).await, APP_USER);
 
     // Idle until the emulator ends the session.
@@ -604,16 +624,7 @@ async fn session_is_closed_without_a_message_at_the_maximum_duration() {
 async fn session_end_fatal_sends_57p01_at_the_maximum_duration() {
     let pg = upstream();
     let pki = TestPki::new();
-    let emu = EmulatorProcess::start(EmulatorOptions {
-        max_session_duration: Some(Duration::from_secs(2)),
-        session_end: Some(SessionEnd::Fatal),
-        ..EmulatorOptions::new(&pg, &pki)
-    });
-    let started = Instant::now();
-    let mut s = tls_stream(&emu, &pki).await;
-    login(&mut s, APP_USER, &emu.token(APP_USER))
-        .await
-        .unwrap_or_else(|e| panic!("{e:?}"));
+    let (emu, mut s, started) = short_session(&pg, &pki, Some(SessionEnd::Fatal)).await;
     assert_eq!(current_user(&mut s).await, APP_USER);
 
     // Idle until the emulator ends the session.
@@ -653,21 +664,13 @@ async fn transaction_running_at_the_maximum_duration_finishes_first() {
         "create table session_end (n int); grant all on session_end to {APP_USER}"
     ));
     let pki = TestPki::new();
-    let max = Duration::from_secs(2);
-    let emu = EmulatorProcess::start(EmulatorOptions {
-        max_session_duration: Some(max),
-        ..EmulatorOptions::new(&pg, &pki)
-    });
-    let started = Instant::now();
-    let mut s = tls_stream(&emu, &pki).await;
-    login(&mut s, APP_USER, &emu.token(APP_USER))
-        .await
-        .unwrap_or_else(|e| panic!("{e:?}"));
+    let (emu, mut s, started) = short_session(&pg, &pki, None).await;
     query_ok(&mut s, "begin", &emu).await;
     query_ok(&mut s, "insert into session_end values (1)", &emu).await;
 
     // Idle in the transaction past the deadline: the session stays open.
-    tokio::time::sleep((max + Duration::from_secs(1)).saturating_sub(started.elapsed())).await;
+    tokio::time::sleep((MAX_SESSION + Duration::from_secs(1)).saturating_sub(started.elapsed()))
+        .await;
     query_ok(&mut s, "insert into session_end values (2)", &emu).await;
     let commit = query_ok(&mut s, "commit", &emu).await;
     let tag = commit.iter().find_map(BackendMessage::command_tag);
@@ -704,19 +707,10 @@ async fn transaction_running_at_the_maximum_duration_finishes_first() {
 async fn statement_running_at_the_maximum_duration_is_answered_first() {
     let pg = upstream();
     let pki = TestPki::new();
-    let max = Duration::from_secs(2);
-    let emu = EmulatorProcess::start(EmulatorOptions {
-        max_session_duration: Some(max),
-        ..EmulatorOptions::new(&pg, &pki)
-    });
-    let started = Instant::now();
-    let mut s = tls_stream(&emu, &pki).await;
-    login(&mut s, APP_USER, &emu.token(APP_USER))
-        .await
-        .unwrap_or_else(|e| panic!("{e:?}"));
+    let (emu, mut s, started) = short_session(&pg, &pki, None).await;
 
     // In flight from before the deadline until a second after it.
-    let sleep = (max + Duration::from_secs(1)).saturating_sub(started.elapsed());
+    let sleep = (MAX_SESSION + Duration::from_secs(1)).saturating_sub(started.elapsed());
     let msgs = query_ok(
         &mut s,
         &format!("select pg_sleep({})", sleep.as_secs_f64()),
