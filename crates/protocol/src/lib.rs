@@ -14,6 +14,7 @@ pub mod md5;
 pub mod messages;
 pub mod query;
 pub mod relay;
+pub mod retry;
 pub mod scram;
 pub mod sqlstate;
 pub mod startup;
