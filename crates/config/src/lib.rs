@@ -5,10 +5,12 @@ mod duration;
 pub mod edit;
 mod model;
 mod secret;
+mod size;
 
 pub use duration::DurationStr;
 pub use model::*;
 pub use secret::{PasswordSource, Secret};
+pub use size::ByteSize;
 
 use std::path::Path;
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ConfigError, DurationStr, PasswordSource, Secret};
+use crate::{ByteSize, ConfigError, DurationStr, PasswordSource, Secret};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -19,6 +19,8 @@ pub struct Config {
     pub routing: RoutingConfig,
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    #[serde(default)]
+    pub retry: RetryConfig,
     #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
 }
@@ -422,6 +424,98 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// Transparent retry of serialization conflicts for autocommit requests
+/// (off unless `max_attempts` is above 1).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Tries per request, the first included; 1 is off.
+    pub max_attempts: u32,
+    /// Backoff before the second try; it doubles per try up to
+    /// `max_delay`, and each wait is drawn uniformly below it (full jitter).
+    pub base_delay: DurationStr,
+    pub max_delay: DurationStr,
+    /// The most bytes of a request, and of its response, kept to retry it;
+    /// larger ones are relayed as they come and not retried.
+    pub max_buffered: ByteSize,
+    /// SQLSTATEs a request is retried on.
+    pub sqlstates: Vec<String>,
+}
+
+/// SQLSTATEs retried by default: serialization failure (Aurora DSQL's
+/// optimistic-concurrency conflicts, PostgreSQL's REPEATABLE READ and
+/// SERIALIZABLE) and deadlock.
+pub const DEFAULT_RETRY_SQLSTATES: [&str; 2] = ["40001", "40P01"];
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: 1,
+            base_delay: DurationStr::from_millis(2),
+            max_delay: DurationStr::from_millis(100),
+            max_buffered: ByteSize::kib(256),
+            sqlstates: DEFAULT_RETRY_SQLSTATES.map(str::to_owned).to_vec(),
+        }
+    }
+}
+
+impl RetryConfig {
+    pub fn enabled(&self) -> bool {
+        self.max_attempts > 1
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if !(1..=100).contains(&self.max_attempts) {
+            return invalid(format!(
+                "[retry] max_attempts must be between 1 (off) and 100, not {}",
+                self.max_attempts
+            ));
+        }
+        if self.base_delay.get().is_zero() || self.base_delay > self.max_delay {
+            return invalid(format!(
+                "[retry] base_delay must be above 0 and at most max_delay ({} > {})",
+                self.base_delay, self.max_delay
+            ));
+        }
+        if self.max_delay.get() > std::time::Duration::from_secs(10) {
+            return invalid(format!(
+                "[retry] max_delay must be at most 10s (a client waits through every backoff), \
+                 not {}",
+                self.max_delay
+            ));
+        }
+        if !(1024..=64 * 1024 * 1024).contains(&self.max_buffered.get()) {
+            return invalid(format!(
+                "[retry] max_buffered must be between 1KiB and 64MiB, not {}",
+                self.max_buffered
+            ));
+        }
+        if self.enabled() && self.sqlstates.is_empty() {
+            return invalid("[retry] sqlstates must not be empty when max_attempts > 1".into());
+        }
+        for code in &self.sqlstates {
+            let valid = code.len() == 5
+                && code
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase());
+            if !valid {
+                return invalid(format!(
+                    "[retry] sqlstates: {code:?} is not a SQLSTATE (five digits or upper-case \
+                     letters, such as \"40001\")"
+                ));
+            }
+            if code == "57014" || code.starts_with("08") || code.starts_with("57P") {
+                return invalid(format!(
+                    "[retry] sqlstates: {code} cannot be retried (a cancelled request, a lost \
+                     connection or a server shutting down is never sent again)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Startup parameters Aurora DSQL refuses; never forwarded to a DSQL
 /// endpoint so clients that set them (some drivers do) still connect.
 pub const DSQL_REFUSED_PARAMETERS: &[&str] = &["default_transaction_read_only"];
@@ -555,6 +649,7 @@ impl Config {
         if self.endpoints.is_empty() {
             return invalid("at least one [[endpoints]] entry is required".into());
         }
+        self.retry.validate()?;
         let mut names = HashSet::new();
         for e in &self.endpoints {
             if e.name.is_empty() || e.host.is_empty() {

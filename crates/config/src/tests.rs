@@ -593,3 +593,49 @@ fn server_lifetime_defaults_to_55m_for_dsql_only_and_stays_under_dsql_s_limit() 
         Duration::ZERO
     );
 }
+
+#[test]
+fn retry_is_off_by_default_and_parses_with_units() {
+    let c = Config::parse(MINIMAL).unwrap();
+    assert!(!c.retry.enabled());
+    assert_eq!(c.retry.max_buffered, ByteSize::kib(256));
+    assert_eq!(c.retry.sqlstates, DEFAULT_RETRY_SQLSTATES);
+    let c = Config::parse(&format!(
+        "{MINIMAL}\n[retry]\nmax_attempts = 10\nbase_delay = \"5ms\"\nmax_delay = \"1s\"\n\
+         max_buffered = \"1MiB\"\nsqlstates = [\"40001\"]\n"
+    ))
+    .unwrap();
+    assert!(c.retry.enabled());
+    assert_eq!(c.retry.max_attempts, 10);
+    assert_eq!(c.retry.base_delay.get().as_millis(), 5);
+    assert_eq!(c.retry.max_buffered.get(), 1 << 20);
+    let env = [("DSQL_PROXY__RETRY__MAX_ATTEMPTS", "4")].map(|(k, v)| (k.to_owned(), v.to_owned()));
+    let c = Config::parse_with_env(MINIMAL, "text", env).unwrap();
+    assert_eq!(c.retry.max_attempts, 4);
+}
+
+#[test]
+fn bad_retry_settings_are_explained() {
+    let cases = [
+        ("max_attempts = 0", "between 1 (off) and 100"),
+        ("max_attempts = 1000", "between 1 (off) and 100"),
+        ("base_delay = \"0s\"", "above 0"),
+        (
+            "base_delay = \"1s\"\nmax_delay = \"10ms\"",
+            "at most max_delay",
+        ),
+        ("max_delay = \"1m\"", "at most 10s"),
+        ("max_buffered = \"12B\"", "between 1KiB and 64MiB"),
+        ("max_buffered = \"1GiB\"", "unknown unit"),
+        ("max_attempts = 3\nsqlstates = []", "must not be empty"),
+        ("sqlstates = [\"4001\"]", "is not a SQLSTATE"),
+        ("sqlstates = [\"57014\"]", "cannot be retried"),
+        ("sqlstates = [\"08006\"]", "cannot be retried"),
+    ];
+    for (lines, expected) in cases {
+        let err = Config::parse(&format!("{MINIMAL}\n[retry]\n{lines}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(expected), "{lines}: {err}");
+    }
+}

@@ -46,6 +46,9 @@ pub struct Metrics {
     pub session_moves_failed_total: IntCounterVec,
     pub sessions_pinned: IntGaugeVec,
     pub session_move_seconds: Histogram,
+    pub retries_total: IntCounterVec,
+    pub retry_not_eligible_total: IntCounterVec,
+    pub retry_tries: Histogram,
     pub bytes_total: IntCounterVec,
     pub cancel_requests_total: IntCounter,
     pub token_generations_total: IntCounter,
@@ -121,7 +124,35 @@ pub const PIN_CAUSES: [&str; 6] = [
     "unclassifiable",
 ];
 
+/// `retries_total{outcome}`: a retried request finally succeeded, or ran
+/// out of tries (its client got the last error).
+pub const RETRY_OUTCOMES: [&str; 2] = ["succeeded", "exhausted"];
+
+/// `retry_not_eligible_total{cause}`: why a request whose answer carried a
+/// retryable SQLSTATE was not retried (the protocol crate's `NotEligible`
+/// labels, tested to match).
+pub const RETRY_NOT_ELIGIBLE_CAUSES: [&str; 8] = [
+    "pipelined",
+    "too_large",
+    "in_transaction",
+    "transaction_control",
+    "not_transactional",
+    "protocol",
+    "cancelled",
+    "session_ending",
+];
+
 impl Metrics {
+    /// Creates the retry series for these SQLSTATEs at 0, so `rate()` and
+    /// alerts see them before the first conflict. Idempotent.
+    pub fn register_retry_sqlstates<'a>(&self, sqlstates: impl IntoIterator<Item = &'a str>) {
+        for sqlstate in sqlstates {
+            for outcome in RETRY_OUTCOMES {
+                self.retries_total.with_label_values(&[sqlstate, outcome]);
+            }
+        }
+    }
+
     /// Session moves, failed moves and pinned sessions by label, for
     /// `/status`.
     pub fn continuity_counts(&self) -> [(&'static str, Vec<(&'static str, u64)>); 3] {
@@ -227,6 +258,14 @@ impl Metrics {
                 "Time a move held the session: from its decision (or the client's next message) to relaying on the new backend",
                 exponential_buckets(0.0005, 2.0, 16)?, // 0.5ms .. ~16s
             )?,
+            retries_total: counter_vec(r, "retries_total", "Requests the proxy sent again after a retryable error, by SQLSTATE and final outcome", &["sqlstate", "outcome"])?,
+            retry_not_eligible_total: counter_vec(r, "retry_not_eligible_total", "Requests whose answer carried a retryable SQLSTATE but which could not be retried, by cause", &["cause"])?,
+            retry_tries: histogram(
+                r,
+                "retry_tries",
+                "Tries per retried request, the first included",
+                vec![2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0, 50.0, 100.0],
+            )?,
             bytes_total: counter_vec(r, "bytes_total", "Bytes relayed, counted when a session ends", &["direction"])?,
             cancel_requests_total: counter(r, "cancel_requests_total", "CancelRequests received")?,
             token_generations_total: counter(r, "token_generations_total", "IAM tokens signed")?,
@@ -247,6 +286,9 @@ impl Metrics {
         }
         for cause in MOVE_FAILURE_CAUSES {
             m.session_moves_failed_total.with_label_values(&[cause]);
+        }
+        for cause in RETRY_NOT_ELIGIBLE_CAUSES {
+            m.retry_not_eligible_total.with_label_values(&[cause]);
         }
         Ok(m)
     }
