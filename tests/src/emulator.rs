@@ -27,7 +27,9 @@ use crate::pki::{ServerCert, TestPki};
 use crate::process::Watchdog;
 use crate::wire;
 
-pub use dsql_emulator::{sign_token, SessionEnd, ACTION_CONNECT, ACTION_CONNECT_ADMIN};
+pub use dsql_emulator::{
+    sign_token, ConflictKind, SessionEnd, ACTION_CONNECT, ACTION_CONNECT_ADMIN,
+};
 
 /// A DSQL-style cluster host name for the emulator's certificate and tokens.
 pub const CLUSTER_HOST: &str = "abcdefghijklmnopqrstuvwxyz.dsql.us-east-1.on.aws";
@@ -74,6 +76,11 @@ pub struct EmulatorOptions<'a> {
     pub refused_parameters: Option<Vec<String>>,
     pub max_clock_skew: Option<Duration>,
     pub startup_timeout: Option<Duration>,
+    /// `--conflict-every N`: every Nth commit point of a session fails
+    /// with an injected OCC conflict (SQLSTATE 40001).
+    pub conflict_every: Option<u32>,
+    /// `--conflict-code`: which conflict (`OC000` or `OC001`) is reported.
+    pub conflict_code: Option<ConflictKind>,
     /// Anything else for the command line.
     pub extra_args: Vec<String>,
 }
@@ -97,6 +104,8 @@ impl<'a> EmulatorOptions<'a> {
             refused_parameters: None,
             max_clock_skew: None,
             startup_timeout: None,
+            conflict_every: None,
+            conflict_code: None,
             extra_args: Vec::new(),
         }
     }
@@ -185,6 +194,16 @@ impl EmulatorProcess {
         }
         if let Some(d) = opts.startup_timeout {
             cmd.args(["--startup-timeout", &duration_arg(d)]);
+        }
+        if let Some(n) = opts.conflict_every {
+            cmd.args(["--conflict-every", &n.to_string()]);
+        }
+        if let Some(kind) = opts.conflict_code {
+            let code = match kind {
+                ConflictKind::Oc000 => "oc000",
+                ConflictKind::Oc001 => "oc001",
+            };
+            cmd.args(["--conflict-code", code]);
         }
         cmd.args(&opts.extra_args);
 

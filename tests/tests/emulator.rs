@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use dsql_proxy_tests::emulator::{
-    sign_token, SessionEnd, ACCESS_KEY_ID, ACTION_CONNECT, SECRET_ACCESS_KEY,
+    sign_token, ConflictKind, SessionEnd, ACCESS_KEY_ID, ACTION_CONNECT, SECRET_ACCESS_KEY,
 };
 use dsql_proxy_tests::wire::{self, BackendMessage, ErrorFields, StartupResponse};
 use dsql_proxy_tests::{
@@ -724,4 +724,293 @@ async fn statement_running_at_the_maximum_duration_is_answered_first() {
         "closed after {:?}",
         started.elapsed()
     );
+}
+
+/// The message Aurora DSQL sends with SQLSTATE 40001 for a data conflict.
+const OC000: &str = "change conflicts with another transaction, please retry: (OC000)";
+/// ... and for a catalog conflict.
+const OC001: &str = "schema has been updated by another transaction, please retry: (OC001)";
+
+/// A one-row counter table `occ` the app role may update, and an emulator
+/// injecting a conflict at every `every`th commit point (`kind`, or the
+/// default OC000).
+fn conflict_setup(
+    pg: &PgServer,
+    pki: &TestPki,
+    every: u32,
+    kind: Option<ConflictKind>,
+) -> EmulatorProcess {
+    pg.superuser_sql(&format!(
+        "create table occ (id int primary key, n int not null); \
+         insert into occ values (1, 0); \
+         grant all on occ to {APP_USER}"
+    ));
+    EmulatorProcess::start(EmulatorOptions {
+        conflict_every: Some(every),
+        conflict_code: kind,
+        ..EmulatorOptions::new(pg, pki)
+    })
+}
+
+/// The counter as the upstream has it (straight from PostgreSQL, not
+/// through the emulator: reads would be commit points too).
+fn counter(pg: &PgServer) -> i64 {
+    let n = pg.superuser_sql("select n from occ where id = 1");
+    n.parse().unwrap_or_else(|e| panic!("counter {n:?}: {e}"))
+}
+
+/// `result` is `Ok` on odd commit points and the injected OC000 conflict
+/// on even ones.
+fn check_alternation<T: std::fmt::Debug>(
+    what: &str,
+    point: u32,
+    result: Result<T, tokio_postgres::Error>,
+    emu: &EmulatorProcess,
+) {
+    if point % 2 == 1 {
+        if let Err(e) = result {
+            panic!(
+                "{what}: commit point {point} should succeed: {e:?}\n{}",
+                emu.logs()
+            );
+        }
+        return;
+    }
+    let err = match result {
+        Ok(v) => panic!(
+            "{what}: commit point {point} should conflict, got {v:?}\n{}",
+            emu.logs()
+        ),
+        Err(e) => e,
+    };
+    let db = err
+        .as_db_error()
+        .unwrap_or_else(|| panic!("{what}: not a server error: {err:?}"));
+    assert_eq!(db.code().code(), "40001", "{what}: {db:?}");
+    assert_eq!(db.severity(), "ERROR", "{what}: {db:?}");
+    assert_eq!(db.message(), OC000, "{what}: {db:?}");
+    assert!(db.message().contains("(OC000)"), "{what}: {db:?}");
+}
+
+#[tokio::test]
+async fn injected_conflicts_fail_every_second_autocommit_statement() {
+    let pg = upstream();
+    let pki = TestPki::new();
+    let emu = conflict_setup(&pg, &pki, 2, None);
+    let cfg = emu.client_config(APP_USER, &emu.token(APP_USER), "postgres");
+    let client = connect_with(&cfg, Some(&pki))
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e:?}\n{}", emu.logs()));
+
+    // Simple protocol: commit points 1..=6.
+    let mut committed = 0;
+    let mut point = 0;
+    for _ in 0..6 {
+        point += 1;
+        let result = client
+            .simple_query("update occ set n = n + 1 where id = 1")
+            .await;
+        if result.is_ok() {
+            committed += 1;
+        }
+        check_alternation("simple_query", point, result, &emu);
+        // A conflict leaves no trace upstream.
+        assert_eq!(counter(&pg), committed, "after commit point {point}");
+    }
+    assert_eq!(committed, 3);
+
+    // Extended protocol, on the same session (the count goes on): the
+    // prepare (Parse/Describe/Sync) has no Execute, so only each
+    // Bind/Execute/Sync is a commit point.
+    for _ in 0..4 {
+        point += 1;
+        let result = client
+            .execute("update occ set n = n + 1 where id = 1", &[])
+            .await;
+        if let Ok(rows) = &result {
+            assert_eq!(*rows, 1);
+            committed += 1;
+        }
+        check_alternation("execute", point, result, &emu);
+        assert_eq!(counter(&pg), committed, "after commit point {point}");
+    }
+    let stmt = client
+        .prepare("update occ set n = n + $1 where id = 1")
+        .await
+        .unwrap_or_else(|e| panic!("prepare: {e:?}\n{}", emu.logs()));
+    for _ in 0..4 {
+        point += 1;
+        let result = client.execute(&stmt, &[&10i32]).await;
+        if result.is_ok() {
+            committed += 10;
+        }
+        check_alternation("execute prepared", point, result, &emu);
+        assert_eq!(counter(&pg), committed, "after commit point {point}");
+    }
+    assert_eq!(committed, 3 + 2 + 20);
+
+    // The session is still in good shape: nothing left open upstream.
+    let open = pg.superuser_sql(&format!(
+        "select count(*) from pg_stat_activity \
+         where usename = '{APP_USER}' and state <> 'idle'"
+    ));
+    assert_eq!(open, "0");
+    assert!(
+        emu.wait_for_log("injected an optimistic-concurrency conflict", T),
+        "{}",
+        emu.logs()
+    );
+    assert_eq!(
+        emu.logs()
+            .matches("injected an optimistic-concurrency conflict")
+            .count(),
+        7,
+        "{}",
+        emu.logs()
+    );
+}
+
+#[tokio::test]
+async fn injected_conflict_on_commit_rolls_the_transaction_back() {
+    let pg = upstream();
+    let pki = TestPki::new();
+    let emu = conflict_setup(&pg, &pki, 2, None);
+    let cfg = emu.client_config(APP_USER, &emu.token(APP_USER), "postgres");
+    let mut client = connect_with(&cfg, Some(&pki))
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e:?}\n{}", emu.logs()));
+
+    let mut committed = 0;
+    // BEGIN; UPDATE; COMMIT by hand: only the COMMIT is a commit point.
+    for point in 1..=4 {
+        client
+            .batch_execute("BEGIN")
+            .await
+            .unwrap_or_else(|e| panic!("BEGIN: {e:?}\n{}", emu.logs()));
+        for _ in 0..2 {
+            let n = client
+                .execute("update occ set n = n + 1 where id = 1", &[])
+                .await
+                .unwrap_or_else(|e| panic!("UPDATE in a transaction: {e:?}\n{}", emu.logs()));
+            assert_eq!(n, 1);
+        }
+        let result = client.simple_query("COMMIT").await;
+        if result.is_ok() {
+            committed += 2;
+        }
+        check_alternation("COMMIT", point, result, &emu);
+        assert_eq!(counter(&pg), committed, "after commit point {point}");
+    }
+
+    // The same through tokio-postgres's Transaction (COMMIT as sent by a
+    // driver), commit points 5..=8.
+    for point in 5..=8 {
+        let tx = client
+            .transaction()
+            .await
+            .unwrap_or_else(|e| panic!("BEGIN: {e:?}\n{}", emu.logs()));
+        tx.execute("update occ set n = n + 100 where id = 1", &[])
+            .await
+            .unwrap_or_else(|e| panic!("UPDATE in a transaction: {e:?}\n{}", emu.logs()));
+        let result = tx.commit().await;
+        if result.is_ok() {
+            committed += 100;
+        }
+        check_alternation("Transaction::commit", point, result, &emu);
+        assert_eq!(counter(&pg), committed, "after commit point {point}");
+    }
+    assert_eq!(committed, 2 * 2 + 2 * 100);
+
+    // After a conflicted COMMIT the session is outside a transaction block:
+    // an autocommit statement (commit point 9) commits on its own.
+    let n = client
+        .execute("update occ set n = n + 1000 where id = 1", &[])
+        .await
+        .unwrap_or_else(|e| panic!("autocommit after conflicts: {e:?}\n{}", emu.logs()));
+    assert_eq!(n, 1);
+    assert_eq!(counter(&pg), committed + 1000);
+}
+
+#[tokio::test]
+async fn injected_conflicts_are_exact_dsql_errors_on_the_wire() {
+    let pg = upstream();
+    let pki = TestPki::new();
+    let emu = conflict_setup(&pg, &pki, 1, Some(ConflictKind::Oc001));
+    let mut s = tls_stream(&emu, &pki).await;
+    login(&mut s, APP_USER, &emu.token(APP_USER))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}"));
+
+    // Every commit point conflicts: ErrorResponse with exactly DSQL's
+    // fields, then ReadyForQuery 'I'.
+    let check = |msgs: &[BackendMessage], what: &str| {
+        assert_eq!(msgs.len(), 2, "{what}: {msgs:?}");
+        let err = msgs[0]
+            .error_fields()
+            .unwrap_or_else(|| panic!("{what}: {msgs:?}"));
+        assert_eq!(
+            err.fields,
+            vec![
+                (b'S', "ERROR".to_owned()),
+                (b'V', "ERROR".to_owned()),
+                (b'C', "40001".to_owned()),
+                (b'M', OC001.to_owned()),
+            ],
+            "{what}"
+        );
+        assert_eq!(msgs[1].ready_status(), Some(b'I'), "{what}: {msgs:?}");
+    };
+    let msgs = wire::simple_query(&mut s, "update occ set n = n + 1", T)
+        .await
+        .expect("simple query");
+    check(&msgs, "simple query");
+
+    let batch = [
+        wire::parse("", "update occ set n = n + 1", &[]),
+        wire::bind("", "", &[]),
+        wire::execute("", 0),
+        wire::sync(),
+    ]
+    .concat();
+    wire::send(&mut s, &batch).await.expect("send batch");
+    let msgs = wire::read_until(&mut s, b'Z', T).await.expect("batch");
+    check(&msgs, "extended batch");
+    assert_eq!(counter(&pg), 0);
+
+    // A Flush before Sync takes the batch out of the count: it runs.
+    let flushed = [
+        wire::parse("", "update occ set n = n + 1", &[]),
+        wire::bind("", "", &[]),
+        wire::execute("", 0),
+        wire::flush(),
+    ]
+    .concat();
+    wire::send(&mut s, &flushed)
+        .await
+        .expect("send flushed batch");
+    let msgs = wire::read_until(&mut s, b'C', T)
+        .await
+        .expect("answers before Sync");
+    assert_eq!(
+        msgs.last().and_then(BackendMessage::command_tag).as_deref(),
+        Some("UPDATE 1"),
+        "{msgs:?}"
+    );
+    wire::send(&mut s, &wire::sync()).await.expect("send Sync");
+    let msgs = wire::read_until(&mut s, b'Z', T).await.expect("Sync");
+    assert_eq!(msgs.len(), 1, "{msgs:?}");
+    assert_eq!(counter(&pg), 1);
+
+    // Transaction control is no commit point; the COMMIT is.
+    query_ok(&mut s, "begin", &emu).await;
+    let msgs = query_ok(&mut s, "update occ set n = n + 1", &emu).await;
+    assert_eq!(
+        msgs.last().and_then(BackendMessage::ready_status),
+        Some(b'T')
+    );
+    let msgs = wire::simple_query(&mut s, "commit;", T)
+        .await
+        .expect("COMMIT");
+    check(&msgs, "COMMIT");
+    assert_eq!(counter(&pg), 1);
 }

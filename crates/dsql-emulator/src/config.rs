@@ -62,6 +62,52 @@ pub enum SessionEnd {
     Fatal,
 }
 
+/// Which Aurora DSQL optimistic-concurrency conflict injected conflicts
+/// report (both are SQLSTATE `40001`; the message carries the code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConflictKind {
+    /// `OC000`: a data conflict ("change conflicts with another
+    /// transaction").
+    #[default]
+    Oc000,
+    /// `OC001`: a catalog conflict ("schema has been updated by another
+    /// transaction").
+    Oc001,
+}
+
+impl ConflictKind {
+    /// The ErrorResponse message Aurora DSQL sends for this conflict.
+    pub fn message(self) -> &'static str {
+        match self {
+            Self::Oc000 => "change conflicts with another transaction, please retry: (OC000)",
+            Self::Oc001 => "schema has been updated by another transaction, please retry: (OC001)",
+        }
+    }
+
+    /// `OC000` or `OC001`.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::Oc000 => "OC000",
+            Self::Oc001 => "OC001",
+        }
+    }
+}
+
+impl std::str::FromStr for ConflictKind {
+    type Err = EmulatorError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("oc000") {
+            Ok(Self::Oc000)
+        } else if s.eq_ignore_ascii_case("oc001") {
+            Ok(Self::Oc001)
+        } else {
+            Err(EmulatorError::Config(format!(
+                "conflict code {s:?}: expected \"oc000\" or \"oc001\""
+            )))
+        }
+    }
+}
+
 /// The real PostgreSQL accepted sessions are relayed to.
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
@@ -118,6 +164,14 @@ pub struct EmulatorConfig {
     pub refused_parameters: Vec<String>,
     pub max_clock_skew: Duration,
     pub startup_timeout: Duration,
+    /// Optimistic-concurrency conflict injection: per session, every Nth
+    /// commit point (an autocommit simple Query, an extended-protocol batch
+    /// with an Execute started while idle, or a COMMIT/END in a transaction
+    /// block) fails with SQLSTATE `40001` instead of committing. `0` (the
+    /// default) turns it off and leaves the relay untouched.
+    pub conflict_every: u32,
+    /// Which conflict the injected errors report.
+    pub conflict_kind: ConflictKind,
 }
 
 impl EmulatorConfig {
@@ -154,6 +208,8 @@ impl EmulatorConfig {
                 .collect(),
             max_clock_skew: DEFAULT_MAX_CLOCK_SKEW,
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
+            conflict_every: 0,
+            conflict_kind: ConflictKind::default(),
         }
     }
 
@@ -276,6 +332,21 @@ mod tests {
         );
         assert!(parse_pair("=x").is_err());
         assert!(parse_pair("nokey").is_err());
+    }
+
+    #[test]
+    fn parses_conflict_kinds() {
+        assert_eq!(
+            "oc000".parse::<ConflictKind>().unwrap(),
+            ConflictKind::Oc000
+        );
+        assert_eq!(
+            "OC001".parse::<ConflictKind>().unwrap(),
+            ConflictKind::Oc001
+        );
+        assert!("oc002".parse::<ConflictKind>().is_err());
+        assert!(ConflictKind::Oc000.message().ends_with("(OC000)"));
+        assert!(ConflictKind::Oc001.message().ends_with("(OC001)"));
     }
 
     #[test]

@@ -18,6 +18,10 @@
 //!   finish (for up to [`TRANSACTION_GRACE`]), then the connection is
 //!   closed without a message, or after FATAL `57P01` with
 //!   [`SessionEnd::Fatal`].
+//! * Optionally, optimistic-concurrency conflicts
+//!   ([`EmulatorConfig::conflict_every`]): every Nth commit point of a
+//!   session fails with SQLSTATE `40001` and DSQL's `(OC000)` / `(OC001)`
+//!   message, with nothing of it committed upstream.
 //!
 //! Accepted sessions log in to the upstream PostgreSQL as the same role
 //! (password from [`UpstreamConfig::role_passwords`]) through
@@ -29,6 +33,7 @@
 //! [`sign_token`] exists so tests can forge tokens.
 
 pub mod config;
+mod conflict;
 mod error;
 pub mod limits;
 mod server;
@@ -36,8 +41,8 @@ pub mod sigv4;
 pub mod tls;
 
 pub use config::{
-    parse_duration, parse_pair, EmulatorConfig, RateLimit, SessionEnd, UpstreamConfig, UpstreamTls,
-    TRANSACTION_GRACE,
+    parse_duration, parse_pair, ConflictKind, EmulatorConfig, RateLimit, SessionEnd,
+    UpstreamConfig, UpstreamTls, TRANSACTION_GRACE,
 };
 pub use dsql_proxy_config::Secret;
 pub use error::{EmulatorError, TokenRejection};

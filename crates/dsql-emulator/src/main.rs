@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use dsql_emulator::{
-    parse_duration, parse_pair, Emulator, EmulatorConfig, EmulatorError, RateLimit, Secret,
-    SessionEnd, UpstreamTls,
+    parse_duration, parse_pair, ConflictKind, Emulator, EmulatorConfig, EmulatorError, RateLimit,
+    Secret, SessionEnd, UpstreamTls,
 };
 use tracing::{error, info, warn};
 
@@ -84,6 +84,22 @@ struct Cli {
     /// Time to open and authenticate the upstream session.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     upstream_connect_timeout: Duration,
+    /// Inject Aurora DSQL optimistic-concurrency conflicts: per session,
+    /// every Nth commit point (the Nth, 2Nth, ...) fails with SQLSTATE
+    /// 40001 instead of committing. Commit points: a simple Query received
+    /// while idle that is not transaction control (an autocommit
+    /// statement); an extended-protocol batch started while idle that
+    /// contains an Execute, through its Sync (a Flush before Sync takes the
+    /// batch out); a simple COMMIT or END run in a transaction block, also
+    /// when pipelined behind requests still in flight (a failing one is
+    /// sent upstream as ROLLBACK). 0 turns injection off.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    conflict_every: u32,
+    /// Which conflict the injected errors report: oc000 ("change conflicts
+    /// with another transaction") or oc001 ("schema has been updated by
+    /// another transaction").
+    #[arg(long, value_enum, default_value = "oc000")]
+    conflict_code: ConflictArg,
     /// Log filter, e.g. `info` or `dsql_emulator=debug`.
     #[arg(long, env = "DSQL_EMULATOR_LOG", default_value = "info")]
     log_level: String,
@@ -93,6 +109,14 @@ struct Cli {
 enum TlsArg {
     Disable,
     Require,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum ConflictArg {
+    /// OC000: change conflicts with another transaction.
+    Oc000,
+    /// OC001: schema has been updated by another transaction.
+    Oc001,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -179,6 +203,11 @@ fn build_config(cli: Cli) -> EmulatorConfig {
         .collect();
     config.max_clock_skew = cli.max_clock_skew;
     config.startup_timeout = cli.startup_timeout;
+    config.conflict_every = cli.conflict_every;
+    config.conflict_kind = match cli.conflict_code {
+        ConflictArg::Oc000 => ConflictKind::Oc000,
+        ConflictArg::Oc001 => ConflictKind::Oc001,
+    };
     config
 }
 
@@ -186,6 +215,8 @@ async fn run(config: EmulatorConfig) -> Result<(), EmulatorError> {
     let cluster_host = config.cluster_host.clone();
     let region = config.region.clone();
     let upstream = config.upstream.address.clone();
+    let conflict_every = config.conflict_every;
+    let conflict_code = config.conflict_kind.code();
     let emulator = Emulator::bind(config).await?;
     let addr = emulator.local_addr();
     {
@@ -194,6 +225,12 @@ async fn run(config: EmulatorConfig) -> Result<(), EmulatorError> {
         out.flush()?;
     }
     info!(address = %addr, %cluster_host, %region, %upstream, "dsql-emulator listening");
+    if conflict_every > 0 {
+        info!(
+            conflict_every,
+            conflict_code, "injecting an optimistic-concurrency conflict at every Nth commit point"
+        );
+    }
     emulator.serve(shutdown_signal()).await;
     Ok(())
 }

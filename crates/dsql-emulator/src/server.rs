@@ -29,6 +29,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use crate::config::{EmulatorConfig, SessionEnd, UpstreamTls, TRANSACTION_GRACE};
+use crate::conflict::{ConflictInjector, Conflicts};
 use crate::error::upstream_tls_error;
 use crate::limits::{ConnectionLimit, ConnectionSlot, TokenBucket};
 use crate::sigv4::{TokenVerifier, VerifiedToken};
@@ -54,6 +55,7 @@ struct Shared {
     max_session_duration: Duration,
     session_end: SessionEnd,
     startup_timeout: Duration,
+    conflicts: Conflicts,
 }
 
 /// A bound emulator, ready to [`serve`](Emulator::serve).
@@ -145,6 +147,7 @@ impl Emulator {
             max_session_duration: config.max_session_duration,
             session_end: config.session_end,
             startup_timeout: config.startup_timeout,
+            conflicts: Conflicts::new(config.conflict_every, config.conflict_kind),
         };
         Ok(Self {
             listener,
@@ -627,8 +630,43 @@ async fn run_session(shared: &Shared, auth: Authenticated, peer: SocketAddr, sta
         "session started"
     );
 
+    if shared.conflicts.enabled() {
+        let mut upstream = ConflictInjector::new(
+            upstream_stream,
+            &shared.conflicts,
+            ready_status,
+            peer,
+            &role,
+        );
+        relay_session(shared, &mut client, &mut upstream, peer, &role, started).await;
+        let (commit_points, conflicts) = upstream.counts();
+        debug!(client = %peer, user = %role, commit_points, conflicts, "conflict injection: session summary");
+    } else {
+        relay_session(
+            shared,
+            &mut client,
+            &mut upstream_stream,
+            peer,
+            &role,
+            started,
+        )
+        .await;
+    }
+}
+
+/// Relays until the session ends, then closes it (see [`Ending`]).
+async fn relay_session<B>(
+    shared: &Shared,
+    client: &mut ClientStream,
+    upstream_stream: &mut B,
+    peer: SocketAddr,
+    role: &str,
+    started: Instant,
+) where
+    B: AsyncRead + AsyncWrite + Unpin,
+{
     let deadline = started + shared.max_session_duration;
-    let mut relay = Relay::new(&mut client, &mut upstream_stream);
+    let mut relay = Relay::new(client, upstream_stream);
     let ending = match tokio::time::timeout_at(deadline, &mut relay).await {
         Ok(end) => Ending::Relay(end),
         Err(_elapsed) => {
@@ -690,7 +728,7 @@ async fn run_session(shared: &Shared, auth: Authenticated, peer: SocketAddr, sta
                     ),
                 )
                 .with_hint("open a new connection");
-                reject(&mut client, &err).await;
+                reject(&mut *client, &err).await;
             } else {
                 // DSQL's way: no message, just the end of the stream (a TLS
                 // close_notify, so clients see a clean close).
@@ -699,11 +737,9 @@ async fn run_session(shared: &Shared, auth: Authenticated, peer: SocketAddr, sta
             if upstream_clean {
                 let mut terminate = BytesMut::new();
                 messages::terminate(&mut terminate);
-                let _ = tokio::time::timeout(
-                    REJECT_WRITE_TIMEOUT,
-                    send(&mut upstream_stream, &terminate),
-                )
-                .await;
+                let _ =
+                    tokio::time::timeout(REJECT_WRITE_TIMEOUT, send(upstream_stream, &terminate))
+                        .await;
             }
             info!(
                 client = %peer, user = %role,
