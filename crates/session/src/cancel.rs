@@ -38,6 +38,33 @@ struct Entry {
     id: EntryId,
     client_secret: Bytes,
     target: CancelTarget,
+    cancels: Arc<CancelSignal>,
+}
+
+/// Cancels that matched one session's key, and who to wake for them: a
+/// retry waiting to send a request again stops (a cancelled request is not
+/// sent again).
+#[derive(Default)]
+pub struct CancelSignal {
+    count: AtomicU64,
+    waker: atomic_waker::AtomicWaker,
+}
+
+impl CancelSignal {
+    /// CancelRequests so far.
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Wakes `waker` at the next cancel (the last one registered wins).
+    pub fn register(&self, waker: &std::task::Waker) {
+        self.waker.register(waker);
+    }
+
+    fn cancelled(&self) {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        self.waker.wake();
+    }
 }
 
 /// Live sessions by client-visible process id. Touched at session start
@@ -54,9 +81,15 @@ pub struct Registration {
     registry: Arc<CancelRegistry>,
     pid: i32,
     id: EntryId,
+    cancels: Arc<CancelSignal>,
 }
 
 impl Registration {
+    /// The CancelRequests that match this session's key.
+    pub fn cancel_signal(&self) -> Arc<CancelSignal> {
+        Arc::clone(&self.cancels)
+    }
+
     /// Points the session's cancels at a new backend (after the session
     /// moved): the client keeps its key, cancels reach the current backend.
     pub fn retarget(&self, target: CancelTarget) {
@@ -110,10 +143,12 @@ impl CancelRegistry {
                 break Bytes::from(secret);
             }
         };
+        let cancels = Arc::new(CancelSignal::default());
         entries.push(Entry {
             id,
             client_secret: secret.clone(),
             target,
+            cancels: Arc::clone(&cancels),
         });
         drop(map);
         (
@@ -122,13 +157,14 @@ impl CancelRegistry {
                 registry: Arc::clone(self),
                 pid,
                 id,
+                cancels,
             },
         )
     }
 
     /// Finds the target for a client's CancelRequest: the entry with this
-    /// pid whose secret matches, compared in constant time. Unknown or
-    /// wrong keys give `None`.
+    /// pid whose secret matches, compared in constant time, and signals
+    /// that session. Unknown or wrong keys give `None`.
     pub fn lookup(&self, key: &CancelKey) -> Option<CancelTarget> {
         let map = self.lock();
         let mut found = None;
@@ -140,6 +176,7 @@ impl CancelRegistry {
                 secret: entry.client_secret.clone(),
             };
             if issued.secret_matches(&key.secret) {
+                entry.cancels.cancelled();
                 found = Some(entry.target.clone());
             }
         }

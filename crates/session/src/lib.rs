@@ -21,6 +21,7 @@ mod limit;
 pub mod listener;
 mod mover;
 pub mod relay;
+pub mod retry;
 mod role;
 mod session;
 pub mod stream;
@@ -50,6 +51,7 @@ use crate::connect::IdleConnections;
 use crate::drain::Drain;
 use crate::frontend::FrontendSettings;
 use crate::listener::Listeners;
+use crate::retry::RetrySettings;
 
 /// Connections served their startup phase at once (see
 /// [`ProxyContext::startups`]): at most a startup packet (10,000 bytes), an
@@ -90,6 +92,8 @@ pub struct ProxyContext {
     pub connect_limiter: Option<Arc<ConnectLimiter>>,
     /// Set for `kind = "aurora-global"`: sessions are routed by role.
     pub global: Option<GlobalSettings>,
+    /// `[retry]` when on (`max_attempts` above 1).
+    pub retry: Option<Arc<RetrySettings>>,
     /// Idle backend connections the connect loop takes before dialing (a
     /// backend connection pool); none yet.
     pub idle_connections: Option<Arc<dyn IdleConnections>>,
@@ -167,6 +171,9 @@ impl ProxyContext {
             limiter: previous_limiter,
         } = process;
         continuity::register_pin_metrics(&metrics);
+        if config.retry.enabled() {
+            metrics.register_retry_sqlstates(config.retry.sqlstates.iter().map(String::as_str));
+        }
         let listen = &config.listen;
         let tls = match (&listen.tls_cert_file, &listen.tls_key_file) {
             (Some(cert), Some(key)) => Some(TlsAcceptor::from(tls::server_config(cert, key)?)),
@@ -234,6 +241,7 @@ impl ProxyContext {
             global: (config.backend.kind == BackendKind::AuroraGlobal).then(|| GlobalSettings {
                 writer_wait: config.routing.writer_wait.get(),
             }),
+            retry: RetrySettings::from_config(&config.retry).map(Arc::new),
             idle_connections: None,
             router,
             credentials,

@@ -20,6 +20,7 @@ use dsql_proxy_protocol::tracking::SessionTracker;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 use crate::busy_poll::BusyPoll;
+use crate::retry::{BackoffEnd, Retry, ServerChunk};
 
 /// Per-direction buffer. Query traffic is mostly small messages; bulk
 /// transfers take two reads per 16 KiB TLS record, the second served from
@@ -75,6 +76,9 @@ enum Fault {
     Write(io::Error),
     /// An ErrorResponse from the backend at an idle point is held.
     HeldError,
+    /// Retry released held bytes: they go to the client before anything
+    /// more is read from the backend.
+    RetryOutput,
 }
 
 /// Which stream a half reads from.
@@ -93,9 +97,53 @@ struct Observers<'t> {
     /// Hold back an ErrorResponse that starts while idle (not while the
     /// session settles before the proxy ends it).
     hold_idle_errors: bool,
+    /// Transparent retry (only with a session tracker): sees each chunk a
+    /// half reads, after the trackers.
+    retry: Option<&'t mut Retry>,
+}
+
+/// The session's state before a chunk was observed, for retry.
+#[derive(Clone, Copy)]
+struct Before {
+    idle: bool,
+    status: u8,
 }
 
 impl Observers<'_> {
+    #[inline]
+    fn before_chunk(&self) -> Before {
+        match (&self.retry, self.session.as_deref()) {
+            (Some(_), Some(session)) => Before {
+                idle: session.at_idle_point(),
+                status: session.transaction_status(),
+            },
+            _ => Before {
+                idle: false,
+                status: b'I',
+            },
+        }
+    }
+
+    /// Hands a chunk just observed to retry: a server chunk may be held.
+    #[inline]
+    fn after_chunk(&mut self, before: Before, bytes: &[u8]) -> ServerChunk {
+        let (Some(retry), Some(session)) = (self.retry.as_deref_mut(), self.session.as_deref())
+        else {
+            return ServerChunk::Forward;
+        };
+        match self.side {
+            Side::Client => {
+                retry.on_client_chunk(before.idle, before.status, bytes, session);
+                ServerChunk::Forward
+            }
+            Side::Server => retry.on_server_chunk(bytes, session),
+        }
+    }
+
+    fn retry_has_output(&self) -> bool {
+        self.retry.as_deref().is_some_and(Retry::has_output)
+    }
+
     #[inline]
     fn observe(&mut self, bytes: &[u8]) {
         self.boundary.observe(bytes);
@@ -113,7 +161,11 @@ impl Observers<'_> {
     /// looked at: an idle backend sends one message at a time.
     fn idle_error_offset(&self, chunk: &[u8]) -> Option<usize> {
         let session = self.session.as_deref()?;
-        if self.side != Side::Server || !self.hold_idle_errors || !session.at_idle_point() {
+        if self.side != Side::Server
+            || !self.hold_idle_errors
+            || !session.at_idle_point()
+            || self.retry.as_deref().is_some_and(|r| !r.is_quiet())
+        {
             return None;
         }
         let mut at = 0;
@@ -223,10 +275,20 @@ impl Half {
                             }
                         } else {
                             let forward = observers.idle_error_offset(&self.buf[..n]).unwrap_or(n);
+                            let before = observers.before_chunk();
                             observers.observe(&self.buf[..forward]);
                             self.cap = forward;
                             self.held = n - forward;
                             self.total += forward as u64;
+                            if observers.after_chunk(before, &self.buf[..forward])
+                                == ServerChunk::Held
+                            {
+                                // Retry keeps the bytes; nothing to write.
+                                self.cap = 0;
+                                if observers.retry_has_output() {
+                                    return Poll::Ready(Err(Fault::RetryOutput));
+                                }
+                            }
                         }
                     }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(Fault::Read(e))),
@@ -349,6 +411,15 @@ pub struct Relay<'a, C: ?Sized, B: ?Sized> {
     session: Option<SessionTracker>,
     /// Stop at the next idle point (see [`RelayEnd::IdlePoint`]).
     pause_at_idle: bool,
+    /// Session continuity: stop at idle points when the tracker is dirty
+    /// (for a snapshot) and hold back errors of an idle backend. Off when
+    /// the tracker only serves retry.
+    continuity: bool,
+    /// Transparent retry (`[retry]`), with a session tracker only.
+    retry: Option<Retry>,
+    /// How the relay ended, reported once retry's held bytes reached the
+    /// client.
+    deferred_end: Option<RelayEnd>,
 }
 
 impl<'a, C, B> Relay<'a, C, B>
@@ -369,7 +440,42 @@ where
             gate_closed: false,
             session: None,
             pause_at_idle: false,
+            continuity: true,
+            retry: None,
+            deferred_end: None,
         }
+    }
+
+    /// Retries conflicts of autocommit requests (needs a session tracker:
+    /// ignored without one).
+    pub fn with_retry(mut self, retry: Option<Retry>) -> Self {
+        if self.session.is_some() {
+            self.retry = retry;
+        }
+        self
+    }
+
+    /// Whether the tracker serves session continuity (on by default): a
+    /// dirty tracker stops the relay at idle points, and an idle backend's
+    /// error is held back.
+    pub fn with_continuity(mut self, continuity: bool) -> Self {
+        self.continuity = continuity;
+        self
+    }
+
+    fn retry_quiet(&self) -> bool {
+        self.retry.as_ref().is_none_or(Retry::is_quiet)
+    }
+
+    /// Gives retry up (the session is ending) and writes what it held to
+    /// the client.
+    async fn release_retry(&mut self) -> io::Result<()> {
+        let Some(retry) = self.retry.as_mut() else {
+            return Ok(());
+        };
+        retry.give_up();
+        let client = &mut *self.client;
+        std::future::poll_fn(|cx| retry.poll_output(cx, Pin::new(&mut *client))).await
     }
 
     /// Feeds `tracker` every byte relayed, and stops at idle points when
@@ -403,6 +509,7 @@ where
             && !self.up.read_eof
             && self.downstream.at_boundary()
             && self.upstream.at_boundary()
+            && self.retry_quiet()
     }
 
     fn wants_pause(&self) -> bool {
@@ -410,7 +517,7 @@ where
             && self
                 .session
                 .as_ref()
-                .is_some_and(|s| self.pause_at_idle || s.is_dirty())
+                .is_some_and(|s| self.pause_at_idle || (self.continuity && s.is_dirty()))
             && self.at_idle_point()
     }
 
@@ -423,6 +530,7 @@ where
             session: self.session.as_mut(),
             side: Side::Server,
             hold_idle_errors: false,
+            retry: None,
         };
         observers.observe(&self.down.buf[start..end]);
         self.down.cap = end;
@@ -461,8 +569,11 @@ where
             session: self.session.as_mut(),
             side: Side::Client,
             hold_idle_errors: false,
+            retry: self.retry.as_mut(),
         };
+        let before = observers.before_chunk();
         observers.observe(&self.up.buf[..n]);
+        observers.after_chunk(before, &self.up.buf[..n]);
         self.up.pos = 0;
         self.up.cap = n;
         self.up.total += n as u64;
@@ -490,6 +601,7 @@ where
     /// message the proxy injects next lands after it. Used when the session
     /// is being ended by the proxy; reads nothing more from either side.
     pub async fn flush_downstream(&mut self) -> io::Result<()> {
+        self.release_retry().await?;
         self.down.write_out(&mut *self.client).await
     }
 
@@ -511,6 +623,7 @@ where
             session: self.session.as_mut(),
             side: Side::Server,
             hold_idle_errors: false,
+            retry: None,
         };
         observers.observe(bytes);
         self.down.total += bytes.len() as u64;
@@ -523,11 +636,13 @@ where
     /// does not cut one in half. Reads nothing from the client. Callers
     /// bound it in time: a backend may stall mid-message.
     pub async fn finish_downstream_message(&mut self) -> io::Result<()> {
+        self.release_retry().await?;
         let observers = Observers {
             boundary: &mut self.downstream,
             session: self.session.as_mut(),
             side: Side::Server,
             hold_idle_errors: false,
+            retry: None,
         };
         self.down
             .finish_message(observers, &mut *self.backend, &mut *self.client)
@@ -544,6 +659,7 @@ where
             session: self.session.as_mut(),
             side: Side::Client,
             hold_idle_errors: false,
+            retry: None,
         };
         self.up
             .finish_message(observers, &mut *self.client, &mut *self.backend)
@@ -556,13 +672,15 @@ where
     /// tracker sees bytes when they are read; the buffer says whether they
     /// were written.)
     pub fn upstream_settled(&self) -> bool {
-        self.upstream.at_boundary() && self.up.pos == self.up.cap
+        self.upstream.at_boundary()
+            && self.up.pos == self.up.cap
+            && !self.retry.as_ref().is_some_and(Retry::is_resending)
     }
 
     /// The same towards the client: every byte read from the backend was
     /// written, ending between two messages.
     pub fn downstream_settled(&self) -> bool {
-        self.downstream.at_boundary() && self.down.pos == self.down.cap
+        self.downstream.at_boundary() && self.down.pos == self.down.cap && self.retry_quiet()
     }
 
     /// Requests the client sent (Query, Sync, FunctionCall) that the
@@ -584,8 +702,12 @@ where
             return Ok(());
         }
         // From here the client may finish the message it is in the middle
-        // of and feed a COPY in flight, but not start a new request.
+        // of and feed a COPY in flight, but not start a new request; and
+        // nothing is retried (what retry holds goes out).
         self.settling = true;
+        if let Some(retry) = self.retry.as_mut() {
+            retry.give_up();
+        }
         // An error held back while idle is the backend's last word: relayed.
         if self.down.held > 0 {
             self.release_held();
@@ -670,14 +792,29 @@ where
             return Poll::Ready(RelayEnd::IdlePoint);
         }
         // Backend to client first: results are what the client waits for.
-        if !this.down.done {
+        // What retry released goes out before anything more is read.
+        loop {
+            if let Some(retry) = this.retry.as_mut().filter(|r| r.has_output()) {
+                match retry.poll_output(cx, Pin::new(&mut *this.client)) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(RelayEnd::ClientError(e)),
+                    Poll::Pending => break,
+                }
+            }
+            if let Some(end) = this.deferred_end.take() {
+                return Poll::Ready(end);
+            }
+            if this.down.done {
+                break;
+            }
             let observers = Observers {
                 boundary: &mut this.downstream,
                 session: this.session.as_mut(),
                 side: Side::Server,
-                hold_idle_errors: !this.settling,
+                hold_idle_errors: !this.settling && this.continuity,
+                retry: this.retry.as_mut(),
             };
-            match this.down.poll_copy(
+            let end = match this.down.poll_copy(
                 cx,
                 Pin::new(&mut *this.backend),
                 Pin::new(&mut *this.client),
@@ -689,25 +826,58 @@ where
                 // Terminate, or the client's own EOF, that is the normal end
                 // of a client's session.
                 Poll::Ready(Ok(())) if this.up.done || this.upstream.last_tag() == b'X' => {
-                    return Poll::Ready(RelayEnd::ClientClosed)
+                    RelayEnd::ClientClosed
                 }
-                Poll::Ready(Ok(())) => return Poll::Ready(RelayEnd::BackendClosed),
-                Poll::Ready(Err(Fault::Read(e))) => return Poll::Ready(RelayEnd::BackendError(e)),
+                Poll::Ready(Ok(())) => RelayEnd::BackendClosed,
+                Poll::Ready(Err(Fault::Read(e))) => RelayEnd::BackendError(e),
                 Poll::Ready(Err(Fault::Write(e))) => return Poll::Ready(RelayEnd::ClientError(e)),
                 Poll::Ready(Err(Fault::HeldError)) => return Poll::Ready(RelayEnd::IdleError),
+                Poll::Ready(Err(Fault::RetryOutput)) => continue,
                 // Only an answer (a ReadyForQuery) makes an idle point:
                 // stop before reading the client's next request.
                 Poll::Pending if this.wants_pause() => return Poll::Ready(RelayEnd::IdlePoint),
-                Poll::Pending => {}
+                Poll::Pending => break,
+            };
+            match this.retry.as_mut() {
+                // The backend is gone: what retry held is the client's
+                // last word from it.
+                Some(retry) if !retry.is_quiet() => {
+                    retry.give_up();
+                    this.deferred_end = Some(end);
+                }
+                _ => return Poll::Ready(end),
             }
         }
-        if !this.up.done {
+        if let Some(retry) = this.retry.as_mut() {
+            if let Poll::Ready(BackoffEnd::Resend) = retry.poll_backoff(cx) {
+                // The trackers see the resend like bytes from the client.
+                let mut observers = Observers {
+                    boundary: &mut this.upstream,
+                    session: this.session.as_mut(),
+                    side: Side::Client,
+                    hold_idle_errors: false,
+                    retry: None,
+                };
+                observers.observe(retry.resend_bytes());
+            }
+            if retry.is_resending() {
+                match retry.poll_resend(cx, Pin::new(&mut *this.backend)) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(e)) => return Poll::Ready(RelayEnd::BackendError(e)),
+                    Poll::Pending => {}
+                }
+            }
+        }
+        // Client to backend, unless a resend is being written.
+        let resending = this.retry.as_ref().is_some_and(Retry::is_resending);
+        if !this.up.done && !resending {
             let gate = this.settling.then_some(&mut this.gate_closed);
             let observers = Observers {
                 boundary: &mut this.upstream,
                 session: this.session.as_mut(),
                 side: Side::Client,
                 hold_idle_errors: false,
+                retry: this.retry.as_mut(),
             };
             match this.up.poll_copy(
                 cx,
@@ -719,7 +889,7 @@ where
                 // Client EOF: the backend's write side is shut; keep relaying
                 // the backend's last words until it closes too.
                 Poll::Ready(Ok(())) => {
-                    if this.down.done {
+                    if this.down.done && this.retry_quiet() {
                         return Poll::Ready(RelayEnd::ClientClosed);
                     }
                     // Poll `down` again so its waker is registered.
@@ -728,11 +898,23 @@ where
                 Poll::Ready(Err(Fault::Read(e))) => return Poll::Ready(RelayEnd::ClientError(e)),
                 Poll::Ready(Err(Fault::Write(e))) => return Poll::Ready(RelayEnd::BackendError(e)),
                 // Never produced for the client's side.
-                Poll::Ready(Err(Fault::HeldError)) => return Poll::Ready(RelayEnd::IdleError),
+                Poll::Ready(Err(Fault::HeldError | Fault::RetryOutput)) => {
+                    return Poll::Ready(RelayEnd::IdleError)
+                }
                 Poll::Pending => {}
             }
         }
-        if this.up.done && this.down.done {
+        if let Some(retry) = this.retry.as_mut() {
+            if this.up.read_eof && !retry.is_quiet() {
+                // The client left: nothing is sent again for it.
+                retry.give_up();
+                cx.waker().wake_by_ref();
+            }
+            if retry.take_kick() {
+                cx.waker().wake_by_ref();
+            }
+        }
+        if this.up.done && this.down.done && this.retry_quiet() {
             return Poll::Ready(RelayEnd::ClientClosed);
         }
         Poll::Pending

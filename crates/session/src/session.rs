@@ -16,7 +16,7 @@ use dsql_proxy_routing::PassiveSignal;
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, warn};
 
-use crate::cancel::CancelTarget;
+use crate::cancel::{CancelTarget, Registration};
 use crate::connect::{self, Connected, Login};
 use crate::continuity;
 use crate::frontend::{self, ClientHello, Opening, Peer};
@@ -26,6 +26,7 @@ use crate::mover::{
     lazy_move, signal, sleep_until, Fallback, Home, MoveReason, Mover, Step, Wake,
 };
 use crate::relay::{Relay, RelayEnd};
+use crate::retry::Retry;
 use crate::role::{self, Intent};
 use crate::stream::Transport;
 use crate::{ProxyContext, SessionError};
@@ -219,11 +220,24 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, inten
     let mut home = Home::new(&ctx, endpoint, role_watch);
     let mut relay =
         Relay::new(&mut stream, &mut backend_stream).with_busy_poll(ctx.busy_poll.clone());
-    if continuity {
-        relay = relay.with_session_tracker(SessionTracker::new(
-            continuity::tracker_limits(),
-            continuity::parameter_values(&parameters),
-        ));
+    // Retry reads the session through the same tracker as continuity.
+    if continuity || ctx.retry.is_some() {
+        relay = relay
+            .with_session_tracker(SessionTracker::new(
+                continuity::tracker_limits(),
+                continuity::parameter_values(&parameters),
+            ))
+            .with_continuity(continuity);
+    }
+    if let Some(settings) = &ctx.retry {
+        let cancels = registration
+            .as_ref()
+            .map_or_else(Default::default, Registration::cancel_signal);
+        relay = relay.with_retry(Some(Retry::new(
+            Arc::clone(settings),
+            Arc::clone(&ctx.metrics),
+            cancels,
+        )));
     }
     drop(parameters);
     let mut mover = Mover::new(&ctx, &login, intent, registration);
@@ -251,7 +265,8 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, inten
             // Closed or broken while idle, with no last word: the backend
             // is lost. (After an error the client was given, it is not.)
             Wake::Relay(end)
-                if end.backend_gone()
+                if continuity
+                    && end.backend_gone()
                     && relay.at_idle_point()
                     && !relay.downstream.is_broken()
                     && relay.downstream.last_tag() != b'E' =>
