@@ -18,6 +18,8 @@ pub struct DsqlProxyOptions {
     pub env: Vec<(String, String)>,
     /// Extra `[backend]` lines.
     pub backend_extra: Vec<String>,
+    /// `[retry]` lines (no table when empty).
+    pub retry: Vec<String>,
 }
 
 impl Default for DsqlProxyOptions {
@@ -26,6 +28,7 @@ impl Default for DsqlProxyOptions {
             token_expires_in: "15m".into(),
             env: aws_env(ACCESS_KEY_ID, SECRET_ACCESS_KEY),
             backend_extra: Vec::new(),
+            retry: Vec::new(),
         }
     }
 }
@@ -122,6 +125,13 @@ impl DsqlStack {
             host = emulator.cluster_host(),
             addr = emulator.addr(),
         ));
+        if !opts.retry.is_empty() {
+            s.push_str("[retry]\n");
+            for l in &opts.retry {
+                s.push_str(l);
+                s.push('\n');
+            }
+        }
         s
     }
 
