@@ -11,7 +11,11 @@
 #      CLIENT_LEG=unix (pgbench reaches the proxy and the reference through a
 #      Unix socket instead of loopback TCP; the direct leg stays TLS over TCP),
 #      REFERENCE=pgbouncer (also run every round through PgBouncer, session
-#      pooling, TLS verify-full to the same server, for comparison).
+#      pooling, TLS verify-full to the same server, for comparison),
+#      CONTENTION=1 (then also: 8 clients incrementing one row at REPEATABLE
+#      READ through the proxy; reports committed TPS and failed (conflicted)
+#      transactions. Run once with DSQL_PROXY__RETRY__MAX_ATTEMPTS=10 in the
+#      environment and once without to compare transparent retry on/off).
 # Exit status is 0 even when a target is missed; non-zero means it broke.
 set -euo pipefail
 
@@ -440,6 +444,36 @@ for c in clients:
               f" CPU per transaction {statistics.median(float(x[2]) for x in r):.1f} us")
     print()
 PY
+
+# ------------------------------------------------ contention (CONTENTION=1)
+# Serialization conflicts as Aurora DSQL's optimistic concurrency makes
+# them: every client updates the same row at REPEATABLE READ. pgbench
+# counts a transaction that got 40001 as failed (it does not retry it).
+if [[ "${CONTENTION:-0}" == 1 ]]; then
+    as_pg psql -X -q -v ON_ERROR_STOP=1 -h "$SOCKDIR" -p "$PG_PORT" -U postgres -d bench \
+        -c "CREATE TABLE contention (id int PRIMARY KEY, n bigint NOT NULL)" \
+        -c "INSERT INTO contention VALUES (1, 0)" \
+        -c "ALTER TABLE contention OWNER TO bench" \
+        -c "ALTER ROLE bench IN DATABASE bench SET default_transaction_isolation = 'repeatable read'" >/dev/null
+    printf '%s\n' "UPDATE contention SET n = n + 1 WHERE id = 1;" >"$TMP/contention.sql"
+    retry_setting="${DSQL_PROXY__RETRY__MAX_ATTEMPTS:-1}"
+    log "== contention: 8 clients, one row, REPEATABLE READ, -M $MODE, $DURATION s, [retry] max_attempts = $retry_setting"
+    out="$TMP/out/contention.txt"
+    nice -n "$NICE" env "${proxy_env[@]}" pgbench -n -f "$TMP/contention.sql" -M "$MODE" -c 8 -j 2 -T "$DURATION" \
+        --failures-detailed bench >"$out" 2>&1 || { cat "$out" >&2; die "contention pgbench failed"; }
+    processed="$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out")"
+    failed="$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' "$out")"
+    tps="$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p' "$out")"
+    committed="$(as_pg psql -X -qtA -h "$SOCKDIR" -p "$PG_PORT" -U postgres -d bench \
+        -c "SELECT n FROM contention WHERE id = 1")"
+    retries="$(curl -fsS "http://127.0.0.1:$ADMIN_PORT/metrics" 2>/dev/null |
+        awk '/^dsql_proxy_retries_total/ { s += $NF } END { print s + 0 }')"
+    awk -v p="${processed:-0}" -v f="${failed:-0}" -v t="${tps:-0}" -v c="$committed" -v r="$retries" 'BEGIN {
+        printf "  committed %d, client-visible errors %d (%.2f%% of %d tries by pgbench), TPS %.1f, requests the proxy retried %d\n",
+            c, f, (p + f) ? f * 100 / (p + f) : 0, p + f, t, r }'
+    [[ "$committed" == "${processed:-x}" ]] || log "  NOTE: committed ($committed) differs from pgbench's processed count (${processed:-?})"
+    log ""
+fi
 
 # ------------------------------------------------------- idle-session RSS
 # When idle clients leave, the proxy must close their backends too.
