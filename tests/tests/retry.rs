@@ -173,7 +173,14 @@ async fn contend(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn conflicting_autocommit_updates_are_retried_until_they_commit() {
-    let stack = stack(&["max_attempts = 10"]);
+    // Eight clients on one row conflict hard, more so on a slow machine:
+    // with the default 100ms cap, a request lost all ten tries about once
+    // in 20,000 on a loaded 2-core host. Wider jitter spreads the tries.
+    let stack = stack(&[
+        "max_attempts = 10",
+        "base_delay = \"5ms\"",
+        "max_delay = \"500ms\"",
+    ]);
     let (off, off_listen) = second_proxy(&stack, &[]);
     for protocol in [Protocol::Simple, Protocol::Extended] {
         let table = format!("counter_{protocol:?}").to_lowercase();
