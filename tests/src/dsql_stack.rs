@@ -20,6 +20,8 @@ pub struct DsqlProxyOptions {
     pub backend_extra: Vec<String>,
     /// `[retry]` lines (no table when empty).
     pub retry: Vec<String>,
+    /// `[pool]` lines (no table when empty: reuse on, the default).
+    pub pool: Vec<String>,
 }
 
 impl Default for DsqlProxyOptions {
@@ -29,6 +31,7 @@ impl Default for DsqlProxyOptions {
             env: aws_env(ACCESS_KEY_ID, SECRET_ACCESS_KEY),
             backend_extra: Vec::new(),
             retry: Vec::new(),
+            pool: Vec::new(),
         }
     }
 }
@@ -125,11 +128,13 @@ impl DsqlStack {
             host = emulator.cluster_host(),
             addr = emulator.addr(),
         ));
-        if !opts.retry.is_empty() {
-            s.push_str("[retry]\n");
-            for l in &opts.retry {
-                s.push_str(l);
-                s.push('\n');
+        for (table, lines) in [("retry", &opts.retry), ("pool", &opts.pool)] {
+            if !lines.is_empty() {
+                s.push_str(&format!("[{table}]\n"));
+                for l in lines {
+                    s.push_str(l);
+                    s.push('\n');
+                }
             }
         }
         s

@@ -126,8 +126,10 @@ async fn missing_credentials_fail_fast_with_a_clear_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_refreshed_ahead_of_expiry() {
+    // Every connect must reach the endpoint with a token: no reuse.
     let stack = DsqlStack::start(DsqlProxyOptions {
         token_expires_in: "6s".into(),
+        pool: vec!["enabled = false".into()],
         ..DsqlProxyOptions::default()
     });
     stack.connect(APP_USER, APP_DB).await;

@@ -489,6 +489,8 @@ async fn rotated_container_credentials_are_used_after_the_token_expires() {
         DsqlProxyOptions {
             env: server.env(None),
             token_expires_in: "3s".into(),
+            // Every connect must reach the endpoint with a token: no reuse.
+            pool: vec!["enabled = false".into()],
             ..DsqlProxyOptions::default()
         },
         &[&first, &second],

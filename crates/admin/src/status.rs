@@ -119,8 +119,17 @@ pub fn status_json(
             .collect();
         sessions.insert(what.to_owned(), Value::Object(counts));
     }
+    let mut pool = Map::new();
+    for (what, counts) in metrics.pool_counts() {
+        let counts: Map<String, Value> = counts
+            .into_iter()
+            .map(|(label, n)| (label, json!(n)))
+            .collect();
+        pool.insert(what.to_owned(), Value::Object(counts));
+    }
     json!({
         "sessions": sessions,
+        "pool": pool,
         "writer": writer,
         "control_plane": control_plane,
         "selected": table.selected().map(|e| e.name.clone()),

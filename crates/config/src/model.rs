@@ -22,6 +22,8 @@ pub struct Config {
     #[serde(default)]
     pub retry: RetryConfig,
     #[serde(default)]
+    pub pool: PoolConfig,
+    #[serde(default)]
     pub endpoints: Vec<EndpointConfig>,
 }
 
@@ -424,6 +426,56 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// Backend connection reuse between client sessions (`[pool]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Off: every client session gets a backend connection of its own,
+    /// closed when it ends.
+    pub enabled: bool,
+    /// Idle connections kept per endpoint, user, database and startup
+    /// parameters.
+    pub max_idle: u32,
+    /// Idle connections kept in all.
+    pub max_idle_total: u32,
+    /// An idle connection unused this long is closed.
+    pub idle_timeout: DurationStr,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_idle: 20,
+            max_idle_total: 100,
+            idle_timeout: DurationStr::from_secs(60),
+        }
+    }
+}
+
+impl PoolConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.max_idle == 0 || self.max_idle > self.max_idle_total {
+            return invalid(format!(
+                "[pool] max_idle must be at least 1 and at most max_idle_total ({} > {}); \
+                 turn reuse off with enabled = false",
+                self.max_idle, self.max_idle_total
+            ));
+        }
+        if self.max_idle_total > 10_000 {
+            return invalid(format!(
+                "[pool] max_idle_total must be at most 10000, not {}",
+                self.max_idle_total
+            ));
+        }
+        if self.idle_timeout.get().is_zero() {
+            return invalid("[pool] idle_timeout must be above 0".into());
+        }
+        Ok(())
+    }
+}
+
 /// Transparent retry of serialization conflicts for autocommit requests
 /// (off unless `max_attempts` is above 1).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -650,6 +702,7 @@ impl Config {
             return invalid("at least one [[endpoints]] entry is required".into());
         }
         self.retry.validate()?;
+        self.pool.validate()?;
         let mut names = HashSet::new();
         for e in &self.endpoints {
             if e.name.is_empty() || e.host.is_empty() {

@@ -64,6 +64,7 @@ impl<'a> Handshake<'a> {
                         notices,
                         key,
                         ready_status: status,
+                        connected_at: std::time::Instant::now(),
                     })
                 }
                 BackendMessage::Error(fields) => return Err(self.refused(fields)),

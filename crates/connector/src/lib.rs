@@ -81,6 +81,10 @@ pub struct BackendConnection {
     pub key: Option<BackendKey>,
     /// Transaction status byte of the first ReadyForQuery.
     pub ready_status: u8,
+    /// When the server accepted the login: a connection's lifetime
+    /// (`server_lifetime`, Aurora DSQL's 60-minute cut) counts from here,
+    /// across the client sessions that reuse it.
+    pub connected_at: std::time::Instant,
 }
 
 /// The cancel key a backend gave the proxy: its process id and secret. The

@@ -602,6 +602,7 @@ async fn run_session(shared: &Shared, auth: Authenticated, peer: SocketAddr, sta
         notices,
         key,
         ready_status,
+        ..
     } = upstream;
 
     let mut buf = BytesMut::with_capacity(512);

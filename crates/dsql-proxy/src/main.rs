@@ -429,6 +429,7 @@ pub(crate) async fn serve(config: Config, source: ConfigSource, hooks: ServeHook
     );
     // [shutdown] is restart-only (see reload), so the startup values hold.
     let shutdown_settings = config.shutdown.clone();
+    let contexts = proxy.context();
     let _reloads = Reloader {
         source,
         current: config,
@@ -442,6 +443,17 @@ pub(crate) async fn serve(config: Config, source: ConfigSource, hooks: ServeHook
     }
     .spawn(hangups);
     shutdown::serve_until_stopped(proxy, &shutdown_settings, stops, &admin_state).await;
+    // Idle pooled backends get a Terminate, like every session's.
+    if let Some(pool) = contexts.load().pool.clone() {
+        let idle = pool.idle_total();
+        pool.close().await;
+        if idle > 0 {
+            info!(
+                connections = idle,
+                "closed the idle pooled backend connections"
+            );
+        }
+    }
     info!("shut down");
     Ok(())
 }

@@ -246,6 +246,7 @@ fn keep_startup_settings(running: &Config, mut loaded: Config) -> Result<Config>
         loaded.routing.probes != running.routing.probes,
     );
     keep("[shutdown]", loaded.shutdown != running.shutdown);
+    keep("[pool]", loaded.pool != running.pool);
     keep(
         "[routing] global_cluster_id",
         loaded.routing.global_cluster_id != running.routing.global_cluster_id
@@ -270,6 +271,7 @@ fn keep_startup_settings(running: &Config, mut loaded: Config) -> Result<Config>
     loaded.routing.global_cluster_id = running.routing.global_cluster_id.clone();
     loaded.routing.global_cluster_poll_interval = running.routing.global_cluster_poll_interval;
     loaded.shutdown = running.shutdown.clone();
+    loaded.pool = running.pool.clone();
     loaded.validate().with_context(|| {
         format!(
             "the new configuration is only valid with its new {}, which need a restart",

@@ -49,6 +49,9 @@ pub struct Metrics {
     pub retries_total: IntCounterVec,
     pub retry_not_eligible_total: IntCounterVec,
     pub retry_tries: Histogram,
+    pub pool_checkouts_total: IntCounterVec,
+    pub pool_idle: IntGaugeVec,
+    pub pool_discards_total: IntCounterVec,
     pub bytes_total: IntCounterVec,
     pub cancel_requests_total: IntCounter,
     pub token_generations_total: IntCounter,
@@ -142,7 +145,67 @@ pub const RETRY_NOT_ELIGIBLE_CAUSES: [&str; 8] = [
     "session_ending",
 ];
 
+/// `pool_checkouts_total{result}`.
+pub const POOL_CHECKOUT_RESULTS: [&str; 2] = ["hit", "miss"];
+
+/// `pool_discards_total{reason}`: why a backend connection was closed
+/// instead of pooled (`reset_failed`, `pinned`, `busy`: not idle when its
+/// client left, `full`) or taken from the pool (`lifetime`,
+/// `idle_timeout`, `endpoint_down`, `drained`, `closed`: the server
+/// closed it while it waited, `shutdown`).
+pub const POOL_DISCARD_REASONS: [&str; 10] = [
+    "reset_failed",
+    "pinned",
+    "busy",
+    "full",
+    "lifetime",
+    "idle_timeout",
+    "endpoint_down",
+    "drained",
+    "closed",
+    "shutdown",
+];
+
 impl Metrics {
+    /// Checkouts by result, discards by reason and idle connections by
+    /// endpoint, for `/status`.
+    pub fn pool_counts(&self) -> [(&'static str, Vec<(String, u64)>); 3] {
+        let counter = |vec: &IntCounterVec, label: &str| {
+            vec.get_metric_with_label_values(&[label])
+                .map_or(0, |c| c.get())
+        };
+        let idle = prometheus::core::Collector::collect(&self.pool_idle)
+            .iter()
+            .flat_map(|family| family.get_metric().to_vec())
+            .map(|m| {
+                let endpoint = m
+                    .get_label()
+                    .iter()
+                    .find(|l| l.name() == "endpoint")
+                    .map(|l| l.value().to_owned())
+                    .unwrap_or_default();
+                (endpoint, m.get_gauge().get_value().max(0.0) as u64)
+            })
+            .collect();
+        [
+            (
+                "checkouts",
+                POOL_CHECKOUT_RESULTS
+                    .iter()
+                    .map(|r| ((*r).to_owned(), counter(&self.pool_checkouts_total, r)))
+                    .collect(),
+            ),
+            (
+                "discards",
+                POOL_DISCARD_REASONS
+                    .iter()
+                    .map(|r| ((*r).to_owned(), counter(&self.pool_discards_total, r)))
+                    .collect(),
+            ),
+            ("idle", idle),
+        ]
+    }
+
     /// Creates the retry series for these SQLSTATEs at 0, so `rate()` and
     /// alerts see them before the first conflict. Idempotent.
     pub fn register_retry_sqlstates<'a>(&self, sqlstates: impl IntoIterator<Item = &'a str>) {
@@ -266,6 +329,9 @@ impl Metrics {
                 "Tries per retried request, the first included",
                 vec![2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 15.0, 20.0, 50.0, 100.0],
             )?,
+            pool_checkouts_total: counter_vec(r, "pool_checkouts_total", "Backend connections asked of the pool: hit (an idle connection was reused) or miss (a new one was made)", &["result"])?,
+            pool_idle: gauge_vec(r, "pool_idle", "Idle backend connections in the pool", ENDPOINT)?,
+            pool_discards_total: counter_vec(r, "pool_discards_total", "Backend connections closed instead of pooled or reused, by reason", &["reason"])?,
             bytes_total: counter_vec(r, "bytes_total", "Bytes relayed, counted when a session ends", &["direction"])?,
             cancel_requests_total: counter(r, "cancel_requests_total", "CancelRequests received")?,
             token_generations_total: counter(r, "token_generations_total", "IAM tokens signed")?,
@@ -289,6 +355,12 @@ impl Metrics {
         }
         for cause in RETRY_NOT_ELIGIBLE_CAUSES {
             m.retry_not_eligible_total.with_label_values(&[cause]);
+        }
+        for result in POOL_CHECKOUT_RESULTS {
+            m.pool_checkouts_total.with_label_values(&[result]);
+        }
+        for reason in POOL_DISCARD_REASONS {
+            m.pool_discards_total.with_label_values(&[reason]);
         }
         Ok(m)
     }
@@ -344,6 +416,7 @@ impl Metrics {
             .backend_connect_seconds
             .remove_label_values(&[name, region]);
         let _ = self.sessions_active.remove_label_values(&[name, region]);
+        let _ = self.pool_idle.remove_label_values(&[name, region]);
     }
 
     /// Removes the `endpoint_backpressure` series whose (endpoint, region)

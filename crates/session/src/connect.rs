@@ -30,6 +30,7 @@ use tracing::{debug, info};
 
 use crate::admission::Refusal;
 use crate::io::send;
+use crate::pool::{self, Discard};
 use crate::role::{self, Intent};
 use crate::{ProxyContext, SessionError};
 
@@ -74,6 +75,9 @@ pub struct Connected {
 /// ReadyForQuery `I`.
 pub trait IdleConnections: Send + Sync + 'static {
     fn take(&self, endpoint: &Endpoint, login: &Login) -> Option<BackendConnection>;
+
+    /// A connection `take` handed out failed its checkout and was closed.
+    fn discarded(&self, _reason: Discard) {}
 }
 
 /// An attempt that has taken this many times the endpoint's usual connect
@@ -322,8 +326,25 @@ async fn attempt(
     down: Option<DownWatch>,
 ) -> Result<BackendConnection, SessionError> {
     if let Some(idle) = &ctx.idle_connections {
-        if let Some(connection) = idle.take(endpoint, login) {
-            return Ok(connection);
+        if let Some(mut connection) = idle.take(endpoint, login) {
+            match pool::checkout(&mut connection, login, limit).await {
+                Ok(()) => return Ok(connection),
+                // A server that does not answer would not take a new
+                // connection either: this endpoint failed, the loop goes on.
+                Err(pool::CheckoutError::Timeout) => {
+                    idle.discarded(Discard::Closed);
+                    tokio::spawn(terminate(connection));
+                    return Err(SessionError::Backend(ConnectError::Timeout {
+                        endpoint: endpoint.describe(),
+                        cause: format!("an idle pooled connection did not answer within {limit:?}"),
+                    }));
+                }
+                Err(pool::CheckoutError::Failed(cause)) => {
+                    debug!(endpoint = %endpoint.name, %cause, "pooled connection unusable; dialing");
+                    idle.discarded(Discard::Closed);
+                    tokio::spawn(terminate(connection));
+                }
+            }
         }
     }
     let started = Instant::now();
@@ -422,7 +443,6 @@ impl Drop for GaugeGuard<'_> {
     }
 }
 
-/// Ends a backend connection that will not be used.
 /// Says goodbye to a backend connection that will not be used.
 pub(crate) async fn terminate(backend: BackendConnection) {
     terminate_stream(backend.stream).await;

@@ -20,6 +20,7 @@ pub mod io;
 mod limit;
 pub mod listener;
 mod mover;
+pub mod pool;
 pub mod relay;
 pub mod retry;
 mod role;
@@ -51,6 +52,7 @@ use crate::connect::IdleConnections;
 use crate::drain::Drain;
 use crate::frontend::FrontendSettings;
 use crate::listener::Listeners;
+use crate::pool::{Pool, PoolSettings};
 use crate::retry::RetrySettings;
 
 /// Connections served their startup phase at once (see
@@ -94,9 +96,12 @@ pub struct ProxyContext {
     pub global: Option<GlobalSettings>,
     /// `[retry]` when on (`max_attempts` above 1).
     pub retry: Option<Arc<RetrySettings>>,
-    /// Idle backend connections the connect loop takes before dialing (a
-    /// backend connection pool); none yet.
+    /// Idle backend connections the connect loop takes before dialing:
+    /// the pool, seen through its seam.
     pub idle_connections: Option<Arc<dyn IdleConnections>>,
+    /// `[pool]` when on: sessions park their backends here. One per
+    /// process, carried over by a reload (restart to change `[pool]`).
+    pub pool: Option<Arc<Pool>>,
     pub router: Arc<dyn Router>,
     pub credentials: Arc<dyn CredentialSource>,
     pub cancels: Arc<CancelRegistry>,
@@ -154,6 +159,7 @@ impl ProxyContext {
         )?;
         next.busy_poll = self.busy_poll.clone();
         next.idle_connections = self.idle_connections.clone();
+        next.pool = self.pool.clone();
         Ok(next)
     }
 
@@ -223,6 +229,18 @@ impl ProxyContext {
                 _ => Arc::new(ConnectLimiter::new(limit)),
             }
         });
+        let pool = PoolSettings::from_config(
+            &config.pool,
+            config.backend.effective_server_lifetime(),
+            config.backend.kind,
+        )
+        .map(|settings| {
+            Arc::new(Pool::new(
+                settings,
+                Arc::clone(&router),
+                Arc::clone(&metrics),
+            ))
+        });
         Ok(Self {
             frontend,
             frontend_for_rejection,
@@ -242,7 +260,8 @@ impl ProxyContext {
                 writer_wait: config.routing.writer_wait.get(),
             }),
             retry: RetrySettings::from_config(&config.retry).map(Arc::new),
-            idle_connections: None,
+            idle_connections: pool.clone().map(|pool| pool as Arc<dyn IdleConnections>),
+            pool,
             router,
             credentials,
             cancels,

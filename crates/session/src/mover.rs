@@ -37,7 +37,7 @@ use crate::role::Intent;
 use crate::session::Eviction;
 use crate::stream::ClientStream;
 use crate::{ProxyContext, SessionError};
-use dsql_proxy_connector::BackendStream;
+use dsql_proxy_connector::{BackendKey, BackendStream};
 
 /// Why a session moved (the `sessions_moved_total{reason}` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,6 +221,9 @@ pub struct Mover<'a> {
     /// alive, so the session moves at its next idle point, and stays if it
     /// cannot.
     pub leave_pending: Option<MoveReason>,
+    /// The current backend's cancel key and login time (for the pool).
+    pub backend_key: Option<BackendKey>,
+    pub backend_born: Instant,
 }
 
 impl<'a> Mover<'a> {
@@ -229,6 +232,8 @@ impl<'a> Mover<'a> {
         login: &'a Login,
         intent: Intent,
         registration: Option<Registration>,
+        backend_key: Option<BackendKey>,
+        backend_born: Instant,
     ) -> Self {
         let mut mover = Self {
             ctx,
@@ -241,15 +246,19 @@ impl<'a> Mover<'a> {
             connecting: None,
             spare: None,
             leave_pending: None,
+            backend_key,
+            backend_born,
         };
         mover.arm_lifetime();
         mover
     }
 
+    /// Counted from the backend's login, not the session's start: a
+    /// reused connection keeps the age it has.
     fn arm_lifetime(&mut self) {
         self.move_at =
             (continuity_enabled(self.ctx) && !self.ctx.server_lifetime.is_zero()).then(|| {
-                Instant::now()
+                self.backend_born
                     + continuity::jittered_lifetime(self.ctx.server_lifetime, self.ctx.kind)
             });
     }
@@ -622,12 +631,14 @@ async fn swap_in(
         connect::terminate_stream(stream).await;
         return Err(MoveFailure::Client);
     }
-    if let (Some(registration), Some(backend_key)) = (&mover.registration, backend.key) {
+    if let (Some(registration), Some(backend_key)) = (&mover.registration, &backend.key) {
         registration.retarget(CancelTarget {
-            backend_key,
+            backend_key: backend_key.clone(),
             endpoint: Arc::clone(&endpoint),
         });
     }
+    mover.backend_key = backend.key;
+    mover.backend_born = Instant::from_std(backend.connected_at);
     let old = relay.replace_backend(stream);
     if old_alive {
         connect::terminate_stream(old).await;

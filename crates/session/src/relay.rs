@@ -22,6 +22,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use crate::busy_poll::BusyPoll;
 use crate::retry::{BackoffEnd, Retry, ServerChunk};
 
+/// A Terminate message, as the client sends it.
+const TERMINATE: &[u8] = &[b'X', 0, 0, 0, 4];
+
 /// Per-direction buffer. Query traffic is mostly small messages; bulk
 /// transfers take two reads per 16 KiB TLS record, the second served from
 /// rustls's memory. 8 KiB keeps 1,000 idle sessions well under 50 MB.
@@ -37,6 +40,10 @@ pub enum RelayEnd {
     BackendClosed,
     ClientError(io::Error),
     BackendError(io::Error),
+    /// The client sent Terminate while the session was idle (with
+    /// [`Relay::with_park_on_terminate`]): the backend did not get it and
+    /// is idle, open and whole.
+    ClientTerminated,
     /// Not an end: the relay stopped at an idle point (only with a
     /// session tracker, when asked to or when the tracker is dirty).
     /// Polling again resumes.
@@ -50,7 +57,7 @@ pub enum RelayEnd {
 impl RelayEnd {
     pub fn reason(&self) -> &'static str {
         match self {
-            Self::ClientClosed => "client_closed",
+            Self::ClientClosed | Self::ClientTerminated => "client_closed",
             Self::BackendClosed => "backend_closed",
             Self::ClientError(_) => "client_error",
             Self::BackendError(_) => "backend_error",
@@ -79,6 +86,8 @@ enum Fault {
     /// Retry released held bytes: they go to the client before anything
     /// more is read from the backend.
     RetryOutput,
+    /// The client's Terminate, kept from the backend (a pool may reuse it).
+    ClientTerminated,
 }
 
 /// Which stream a half reads from.
@@ -100,6 +109,10 @@ struct Observers<'t> {
     /// Transparent retry (only with a session tracker): sees each chunk a
     /// half reads, after the trackers.
     retry: Option<&'t mut Retry>,
+    /// Client side, with a pool: a Terminate that arrives alone while the
+    /// session is idle is kept from the backend (see
+    /// [`RelayEnd::ClientTerminated`]).
+    park_terminate: bool,
 }
 
 /// The session's state before a chunk was observed, for retry.
@@ -110,6 +123,16 @@ struct Before {
 }
 
 impl Observers<'_> {
+    /// A Terminate alone, read while the session is idle, when a pool
+    /// wants the backend: it is not forwarded.
+    #[inline]
+    fn keeps_terminate(&self, bytes: &[u8]) -> bool {
+        self.park_terminate
+            && bytes == TERMINATE
+            && self.session.as_deref().is_some_and(|s| s.at_idle_point())
+            && self.retry.as_deref().is_none_or(Retry::is_quiet)
+    }
+
     #[inline]
     fn before_chunk(&self) -> Before {
         match (&self.retry, self.session.as_deref()) {
@@ -264,6 +287,10 @@ impl Half {
                         let n = rb.filled().len();
                         if n == 0 {
                             self.read_eof = true;
+                        } else if observers.keeps_terminate(&self.buf[..n]) {
+                            self.pos = 0;
+                            self.cap = 0;
+                            return Poll::Ready(Err(Fault::ClientTerminated));
                         } else if gate.is_some()
                             && tracker.at_boundary()
                             && !continues_a_request(self.buf[0])
@@ -420,6 +447,8 @@ pub struct Relay<'a, C: ?Sized, B: ?Sized> {
     /// How the relay ended, reported once retry's held bytes reached the
     /// client.
     deferred_end: Option<RelayEnd>,
+    /// A pool takes the backend when the client leaves while idle.
+    park_on_terminate: bool,
 }
 
 impl<'a, C, B> Relay<'a, C, B>
@@ -443,7 +472,16 @@ where
             continuity: true,
             retry: None,
             deferred_end: None,
+            park_on_terminate: false,
         }
+    }
+
+    /// With a session tracker: a client's Terminate at an idle point ends
+    /// the relay with [`RelayEnd::ClientTerminated`] and never reaches the
+    /// backend, which stays open for a pool.
+    pub fn with_park_on_terminate(mut self, park: bool) -> Self {
+        self.park_on_terminate = park && self.session.is_some();
+        self
     }
 
     /// Retries conflicts of autocommit requests (needs a session tracker:
@@ -531,6 +569,7 @@ where
             side: Side::Server,
             hold_idle_errors: false,
             retry: None,
+            park_terminate: false,
         };
         observers.observe(&self.down.buf[start..end]);
         self.down.cap = end;
@@ -570,6 +609,7 @@ where
             side: Side::Client,
             hold_idle_errors: false,
             retry: self.retry.as_mut(),
+            park_terminate: false,
         };
         let before = observers.before_chunk();
         observers.observe(&self.up.buf[..n]);
@@ -624,6 +664,7 @@ where
             side: Side::Server,
             hold_idle_errors: false,
             retry: None,
+            park_terminate: false,
         };
         observers.observe(bytes);
         self.down.total += bytes.len() as u64;
@@ -643,6 +684,7 @@ where
             side: Side::Server,
             hold_idle_errors: false,
             retry: None,
+            park_terminate: false,
         };
         self.down
             .finish_message(observers, &mut *self.backend, &mut *self.client)
@@ -660,6 +702,7 @@ where
             side: Side::Client,
             hold_idle_errors: false,
             retry: None,
+            park_terminate: false,
         };
         self.up
             .finish_message(observers, &mut *self.client, &mut *self.backend)
@@ -813,6 +856,7 @@ where
                 side: Side::Server,
                 hold_idle_errors: !this.settling && this.continuity,
                 retry: this.retry.as_mut(),
+                park_terminate: false,
             };
             let end = match this.down.poll_copy(
                 cx,
@@ -833,6 +877,10 @@ where
                 Poll::Ready(Err(Fault::Write(e))) => return Poll::Ready(RelayEnd::ClientError(e)),
                 Poll::Ready(Err(Fault::HeldError)) => return Poll::Ready(RelayEnd::IdleError),
                 Poll::Ready(Err(Fault::RetryOutput)) => continue,
+                // Never produced for the server's side.
+                Poll::Ready(Err(Fault::ClientTerminated)) => {
+                    return Poll::Ready(RelayEnd::ClientTerminated)
+                }
                 // Only an answer (a ReadyForQuery) makes an idle point:
                 // stop before reading the client's next request.
                 Poll::Pending if this.wants_pause() => return Poll::Ready(RelayEnd::IdlePoint),
@@ -857,6 +905,7 @@ where
                     side: Side::Client,
                     hold_idle_errors: false,
                     retry: None,
+                    park_terminate: false,
                 };
                 observers.observe(retry.resend_bytes());
             }
@@ -878,6 +927,7 @@ where
                 side: Side::Client,
                 hold_idle_errors: false,
                 retry: this.retry.as_mut(),
+                park_terminate: this.park_on_terminate && !this.settling,
             };
             match this.up.poll_copy(
                 cx,
@@ -897,6 +947,9 @@ where
                 }
                 Poll::Ready(Err(Fault::Read(e))) => return Poll::Ready(RelayEnd::ClientError(e)),
                 Poll::Ready(Err(Fault::Write(e))) => return Poll::Ready(RelayEnd::BackendError(e)),
+                Poll::Ready(Err(Fault::ClientTerminated)) => {
+                    return Poll::Ready(RelayEnd::ClientTerminated)
+                }
                 // Never produced for the client's side.
                 Poll::Ready(Err(Fault::HeldError | Fault::RetryOutput)) => {
                     return Poll::Ready(RelayEnd::IdleError)

@@ -10,7 +10,7 @@ use bytes::BytesMut;
 use dsql_proxy_config::OnEndpointDown;
 use dsql_proxy_connector::BackendConnection;
 use dsql_proxy_protocol::startup::{self, StartupParam};
-use dsql_proxy_protocol::tracking::SessionTracker;
+use dsql_proxy_protocol::tracking::{ParameterValues, SessionTracker};
 use dsql_proxy_protocol::{messages, sqlstate, PgError, StartupMessage};
 use dsql_proxy_routing::PassiveSignal;
 use tokio::io::AsyncWriteExt;
@@ -25,6 +25,7 @@ use crate::mover::{
     at_idle_point, backend_failed_at_idle, connecting, continuity_enabled, drains_changed,
     lazy_move, signal, sleep_until, Fallback, Home, MoveReason, Mover, Step, Wake,
 };
+use crate::pool::{self, Discard, Pool};
 use crate::relay::{Relay, RelayEnd};
 use crate::retry::Retry;
 use crate::role::{self, Intent};
@@ -180,7 +181,9 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, inten
         notices,
         key,
         ready_status,
+        connected_at,
     } = backend;
+    let backend_key = key.clone();
 
     // The client sees the backend's startup results, with the backend's
     // real process id and a proxy-issued secret, all in one write.
@@ -220,8 +223,9 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, inten
     let mut home = Home::new(&ctx, endpoint, role_watch);
     let mut relay =
         Relay::new(&mut stream, &mut backend_stream).with_busy_poll(ctx.busy_poll.clone());
-    // Retry reads the session through the same tracker as continuity.
-    if continuity || ctx.retry.is_some() {
+    // Retry and the pool read the session through the same tracker as
+    // continuity.
+    if continuity || ctx.retry.is_some() || ctx.pool.is_some() {
         relay = relay
             .with_session_tracker(SessionTracker::new(
                 continuity::tracker_limits(),
@@ -239,8 +243,16 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, inten
             cancels,
         )));
     }
+    relay = relay.with_park_on_terminate(ctx.pool.is_some());
     drop(parameters);
-    let mut mover = Mover::new(&ctx, &login, intent, registration);
+    let mut mover = Mover::new(
+        &ctx,
+        &login,
+        intent,
+        registration,
+        backend_key,
+        tokio::time::Instant::from_std(connected_at),
+    );
     let eviction_endpoint;
     let mut end: Result<RelayEnd, Eviction> = loop {
         let wake = tokio::select! {
@@ -416,7 +428,38 @@ pub async fn run(ctx: Arc<ProxyContext>, transport: Transport, peer: Peer, inten
         Ok(end) => end.reason(),
         Err(eviction) => evicted_for.unwrap_or(eviction.reason()),
     };
+    // The client left while idle and its Terminate was kept from the
+    // backend: pool the backend, or say goodbye to it.
+    let parking = match (&end, &ctx.pool) {
+        (Ok(RelayEnd::ClientTerminated), Some(pool)) => {
+            let verdict = if !mover.state.pins.is_empty() {
+                Err(Discard::Pinned)
+            } else if !relay.at_idle_point() {
+                Err(Discard::Busy)
+            } else {
+                Ok(relay
+                    .session()
+                    .map(|tracker| reported_parameters(tracker.parameters()))
+                    .unwrap_or_default())
+            };
+            Some((Arc::clone(pool), verdict))
+        }
+        _ => None,
+    };
     drop(relay);
+    if let Some((pool, verdict)) = parking {
+        park(
+            &ctx,
+            &pool,
+            verdict,
+            backend_stream,
+            &home,
+            &login,
+            mover.backend_key.clone(),
+            mover.backend_born,
+        )
+        .await;
+    }
     drop(home);
     let m = &ctx.metrics;
     m.sessions_closed_total.with_label_values(&[reason]).inc();
@@ -639,4 +682,57 @@ mod tests {
         .expect("send_greeting gives up by itself");
         assert_eq!(written.unwrap_err().kind(), std::io::ErrorKind::TimedOut);
     }
+}
+
+/// The ParameterStatus values a backend reported, as the next client's
+/// startup answer lists them.
+fn reported_parameters(values: &ParameterValues) -> Vec<(String, String)> {
+    values
+        .iter()
+        .map(|(name, value)| {
+            (
+                String::from_utf8_lossy(name).into_owned(),
+                String::from_utf8_lossy(value).into_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Resets a backend whose client left while it was idle and hands it to
+/// the pool; a backend that cannot be pooled gets Terminate.
+#[allow(clippy::too_many_arguments)]
+async fn park(
+    ctx: &ProxyContext,
+    pool: &Arc<Pool>,
+    verdict: Result<Vec<(String, String)>, Discard>,
+    mut stream: dsql_proxy_connector::BackendStream,
+    home: &Home,
+    login: &Login,
+    key: Option<dsql_proxy_connector::BackendKey>,
+    born: tokio::time::Instant,
+) {
+    let mut parameters = match verdict {
+        Ok(parameters) => parameters,
+        Err(reason) => {
+            pool.count_discard(reason);
+            connect::terminate_stream(stream).await;
+            return;
+        }
+    };
+    if let Err(e) = pool::reset(&mut stream, ctx.kind, &login.user, &mut parameters).await {
+        debug!(endpoint = %home.endpoint.name, error = %e, "backend not pooled: its reset failed");
+        pool.count_discard(Discard::ResetFailed);
+        connect::terminate_stream(stream).await;
+        return;
+    }
+    let backend = BackendConnection {
+        stream,
+        parameters,
+        notices: Vec::new(),
+        key,
+        ready_status: b'I',
+        connected_at: born.into_std(),
+    };
+    // Refused (full, its endpoint just went): closed by the pool.
+    let _ = pool.park(Arc::clone(&home.endpoint), &login.params, backend);
 }

@@ -152,12 +152,25 @@ async fn an_idle_connection_is_taken_before_any_credential_token_or_dial() {
     let stream = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
         .await
         .unwrap();
+    // The "server" answers the checkout's empty query.
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut server, _) = listener.accept().await.unwrap();
+        let mut query = [0u8; 6];
+        server.read_exact(&mut query).await.unwrap();
+        assert_eq!(&query, b"Q\0\0\0\x05\0");
+        server.write_all(b"I\0\0\0\x04Z\0\0\0\x05I").await.unwrap();
+        // Held open while the test runs.
+        let mut rest = Vec::new();
+        let _ = server.read_to_end(&mut rest).await;
+    });
     let pooled = BackendConnection {
         stream: BackendStream::Plain(stream),
         parameters: vec![("server_version".into(), "pooled".into())],
         notices: Vec::new(),
         key: None,
         ready_status: b'I',
+        connected_at: std::time::Instant::now(),
     };
     ctx.idle_connections = Some(Arc::new(OneIdle(Mutex::new(Some(pooled)))));
 
