@@ -518,3 +518,89 @@ async fn a_backend_whose_reset_fails_is_closed() {
     drop(second);
     wait_for(admin, "dsql_proxy_pool_idle", &[], 1.0).await;
 }
+
+/// Backend pids of the app user's sessions (the probe's excluded).
+fn app_backend_pids(stack: &Stack) -> Vec<String> {
+    let sql = format!(
+        "select pid from pg_stat_activity where usename = '{APP_USER}' \
+         and backend_type = 'client backend' and application_name <> 'dsql-proxy-probe'"
+    );
+    tokio::task::block_in_place(|| stack.pg.superuser_sql(&sql))
+        .lines()
+        .map(|l| l.trim().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_spares_are_made_ahead_of_clients_through_the_rate_limit() {
+    let stack = stack_with(
+        &["connect_rate = 2", "connect_burst = 1"],
+        &[
+            "min_idle = 2",
+            &format!("min_idle_user = \"{APP_USER}\""),
+            &format!("min_idle_database = \"{APP_DB}\""),
+        ],
+        &[],
+    );
+    let admin = admin_addr(&stack);
+    // Two spares with no client at all; the second waited for its
+    // connect-rate slot (burst 1).
+    wait_for(admin, "dsql_proxy_pool_idle", &[], 2.0).await;
+    assert!(metric(admin, "dsql_proxy_backend_connect_rate_limited_total", &[]) >= 1.0);
+    let spares = app_backend_pids(&stack);
+    assert_eq!(spares.len(), 2, "{spares:?}");
+
+    // A client that sends just user and database gets a spare.
+    let mut raw = tokio::net::TcpStream::connect(stack.listen).await.unwrap();
+    dsql_proxy_tests::wire::startup(
+        &mut raw,
+        &dsql_proxy_tests::wire::startup_v3(APP_USER, APP_DB),
+        WAIT,
+    )
+    .await
+    .unwrap();
+    dsql_proxy_tests::wire::send(
+        &mut raw,
+        &dsql_proxy_tests::wire::query("select pg_backend_pid()"),
+    )
+    .await
+    .unwrap();
+    let answer = dsql_proxy_tests::wire::read_until(&mut raw, b'Z', WAIT)
+        .await
+        .unwrap();
+    let raw_pid = dsql_proxy_tests::wire::rows(&answer)[0][0].clone().unwrap();
+    assert!(spares.contains(&raw_pid), "{raw_pid} is one of {spares:?}");
+    assert_eq!(
+        metric(
+            admin,
+            "dsql_proxy_pool_checkouts_total",
+            &[("result", "hit")]
+        ),
+        1.0
+    );
+
+    // tokio-postgres also sends client_encoding: its first connect misses,
+    // then the spares are made with its parameters, and the next two
+    // clients (while the first stays) get them.
+    let first = connect(&stack).await;
+    let deadline = Instant::now() + WAIT;
+    while metric(admin, "dsql_proxy_pool_idle", &[]) < 3.0 {
+        assert!(
+            Instant::now() < deadline,
+            "spares for the learned parameters"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let second = connect(&stack).await;
+    let third = connect(&stack).await;
+    assert_eq!(
+        metric(
+            admin,
+            "dsql_proxy_pool_checkouts_total",
+            &[("result", "hit")]
+        ),
+        3.0
+    );
+    drop((first, second, third, raw));
+}

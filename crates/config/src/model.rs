@@ -440,6 +440,12 @@ pub struct PoolConfig {
     pub max_idle_total: u32,
     /// An idle connection unused this long is closed.
     pub idle_timeout: DurationStr,
+    /// Warm spares kept idle per endpoint for `min_idle_user` and
+    /// `min_idle_database`, made ahead of any client (0: none).
+    pub min_idle: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_idle_user: Option<String>,
+    pub min_idle_database: String,
 }
 
 impl Default for PoolConfig {
@@ -449,6 +455,9 @@ impl Default for PoolConfig {
             max_idle: 20,
             max_idle_total: 100,
             idle_timeout: DurationStr::from_secs(60),
+            min_idle: 0,
+            min_idle_user: None,
+            min_idle_database: "postgres".into(),
         }
     }
 }
@@ -471,6 +480,26 @@ impl PoolConfig {
         }
         if self.idle_timeout.get().is_zero() {
             return invalid("[pool] idle_timeout must be above 0".into());
+        }
+        if self.min_idle > self.max_idle {
+            return invalid(format!(
+                "[pool] min_idle ({}) must be at most max_idle ({})",
+                self.min_idle, self.max_idle
+            ));
+        }
+        if self.min_idle > 0 {
+            if !self.enabled {
+                return invalid("[pool] min_idle needs enabled = true".into());
+            }
+            if self.min_idle_user.as_deref().is_none_or(str::is_empty) {
+                return invalid(
+                    "[pool] min_idle needs min_idle_user: the role the warm spares log in as"
+                        .into(),
+                );
+            }
+            if self.min_idle_database.is_empty() {
+                return invalid("[pool] min_idle_database must not be empty".into());
+            }
         }
         Ok(())
     }
@@ -703,6 +732,13 @@ impl Config {
         }
         self.retry.validate()?;
         self.pool.validate()?;
+        if self.pool.min_idle > 0 && self.backend.auth == BackendAuth::Passthrough {
+            return invalid(
+                "[pool] min_idle cannot be used with auth = \"passthrough\": warm spares have no \
+                 client password to log in with"
+                    .into(),
+            );
+        }
         let mut names = HashSet::new();
         for e in &self.endpoints {
             if e.name.is_empty() || e.host.is_empty() {

@@ -639,3 +639,47 @@ fn bad_retry_settings_are_explained() {
         assert!(err.contains(expected), "{lines}: {err}");
     }
 }
+
+#[test]
+fn pool_defaults_and_rules() {
+    let c = Config::parse(MINIMAL).unwrap();
+    assert!(c.pool.enabled);
+    assert_eq!((c.pool.max_idle, c.pool.max_idle_total), (20, 100));
+    assert_eq!(c.pool.idle_timeout.get().as_secs(), 60);
+    assert_eq!(c.pool.min_idle, 0);
+    let c = Config::parse(&format!(
+        "{MINIMAL}\n[pool]\nmin_idle = 2\nmin_idle_user = \"app\"\nmin_idle_database = \"appdb\"\n"
+    ))
+    .unwrap();
+    assert_eq!(c.pool.min_idle_user.as_deref(), Some("app"));
+    let cases = [
+        ("max_idle = 0", "at least 1"),
+        (
+            "max_idle = 50\nmax_idle_total = 10",
+            "at most max_idle_total",
+        ),
+        ("max_idle_total = 20000", "at most 10000"),
+        ("idle_timeout = \"0s\"", "above 0"),
+        ("min_idle = 30", "at most max_idle"),
+        ("min_idle = 1", "needs min_idle_user"),
+        (
+            "enabled = false\nmin_idle = 1\nmin_idle_user = \"app\"",
+            "needs enabled = true",
+        ),
+    ];
+    for (lines, expected) in cases {
+        let err = Config::parse(&format!("{MINIMAL}\n[pool]\n{lines}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(expected), "{lines}: {err}");
+    }
+    let passthrough = MINIMAL
+        .replace("auth = \"password\"", "auth = \"passthrough\"")
+        .replace("password = \"hunter2\"\n", "");
+    let err = Config::parse(&format!(
+        "{passthrough}\n[pool]\nmin_idle = 1\nmin_idle_user = \"app\"\n"
+    ))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("passthrough"), "{err}");
+}

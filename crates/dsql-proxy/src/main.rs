@@ -430,6 +430,8 @@ pub(crate) async fn serve(config: Config, source: ConfigSource, hooks: ServeHook
     // [shutdown] is restart-only (see reload), so the startup values hold.
     let shutdown_settings = config.shutdown.clone();
     let contexts = proxy.context();
+    // [pool] min_idle: warm spares on every endpoint that takes sessions.
+    dsql_proxy_session::pool::spawn_warmer(Arc::clone(&contexts));
     let _reloads = Reloader {
         source,
         current: config,

@@ -347,6 +347,32 @@ async fn attempt(
             }
         }
     }
+    dial(ctx, endpoint, login, limit, remaining, down).await
+}
+
+/// A new connection to `endpoint` for the pool's warm spares: the
+/// credential, a connect-rate token (spares count against the rate like
+/// any connect) and the dial, within `attempt_timeout`; the pool is not
+/// asked.
+pub(crate) async fn dial_spare(
+    ctx: &ProxyContext,
+    endpoint: &Endpoint,
+    login: &Login,
+) -> Result<BackendConnection, SessionError> {
+    let limit = ctx.attempt_timeout.min(ctx.connect_timeout);
+    dial(ctx, endpoint, login, limit, ctx.connect_timeout, None).await
+}
+
+/// The secret, a connect-rate token, then dial, TLS and authentication
+/// within `limit`, abandoned early if the probes mark the endpoint down.
+async fn dial(
+    ctx: &ProxyContext,
+    endpoint: &Endpoint,
+    login: &Login,
+    limit: Duration,
+    remaining: Duration,
+    down: Option<DownWatch>,
+) -> Result<BackendConnection, SessionError> {
     let started = Instant::now();
     // Credential providers (STS, metadata) may be slow or down: the client
     // hears about it within the budget either way.

@@ -26,6 +26,7 @@ use dsql_proxy_protocol::startup::StartupParam;
 use dsql_proxy_routing::{Endpoint, EndpointId, Router};
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 use tokio::time::Instant;
+use tracing::debug;
 
 use crate::connect::{self, IdleConnections, Login};
 use crate::io::send;
@@ -46,6 +47,9 @@ pub struct PoolSettings {
     /// `[backend] server_lifetime` (zero: none).
     pub server_lifetime: Duration,
     pub kind: BackendKind,
+    /// Warm spares per endpoint, and whose (user, database).
+    pub min_idle: usize,
+    pub min_idle_login: Option<(String, String)>,
 }
 
 impl PoolSettings {
@@ -61,6 +65,11 @@ impl PoolSettings {
             idle_timeout: pool.idle_timeout.get(),
             server_lifetime,
             kind,
+            min_idle: pool.min_idle as usize,
+            min_idle_login: pool
+                .min_idle_user
+                .clone()
+                .map(|user| (user, pool.min_idle_database.clone())),
         })
     }
 
@@ -174,6 +183,11 @@ pub struct Pool {
     router: Arc<dyn Router>,
     metrics: Arc<Metrics>,
     idle: Mutex<Idle>,
+    /// The startup parameters warm spares are made with: at first only
+    /// user and database, then those of the last client of that login (a
+    /// driver's own parameters, such as client_encoding, are part of the
+    /// key, so spares must carry them to be taken).
+    spare_template: Mutex<Option<Vec<StartupParam>>>,
 }
 
 impl Pool {
@@ -183,6 +197,7 @@ impl Pool {
             router,
             metrics,
             idle: Mutex::new(Idle::default()),
+            spare_template: Mutex::new(None),
         }
     }
 
@@ -383,12 +398,126 @@ impl Pool {
     }
 }
 
+impl Pool {
+    /// Remembers the parameters of a client of the warm spares' login.
+    fn learn(&self, login: &Login) {
+        let Some((user, database)) = &self.settings.min_idle_login else {
+            return;
+        };
+        if self.settings.min_idle == 0 || &login.user != user || &login.database != database {
+            return;
+        }
+        let mut template = self
+            .spare_template
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if template.as_deref() != Some(&login.params[..]) {
+            *template = Some(login.params.clone());
+        }
+    }
+
+    /// The login warm spares are made for, if any.
+    fn spare_login(&self) -> Option<Login> {
+        let (user, database) = self.settings.min_idle_login.clone()?;
+        if self.settings.min_idle == 0 {
+            return None;
+        }
+        let params = self
+            .spare_template
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .unwrap_or_else(|| {
+                vec![
+                    StartupParam::new("user", user.as_bytes()),
+                    StartupParam::new("database", database.as_bytes()),
+                ]
+            });
+        Some(Login {
+            user,
+            database,
+            params,
+            client_password: None,
+        })
+    }
+
+    /// Idle connections on `endpoint` for `params`.
+    fn idle_count(&self, endpoint: EndpointId, params: &[StartupParam]) -> usize {
+        let key = PoolKey::new(endpoint, params);
+        self.lock().by_key.get(&key).map_or(0, Vec::len)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+}
+
+/// Keeps `[pool] min_idle` warm spares on every endpoint that takes
+/// sessions now, for `min_idle_user` / `min_idle_database`: one connect at
+/// a time, each through the connect-rate admission like any other. Runs
+/// until the pool closes; the context is read anew each round, so a
+/// reload's endpoints and credentials are used.
+pub fn spawn_warmer(contexts: crate::SharedContext) {
+    let has_spares = contexts
+        .load()
+        .pool
+        .as_ref()
+        .is_some_and(|pool| pool.spare_login().is_some());
+    if !has_spares {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(REAP_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let ctx = contexts.load_full();
+            let Some(pool) = ctx.pool.clone() else { return };
+            if pool.is_closed() {
+                return;
+            }
+            let Some(login) = pool.spare_login() else {
+                return;
+            };
+            let Ok(table) = ctx.router.route() else {
+                continue;
+            };
+            let endpoints: Vec<Arc<Endpoint>> = table
+                .candidates()
+                .filter(|(_, eligible)| *eligible)
+                .map(|(endpoint, _)| Arc::clone(endpoint))
+                .collect();
+            for endpoint in endpoints {
+                while pool.endpoint_verdict(&endpoint).is_none()
+                    && pool.idle_count(endpoint.id, &login.params) < pool.settings.min_idle
+                {
+                    match connect::dial_spare(&ctx, &endpoint, &login).await {
+                        Ok(backend) => {
+                            if pool
+                                .park(Arc::clone(&endpoint), &login.params, backend)
+                                .is_err()
+                            {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            debug!(endpoint = %endpoint.name, error = %e, "warm spare connect failed");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
 impl IdleConnections for Pool {
     fn discarded(&self, reason: Discard) {
         self.count_discard(reason);
     }
 
     fn take(&self, endpoint: &Endpoint, login: &Login) -> Option<BackendConnection> {
+        self.learn(login);
         if self.endpoint_verdict(endpoint).is_some() {
             // The reaper closes them; none is handed out meanwhile.
             self.count_checkout(false);
