@@ -90,6 +90,10 @@ async fn passthrough_forwards_the_client_password() {
         .unwrap()
         .get(0);
     assert_eq!(user, APP_USER);
+    // The backend checks every client's password: a connection the first
+    // client left behind is never handed to the next (no reuse here).
+    drop(client);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
 
     cfg.password("not-the-password");
     let err = dsql_proxy_tests::connect_with(&cfg, None)

@@ -37,7 +37,7 @@ pub use error::{shutdown_error, SessionError};
 pub use role::{GlobalSettings, Intent};
 pub use session::EVICTION_FLUSH;
 
-use dsql_proxy_config::{BackendKind, ClientAuthMethod, Config, OnEndpointDown};
+use dsql_proxy_config::{BackendAuth, BackendKind, ClientAuthMethod, Config, OnEndpointDown};
 use dsql_proxy_connector::Connector;
 use dsql_proxy_credentials::CredentialSource;
 use dsql_proxy_metrics::Metrics;
@@ -229,11 +229,14 @@ impl ProxyContext {
                 _ => Arc::new(ConnectLimiter::new(limit)),
             }
         });
+        // With passthrough the backend checks each client's password: a
+        // pooled connection would let a client in on another's login.
         let pool = PoolSettings::from_config(
             &config.pool,
             config.backend.effective_server_lifetime(),
             config.backend.kind,
         )
+        .filter(|_| config.backend.auth != BackendAuth::Passthrough)
         .map(|settings| {
             Arc::new(Pool::new(
                 settings,

@@ -306,8 +306,8 @@ impl Pool {
         Ok(())
     }
 
-    /// Sets `pool_idle` from the counts; the series of an endpoint a
-    /// reload removed goes once it has nothing left.
+    /// Sets `pool_idle` from the counts; an endpoint a reload removed has
+    /// no series.
     fn publish(&self, idle: &mut Idle) {
         let router = &self.router;
         let gauge = &self.metrics.pool_idle;
@@ -316,9 +316,11 @@ impl Pool {
                 endpoint.name.as_str(),
                 endpoint.region.as_deref().unwrap_or(""),
             ];
-            if *n == 0 && router.endpoint(*id).is_none() {
+            if router.endpoint(*id).is_none() {
+                // Removed by a reload: no series for it (the reaper closes
+                // what is left on it).
                 let _ = gauge.remove_label_values(&labels);
-                return false;
+                return *n > 0;
             }
             gauge.with_label_values(&labels).set(*n as i64);
             true
