@@ -12,6 +12,9 @@
 #      Unix socket instead of loopback TCP; the direct leg stays TLS over TCP),
 #      REFERENCE=pgbouncer (also run every round through PgBouncer, session
 #      pooling, TLS verify-full to the same server, for comparison),
+#      CONNECT=1 (pgbench -C: a new connection per transaction, as a CGI
+#      script or a serverless function makes them; what backend connection
+#      reuse is for. Use with CLIENTS="4 8" REFERENCE=pgbouncer),
 #      CONTENTION=1 (then also: 8 clients incrementing one row at REPEATABLE
 #      READ through the proxy; reports committed TPS and failed (conflicted)
 #      transactions. Run once with DSQL_PROXY__RETRY__MAX_ATTEMPTS=10 in the
@@ -24,6 +27,8 @@ if [[ "${QUICK:-0}" == 1 ]]; then
 fi
 : "${DURATION:=10}" "${ROUNDS:=3}" "${IDLE_SESSIONS:=1000}" "${WARMUP:=3}"
 : "${MODE:=prepared}" "${SCALE:=10}" "${CLIENTS:=1 8}"
+connect_args=()
+[[ "${CONNECT:-0}" == 1 ]] && connect_args=(-C)
 : "${PG_BIN:=/usr/lib/postgresql/15/bin}" "${REFERENCE:=}" "${CLIENT_LEG:=tcp}"
 case "$CLIENT_LEG" in tcp | unix) ;; *)
     echo "CLIENT_LEG must be tcp or unix (got '$CLIENT_LEG')" >&2
@@ -343,7 +348,7 @@ run_pgbench() {
     m0=$(server_ticks)
     children_cpu c0
     nice -n "$NICE" env "${envv[@]}" pgbench -n -S -M "$MODE" -c "$clients" -j "$jobs" \
-        -T "$DURATION" "$@" bench >"$out" 2>&1 ||
+        -T "$DURATION" "${connect_args[@]}" "$@" bench >"$out" 2>&1 ||
         { cat "$out" >&2; die "pgbench failed: $leg, $clients clients, $tag"; }
     proxy_alive || die "proxy died during the $leg run, $clients clients, $tag"
     sleep 0.3 # lets the postmaster reap the backends, so their CPU is counted
@@ -351,7 +356,8 @@ run_pgbench() {
     m1=$(server_ticks)
     children_cpu c1
     local tps xacts
-    tps="$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p' "$out")"
+    # With -C pgbench counts the connects in: "(including reconnection times)".
+    tps="$(sed -n 's/^tps = \([0-9.]*\) (\(without initial connection\|including reconnection\) times*)$/\1/p' "$out")"
     xacts="$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out")"
     [[ -n "$tps" && -n "$xacts" ]] || { cat "$out" >&2; die "unexpected pgbench output"; }
     # Whatever the host did beyond server, proxy and pgbench is interference.
@@ -366,7 +372,7 @@ run_pgbench() {
     printf '  %-8s %-6s c=%-2s tps=%-10.1f other host load=%s%%\n' "$tag" "$leg" "$clients" "$tps" "$other"
 }
 
-log "== select-only, -M $MODE, ${ROUNDS} round(s) x ${DURATION} s per leg, nice $NICE"
+log "== select-only$([[ ${#connect_args[@]} -gt 0 ]] && echo ", -C (a new connection per transaction)"), -M $MODE, ${ROUNDS} round(s) x ${DURATION} s per leg, nice $NICE"
 # One unlogged pass per leg first: fills caches and faults in the proxy.
 DURATION=$WARMUP run_pgbench direct 8 warmup | sed 's/^/  (warm-up) /'
 DURATION=$WARMUP run_pgbench proxy 8 warmup | sed 's/^/  (warm-up) /'
@@ -444,6 +450,15 @@ for c in clients:
               f" CPU per transaction {statistics.median(float(x[2]) for x in r):.1f} us")
     print()
 PY
+
+# The pool's view of the runs above (with CONNECT=1: how many connects
+# reused a backend).
+pool_line="$(curl -fsS "http://127.0.0.1:$ADMIN_PORT/metrics" 2>/dev/null | awk '
+    /^dsql_proxy_pool_checkouts_total/ { split($1, a, "\""); c[a[2]] += $NF }
+    /^dsql_proxy_pool_discards_total/ && $NF > 0 { split($1, a, "\""); d = d " " a[2] "=" $NF }
+    END { printf "checkouts: hit %d, miss %d; discards:%s", c["hit"], c["miss"], (d == "" ? " none" : d) }')"
+log "--- proxy backend pool: $pool_line"
+log ""
 
 # ------------------------------------------------ contention (CONTENTION=1)
 # Serialization conflicts as Aurora DSQL's optimistic concurrency makes

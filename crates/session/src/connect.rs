@@ -74,10 +74,17 @@ pub struct Connected {
 /// `endpoint`, logged in as `login` (user, database, parameters), at
 /// ReadyForQuery `I`.
 pub trait IdleConnections: Send + Sync + 'static {
-    fn take(&self, endpoint: &Endpoint, login: &Login) -> Option<BackendConnection>;
+    fn take(&self, endpoint: &Endpoint, login: &Login) -> Option<Pooled>;
 
     /// A connection `take` handed out failed its checkout and was closed.
     fn discarded(&self, _reason: Discard) {}
+}
+
+/// A connection from the pool, and how long ago the server last answered
+/// on it.
+pub struct Pooled {
+    pub backend: BackendConnection,
+    pub quiet_for: Duration,
 }
 
 /// An attempt that has taken this many times the endpoint's usual connect
@@ -326,8 +333,12 @@ async fn attempt(
     down: Option<DownWatch>,
 ) -> Result<BackendConnection, SessionError> {
     if let Some(idle) = &ctx.idle_connections {
-        if let Some(mut connection) = idle.take(endpoint, login) {
-            match pool::checkout(&mut connection, login, limit).await {
+        if let Some(Pooled {
+            backend: mut connection,
+            quiet_for,
+        }) = idle.take(endpoint, login)
+        {
+            match pool::checkout(&mut connection, login, limit, quiet_for).await {
                 Ok(()) => return Ok(connection),
                 // A server that does not answer would not take a new
                 // connection either: this endpoint failed, the loop goes on.

@@ -28,7 +28,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 use tokio::time::Instant;
 use tracing::debug;
 
-use crate::connect::{self, IdleConnections, Login};
+use crate::connect::{self, IdleConnections, Login, Pooled};
 use crate::io::send;
 
 /// How often the reaper looks at idle connections.
@@ -518,7 +518,7 @@ impl IdleConnections for Pool {
         self.count_discard(reason);
     }
 
-    fn take(&self, endpoint: &Endpoint, login: &Login) -> Option<BackendConnection> {
+    fn take(&self, endpoint: &Endpoint, login: &Login) -> Option<Pooled> {
         self.learn(login);
         if self.endpoint_verdict(endpoint).is_some() {
             // The reaper closes them; none is handed out meanwhile.
@@ -542,7 +542,10 @@ impl IdleConnections for Pool {
                     } else if !still_open(&mut parked.backend.stream) {
                         gone.push((parked.backend, Discard::Closed));
                     } else {
-                        found = Some(parked.backend);
+                        found = Some(Pooled {
+                            quiet_for: now.duration_since(parked.parked_at),
+                            backend: parked.backend,
+                        });
                         break;
                     }
                 }
@@ -642,9 +645,11 @@ const VERIFY_QUERY: &str = "SELECT (SELECT count(*) FROM pg_catalog.pg_settings 
      + (SELECT count(*) FROM pg_catalog.pg_cursors) \
      + CASE WHEN session_user = current_user AND session_user = $login$ THEN 0 ELSE 1 END";
 
-/// Resets an idle backend to the state it had after its own startup, and
-/// checks it, in one round trip (each statement its own Query, so DISCARD
-/// ALL runs outside a transaction block). On success, the ParameterStatus
+/// Resets an idle backend to the state it had after its own startup, in
+/// one round trip (each statement its own Query, so DISCARD ALL runs
+/// outside a transaction block). `DISCARD ALL` is PostgreSQL's complete
+/// reset and needs no check; the DSQL reset, which is not, is checked with
+/// [`VERIFY_QUERY`] in the same round trip. On success, the ParameterStatus
 /// values it reports afterwards (`parameters` updated).
 pub async fn reset(
     stream: &mut BackendStream,
@@ -657,9 +662,12 @@ pub async fn reset(
     for statement in statements {
         query_message(&mut out, statement);
     }
-    let verify = VERIFY_QUERY.replace("$login$", &quote_literal(login_user));
-    query_message(&mut out, &verify);
-    let answers = statements.len() + 1;
+    let checked = kind == BackendKind::Dsql;
+    if checked {
+        let verify = VERIFY_QUERY.replace("$login$", &quote_literal(login_user));
+        query_message(&mut out, &verify);
+    }
+    let answers = statements.len() + usize::from(checked);
     let exchange = async {
         send(stream, &out)
             .await
@@ -669,7 +677,7 @@ pub async fn reset(
     let verified = tokio::time::timeout(RESET_TIMEOUT, exchange)
         .await
         .map_err(|_| ResetError::Broken(format!("no answer within {RESET_TIMEOUT:?}")))??;
-    if verified.as_deref() != Some("0") {
+    if checked && verified.as_deref() != Some("0") {
         return Err(ResetError::Refused(format!(
             "session state left after the reset (check returned {verified:?})"
         )));
@@ -694,15 +702,27 @@ pub enum CheckoutError {
     Failed(String),
 }
 
-/// Readies a pooled connection for `login`, in one round trip within
-/// `limit`: the answer proves the server is alive (a hung or dead server
-/// is found here, not by the client's first query), and the client's
-/// `application_name` is set when the connection reports another (the
-/// pool key leaves it out). An empty query when nothing needs setting.
+/// How recent the server's last answer on a pooled connection (its reset)
+/// must be for the checkout to trust it without asking again (HikariCP's
+/// "alive bypass window", 500 ms there). Short here, so it proves no less
+/// than the check's own answer would by the time the client's first query
+/// reaches the server: a server that hangs is found by the check, and new
+/// sessions fail over, unless it hung within 2 ms of answering. Under a
+/// stream of short sessions (a connection parked and taken again within
+/// a millisecond) it saves the round trip.
+pub const CHECK_AFTER: Duration = Duration::from_millis(2);
+
+/// Readies a pooled connection for `login`. When the server answered on
+/// it more than [`CHECK_AFTER`] ago, or the client's `application_name`
+/// differs from the one the connection reports (the pool key leaves it
+/// out), one round trip within `limit`: `SET application_name`, or an
+/// empty query. Its answer proves the server is alive: a hung or dead
+/// server is found here, not by the client's first query.
 pub async fn checkout(
     backend: &mut BackendConnection,
     login: &Login,
     limit: Duration,
+    quiet_for: Duration,
 ) -> Result<(), CheckoutError> {
     let wanted = login
         .params
@@ -715,6 +735,9 @@ pub async fn checkout(
         .iter()
         .find(|(name, _)| name == APPLICATION_NAME)
         .map_or("", |(_, value)| value.as_str());
+    if wanted == current && quiet_for < CHECK_AFTER {
+        return Ok(());
+    }
     let mut out = BytesMut::new();
     if wanted == current {
         query_message(&mut out, "");

@@ -91,9 +91,14 @@ impl CredentialSource for CountingCredentials {
 struct OneIdle(Mutex<Option<BackendConnection>>);
 
 impl IdleConnections for OneIdle {
-    fn take(&self, endpoint: &Endpoint, login: &Login) -> Option<BackendConnection> {
+    fn take(&self, endpoint: &Endpoint, login: &Login) -> Option<Pooled> {
         assert_eq!((endpoint.name.as_str(), login.user.as_str()), ("a", "app"));
-        self.0.lock().ok()?.take()
+        let backend = self.0.lock().ok()?.take()?;
+        // Long enough ago that the checkout asks the server.
+        Some(Pooled {
+            backend,
+            quiet_for: Duration::from_secs(1),
+        })
     }
 }
 
