@@ -171,6 +171,10 @@ async fn a_reused_backend_carries_no_state_from_its_last_client() {
     wait_for(admin, "dsql_proxy_pool_idle", &[], 1.0).await;
     let superuser = connect_config(logs, &config).await;
     let super_pid = pid(&superuser).await;
+    assert_ne!(
+        super_pid, first_pid,
+        "another user never shares a connection"
+    );
     superuser
         .batch_execute(&format!("set session authorization {APP_USER}"))
         .await
@@ -603,4 +607,47 @@ async fn warm_spares_are_made_ahead_of_clients_through_the_rate_limit() {
         3.0
     );
     drop((first, second, third, raw));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connections_on_an_endpoint_a_reload_removes_are_closed() {
+    let stack = two_regions();
+    assert!(stack
+        .wait_for_landing("fast", Duration::from_secs(10))
+        .await
+        .is_some());
+    let admin = stack.admin_addr();
+    let client = stack.connect().await;
+    assert_eq!(stack.region_of(&client).await, "fast");
+    drop(client);
+    wait_for(admin, "dsql_proxy_pool_idle", &[("endpoint", "fast")], 1.0).await;
+    // The same file without fast's [[endpoints]] table, then SIGHUP.
+    let toml = std::fs::read_to_string(stack.proxy.config_path()).expect("read config");
+    let mut parts = toml.split("[[endpoints]]");
+    let mut without_fast = parts.next().unwrap_or_default().to_owned();
+    for table in parts {
+        if !table.contains("name = \"fast\"") {
+            without_fast.push_str("[[endpoints]]");
+            without_fast.push_str(table);
+        }
+    }
+    assert!(!without_fast.contains("\"fast\""), "{without_fast}");
+    stack.proxy.write_config(&without_fast);
+    stack.proxy.send_signal(dsql_proxy_tests::process::SIGHUP);
+    wait_for(
+        admin,
+        "dsql_proxy_pool_discards_total",
+        &[("reason", "endpoint_down")],
+        1.0,
+    )
+    .await;
+    let scrape = scrape(admin);
+    assert!(
+        scrape
+            .value("dsql_proxy_pool_idle", &[("endpoint", "fast")])
+            .is_none(),
+        "no series for a removed endpoint"
+    );
+    let client = stack.connect().await;
+    assert_eq!(stack.region_of(&client).await, "slow");
 }
