@@ -663,27 +663,6 @@ pub(crate) async fn cancel_request(ctx: &ProxyContext, key: dsql_proxy_protocol:
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_greeting_the_client_does_not_read_times_out() {
-        // A client whose receive window is full: the greeting can never
-        // be written.
-        let (_client, mut proxy_side) = tokio::io::duplex(64);
-        let greeting = vec![b'S'; 4096];
-        let limit = Duration::from_millis(100);
-        let written = tokio::time::timeout(
-            Duration::from_secs(30),
-            send_greeting(&mut proxy_side, &greeting, limit),
-        )
-        .await
-        .expect("send_greeting gives up by itself");
-        assert_eq!(written.unwrap_err().kind(), std::io::ErrorKind::TimedOut);
-    }
-}
-
 /// The ParameterStatus values a backend reported, as the next client's
 /// startup answer lists them.
 fn reported_parameters(values: &ParameterValues) -> Vec<(String, String)> {
@@ -735,4 +714,25 @@ async fn park(
     };
     // Refused (full, its endpoint just went): closed by the pool.
     let _ = pool.park(Arc::clone(&home.endpoint), &login.params, backend);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_greeting_the_client_does_not_read_times_out() {
+        // A client whose receive window is full: the greeting can never
+        // be written.
+        let (_client, mut proxy_side) = tokio::io::duplex(64);
+        let greeting = vec![b'S'; 4096];
+        let limit = Duration::from_millis(100);
+        let written = tokio::time::timeout(
+            Duration::from_secs(30),
+            send_greeting(&mut proxy_side, &greeting, limit),
+        )
+        .await
+        .expect("send_greeting gives up by itself");
+        assert_eq!(written.unwrap_err().kind(), std::io::ErrorKind::TimedOut);
+    }
 }
