@@ -211,6 +211,13 @@ fn json_logs_are_one_object_per_line() {
     let text = VALID.replace("127.0.0.1:6543", &listen.to_string());
     let mut proxy = ProxyProcess::spawn_with_args(&text, &["--log-format", "json"]);
     proxy.wait_ready(listen, Duration::from_secs(20));
+    // The port accepts before the first probe round ends (db.example may
+    // take a while to fail to resolve); the line comes after it.
+    assert!(
+        proxy.wait_for_log("dsql-proxy listening", Duration::from_secs(20)),
+        "{}",
+        proxy.logs()
+    );
     proxy.send_signal(SIGTERM);
     proxy.wait_exit(Duration::from_secs(10)).expect("exits");
     let logs = proxy.logs();
