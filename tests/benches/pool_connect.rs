@@ -16,7 +16,6 @@
 //! (environment): `POOL_SESSIONS` (200 per leg), `POOL_DELAY_MS` (20, one
 //! way). A panic (a stack that does not start) exits non-zero.
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use dsql_proxy_tests::dsql_stack::{DsqlProxyOptions, DsqlStack};
@@ -31,19 +30,6 @@ fn env_number(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn admin_addr(proxy: &ProxyProcess) -> SocketAddr {
-    let toml = std::fs::read_to_string(proxy.config_path()).expect("read proxy config");
-    toml.split("[admin]")
-        .nth(1)
-        .and_then(|section| {
-            section
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("address = "))
-        })
-        .and_then(|v| v.trim_matches('"').parse().ok())
-        .expect("[admin] address")
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -74,7 +60,7 @@ fn run_leg(
     toml.push_str(&format!("[pool]\nenabled = {pool}\n"));
     let mut proxy = ProxyProcess::spawn_with_env(&toml, &[], &opts.env);
     proxy.wait_ready(listen, Duration::from_secs(20));
-    let admin = admin_addr(&proxy);
+    let admin = proxy.admin_addr();
     let mut config = Config::new();
     config
         .host("127.0.0.1")

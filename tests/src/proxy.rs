@@ -208,6 +208,20 @@ impl ProxyProcess {
         &self.config_path
     }
 
+    /// The `[admin] address` of the config the proxy was started with.
+    pub fn admin_addr(&self) -> SocketAddr {
+        let toml = fs::read_to_string(&self.config_path).expect("read proxy config");
+        toml.split("[admin]")
+            .nth(1)
+            .and_then(|section| {
+                section
+                    .lines()
+                    .find_map(|l| l.trim().strip_prefix("address = "))
+            })
+            .and_then(|v| v.trim_matches('"').parse().ok())
+            .expect("[admin] address")
+    }
+
     /// Replaces the config file (e.g. before `send_signal(SIGHUP)`).
     pub fn write_config(&self, config_toml: &str) {
         // Write-then-rename so the proxy never reads a half-written file.

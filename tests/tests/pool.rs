@@ -35,19 +35,6 @@ fn stack_with(backend: &[&str], pool: &[&str], extra_conf: &[&str]) -> Stack {
     )
 }
 
-fn admin_addr(stack: &Stack) -> SocketAddr {
-    let toml = std::fs::read_to_string(stack.proxy.config_path()).expect("read proxy config");
-    toml.split("[admin]")
-        .nth(1)
-        .and_then(|section| {
-            section
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("address = "))
-        })
-        .and_then(|v| v.trim_matches('"').parse().ok())
-        .expect("[admin] address")
-}
-
 async fn connect_config(stack_logs: impl Fn() -> String, config: &Config) -> Client {
     let (client, connection) = config
         .connect(NoTls)
@@ -119,7 +106,7 @@ fn discards(admin: SocketAddr, reason: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reused_backend_carries_no_state_from_its_last_client() {
     let stack = stack_with(&[], &[], &[]);
-    let admin = admin_addr(&stack);
+    let admin = stack.proxy.admin_addr();
     stack.pg.superuser_sql(&format!(
         "create role pool_other; grant pool_other to {APP_USER}; \
          create role pool_super superuser login password '{APP_PASSWORD}'"
@@ -190,7 +177,7 @@ async fn a_reused_backend_carries_no_state_from_its_last_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pinned_session_s_backend_is_closed_not_pooled() {
     let stack = stack_with(&[], &[], &[]);
-    let admin = admin_addr(&stack);
+    let admin = stack.proxy.admin_addr();
     let cases = [
         (
             "listen",
@@ -240,7 +227,7 @@ async fn a_pinned_session_s_backend_is_closed_not_pooled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn different_logins_never_share_a_connection() {
     let stack = stack_with(&[], &[], &[]);
-    let admin = admin_addr(&stack);
+    let admin = stack.proxy.admin_addr();
     stack
         .pg
         .superuser_sql(&format!("create database pool_other_db owner {APP_USER}"));
@@ -275,7 +262,7 @@ async fn different_logins_never_share_a_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed_after_idle_timeout_and_at_their_lifetime() {
     let stack = stack_with(&[], &["idle_timeout = \"1s\""], &[]);
-    let admin = admin_addr(&stack);
+    let admin = stack.proxy.admin_addr();
     let first = connect(&stack).await;
     let first_pid = pid(&first).await;
     leave_and_wait_idle(admin, first, 1.0).await;
@@ -292,7 +279,7 @@ async fn idle_connections_are_closed_after_idle_timeout_and_at_their_lifetime() 
     drop(second);
 
     let stack = stack_with(&["server_lifetime = \"2s\""], &[], &[]);
-    let admin = admin_addr(&stack);
+    let admin = stack.proxy.admin_addr();
     let first = connect(&stack).await;
     leave_and_wait_idle(admin, first, 1.0).await;
     // 90% of the lifetime: too old to hand out.
@@ -310,7 +297,7 @@ async fn idle_connections_are_closed_after_idle_timeout_and_at_their_lifetime() 
 async fn pooled_connections_are_terminated_at_shutdown() {
     // At debug1 a server logs a client that left without Terminate.
     let mut stack = stack_with(&[], &[], &["log_min_messages = debug1"]);
-    let admin = admin_addr(&stack);
+    let admin = stack.proxy.admin_addr();
     let first = connect(&stack).await;
     let first_pid = pid(&first).await;
     leave_and_wait_idle(admin, first, 1.0).await;
@@ -424,19 +411,6 @@ async fn pooled_connections_follow_routing_drain_and_down() {
     stack.region("fast").pg.thaw();
 }
 
-fn config_admin_addr(proxy: &dsql_proxy_tests::ProxyProcess) -> SocketAddr {
-    let toml = std::fs::read_to_string(proxy.config_path()).expect("read proxy config");
-    toml.split("[admin]")
-        .nth(1)
-        .and_then(|section| {
-            section
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("address = "))
-        })
-        .and_then(|v| v.trim_matches('"').parse().ok())
-        .expect("[admin] address")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dsql_iam_connections_are_reused_within_their_lifetime_and_rate() {
     // The emulator admits 2 connects, then 1 a second; so does the proxy's
@@ -452,7 +426,7 @@ async fn dsql_iam_connections_are_reused_within_their_lifetime_and_rate() {
         },
         |emulator| emulator.rate_limit = Some((1.0, 2)),
     );
-    let admin = config_admin_addr(&stack.proxy);
+    let admin = stack.proxy.admin_addr();
     let started = Instant::now();
     let mut pids = Vec::new();
     for _ in 0..10 {
@@ -499,7 +473,7 @@ async fn a_backend_whose_reset_fails_is_closed() {
     // On DSQL the reset is RESET ALL, DEALLOCATE ALL, CLOSE ALL and a check;
     // SET SESSION AUTHORIZATION survives RESET ALL, so the check fails.
     let stack = DsqlStack::start(DsqlProxyOptions::default());
-    let admin = config_admin_addr(&stack.proxy);
+    let admin = stack.proxy.admin_addr();
     let first = stack.connect(ADMIN_USER, APP_DB).await;
     let first_pid = pid(&first).await;
     first
@@ -547,7 +521,7 @@ async fn warm_spares_are_made_ahead_of_clients_through_the_rate_limit() {
         ],
         &[],
     );
-    let admin = admin_addr(&stack);
+    let admin = stack.proxy.admin_addr();
     // Two spares with no client at all; the second waited for its
     // connect-rate slot (burst 1).
     wait_for(admin, "dsql_proxy_pool_idle", &[], 2.0).await;

@@ -51,19 +51,6 @@ fn second_proxy(stack: &Stack, retry: &[&str]) -> (ProxyProcess, SocketAddr) {
     (proxy, listen)
 }
 
-fn admin_addr(proxy: &ProxyProcess) -> SocketAddr {
-    let toml = std::fs::read_to_string(proxy.config_path()).expect("read proxy config");
-    toml.split("[admin]")
-        .nth(1)
-        .and_then(|section| {
-            section
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("address = "))
-        })
-        .and_then(|v| v.trim_matches('"').parse().ok())
-        .expect("[admin] address")
-}
-
 async fn connect(listen: SocketAddr) -> Client {
     let (client, connection) = client_config(listen, APP_USER, APP_DB)
         .connect(NoTls)
@@ -74,7 +61,7 @@ async fn connect(listen: SocketAddr) -> Client {
 }
 
 fn metric(proxy: &ProxyProcess, name: &str, labels: &[(&str, &str)]) -> f64 {
-    scrape(admin_addr(proxy)).sum(name, labels)
+    scrape(proxy.admin_addr()).sum(name, labels)
 }
 
 async fn setup_counter(listen: SocketAddr, table: &str) {
@@ -340,7 +327,7 @@ async fn a_request_is_tried_until_it_succeeds_and_the_last_error_comes_with_a_no
         .expect_err("runs out of tries");
     assert_eq!(err.code(), Some(&SqlState::T_R_SERIALIZATION_FAILURE));
     assert_eq!(tries_so_far(&client).await, 13);
-    let metrics = scrape(admin_addr(&stack.proxy));
+    let metrics = scrape(stack.proxy.admin_addr());
     assert_eq!(
         metrics.sum(
             "dsql_proxy_retries_total",
@@ -455,7 +442,7 @@ async fn large_answers_and_pipelined_requests_are_relayed_unchanged() {
     assert_eq!(wire::rows(&second), vec![vec![Some("after".to_owned())]]);
     assert_eq!(tries_so_far(&client).await, before + 1, "tried once");
 
-    let metrics = scrape(admin_addr(&stack.proxy));
+    let metrics = scrape(stack.proxy.admin_addr());
     let not_eligible =
         |cause| metrics.sum("dsql_proxy_retry_not_eligible_total", &[("cause", cause)]);
     assert_eq!(not_eligible("too_large"), 1.0);
@@ -603,7 +590,7 @@ async fn injected_dsql_conflicts_are_retried_and_counted() {
         .expect("read")
         .get(0);
     assert_eq!(n, 20);
-    let metrics = scrape(admin_addr(&stack.proxy));
+    let metrics = scrape(stack.proxy.admin_addr());
     assert!(
         metrics.sum(
             "dsql_proxy_retries_total",
