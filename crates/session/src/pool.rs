@@ -201,10 +201,6 @@ impl Pool {
         }
     }
 
-    pub fn settings(&self) -> &PoolSettings {
-        &self.settings
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Idle> {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
