@@ -30,6 +30,12 @@ const TERMINATE: &[u8] = &[b'X', 0, 0, 0, 4];
 /// rustls's memory. 8 KiB keeps 1,000 idle sessions well under 50 MB.
 pub const RELAY_BUFFER: usize = 8 * 1024;
 
+/// A direction's buffer until a read fills it: most sessions (a short
+/// query, a connection per request) never move more at once, so they skip
+/// allocating and zeroing the full buffer; the first full read grows it to
+/// [`RELAY_BUFFER`].
+pub const FIRST_RELAY_BUFFER: usize = 1024;
+
 /// How the relay ended.
 #[derive(Debug)]
 pub enum RelayEnd {
@@ -206,6 +212,8 @@ impl Observers<'_> {
 
 struct Half {
     buf: Box<[u8]>,
+    /// The last read filled `buf`: the next read gets [`RELAY_BUFFER`].
+    grow: bool,
     pos: usize,
     cap: usize,
     read_eof: bool,
@@ -223,7 +231,8 @@ struct Half {
 impl Half {
     fn new(shutdown_at_eof: bool) -> Self {
         Self {
-            buf: vec![0u8; RELAY_BUFFER].into_boxed_slice(),
+            buf: vec![0u8; FIRST_RELAY_BUFFER].into_boxed_slice(),
+            grow: false,
             pos: 0,
             cap: 0,
             read_eof: false,
@@ -232,6 +241,14 @@ impl Half {
             total: 0,
             held: 0,
             shutdown_at_eof,
+        }
+    }
+
+    /// After a read that filled the buffer, while it holds nothing: the
+    /// full-size buffer.
+    fn grow_if_filled(&mut self) {
+        if std::mem::take(&mut self.grow) && self.buf.len() < RELAY_BUFFER {
+            self.buf = vec![0u8; RELAY_BUFFER].into_boxed_slice();
         }
     }
 
@@ -275,6 +292,7 @@ impl Half {
             if self.pos == self.cap && !self.read_eof && !closed {
                 self.pos = 0;
                 self.cap = 0;
+                self.grow_if_filled();
                 let limit = match gate {
                     None => self.buf.len(),
                     // One byte at a boundary: the next message's type.
@@ -285,6 +303,7 @@ impl Half {
                 match reader.as_mut().poll_read(cx, &mut rb) {
                     Poll::Ready(Ok(())) => {
                         let n = rb.filled().len();
+                        self.grow = n == self.buf.len();
                         if n == 0 {
                             self.read_eof = true;
                         } else if observers.keeps_terminate(&self.buf[..n]) {
@@ -403,8 +422,10 @@ impl Half {
     {
         self.write_out(writer).await?;
         while !observers.boundary.at_boundary() && !observers.boundary.is_broken() {
-            let want = observers.boundary.bytes_to_boundary().min(RELAY_BUFFER);
+            self.grow_if_filled();
+            let want = observers.boundary.bytes_to_boundary().min(self.buf.len());
             let n = reader.read(&mut self.buf[..want]).await?;
+            self.grow = n == self.buf.len();
             if n == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
@@ -598,7 +619,9 @@ where
             // Bytes read but not yet written: they are the next message.
             return Ok(true);
         }
+        self.up.grow_if_filled();
         let n = self.client.read(&mut self.up.buf[..]).await?;
+        self.up.grow = n == self.up.buf.len();
         if n == 0 {
             self.up.read_eof = true;
             return Ok(false);
