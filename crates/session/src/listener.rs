@@ -124,7 +124,10 @@ pub async fn accept_loop(
                 tokio::spawn(
                     async move {
                         ctx.metrics.client_connections_active.inc();
-                        session::run(Arc::clone(&ctx), transport, peer, intent).await;
+                        // Boxed: the session's state (several KiB) is
+                        // allocated once instead of being copied through
+                        // the task's construction.
+                        Box::pin(session::run(Arc::clone(&ctx), transport, peer, intent)).await;
                         ctx.metrics.client_connections_active.dec();
                         drop(permit);
                         drop(guard);
