@@ -13,6 +13,7 @@ use dsql_proxy_routing::Endpoint;
 use crate::io::{read_message, send};
 use crate::stream::BackendStream;
 use crate::{BackendConnection, BackendKey, ConnectError, StartupLogin};
+use dsql_proxy_protocol::tracking::ParameterValues;
 
 /// One startup exchange on an open transport. Remembers when the proxy
 /// last wrote, so a refusal carries its round trip.
@@ -49,12 +50,14 @@ impl<'a> Handshake<'a> {
 
         self.authenticate(login).await?;
 
-        let mut parameters = Vec::new();
+        let mut parameters = ParameterValues::new();
         let mut notices = Vec::new();
         let mut key = None;
         loop {
             match self.next().await? {
-                BackendMessage::ParameterStatus { name, value } => parameters.push((name, value)),
+                BackendMessage::ParameterStatus { name, value } => {
+                    parameters.set(name.as_bytes(), value.as_bytes());
+                }
                 BackendMessage::BackendKeyData(k) => key = Some(BackendKey(k)),
                 BackendMessage::Notice(n) => notices.push(n),
                 BackendMessage::ReadyForQuery { status } => {

@@ -26,6 +26,7 @@ use std::time::Duration;
 use dsql_proxy_config::{BackendConfig, Secret, TlsMode};
 use dsql_proxy_protocol::backend::ErrorFields;
 use dsql_proxy_protocol::startup::StartupParam;
+use dsql_proxy_protocol::tracking::ParameterValues;
 use dsql_proxy_protocol::CancelKey;
 use dsql_proxy_routing::Endpoint;
 use rustls::ClientConfig;
@@ -73,8 +74,8 @@ pub struct StartupLogin<'a> {
 /// A backend connection that reached ReadyForQuery.
 pub struct BackendConnection {
     pub stream: BackendStream,
-    /// ParameterStatus messages, in order.
-    pub parameters: Vec<(String, String)>,
+    /// The ParameterStatus values it reported (the last of one name wins).
+    pub parameters: ParameterValues,
     /// NoticeResponses sent during startup.
     pub notices: Vec<ErrorFields>,
     /// The server's BackendKeyData, if it sent one.

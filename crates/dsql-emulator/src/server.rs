@@ -606,17 +606,13 @@ async fn run_session(shared: &Shared, auth: Authenticated, peer: SocketAddr, sta
     } = upstream;
 
     let mut buf = BytesMut::with_capacity(512);
-    messages::auth_ok(&mut buf);
-    for (name, value) in &parameters {
-        messages::parameter_status(&mut buf, name, value);
-    }
-    for notice in &notices {
-        messages::notice(&mut buf, &notice.fields);
-    }
-    if let Some(BackendKey(k)) = &key {
-        messages::backend_key_data(&mut buf, k);
-    }
-    messages::ready_for_query(&mut buf, ready_status);
+    messages::startup_answer(
+        &mut buf,
+        &parameters,
+        &notices,
+        key.as_ref().map(|BackendKey(k)| k),
+        ready_status,
+    );
     if let Err(e) = send(&mut client, &buf).await {
         debug!(client = %peer, error = %e, "client left before the session started");
         let mut terminate = BytesMut::new();

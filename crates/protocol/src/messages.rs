@@ -4,8 +4,8 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use pgwire::messages::response::{ErrorResponse, NoticeResponse, ReadyForQuery, TransactionStatus};
 use pgwire::messages::startup::{
-    Authentication, BackendKeyData, NegotiateProtocolVersion, ParameterStatus, Password,
-    SASLInitialResponse, SASLResponse, SecretKey,
+    Authentication, BackendKeyData, NegotiateProtocolVersion, Password, SASLInitialResponse,
+    SASLResponse, SecretKey,
 };
 use pgwire::messages::terminate::Terminate;
 use pgwire::messages::Message;
@@ -109,11 +109,27 @@ pub fn auth_sasl_continue(buf: &mut BytesMut, data: Bytes) {
 pub fn auth_sasl_final(buf: &mut BytesMut, data: Bytes) {
     encode_pgwire(&Authentication::SASLFinal(data), buf);
 }
-pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
-    encode_pgwire(
-        &ParameterStatus::new(name.to_owned(), value.to_owned()),
-        buf,
-    );
+/// A session's answer once its login is done: AuthenticationOk, the
+/// backend's ParameterStatus values, the notices it sent during startup,
+/// BackendKeyData (when there is a key) and ReadyForQuery, for one write.
+pub fn startup_answer(
+    buf: &mut BytesMut,
+    parameters: &crate::tracking::ParameterValues,
+    notices: &[crate::backend::ErrorFields],
+    key: Option<&CancelKey>,
+    ready_status: u8,
+) {
+    auth_ok(buf);
+    for (name, value) in parameters.iter() {
+        crate::tracking::params::encode_parameter_status(buf, name, value);
+    }
+    for notice in notices {
+        self::notice(buf, &notice.fields);
+    }
+    if let Some(key) = key {
+        backend_key_data(buf, key);
+    }
+    ready_for_query(buf, ready_status);
 }
 pub fn backend_key_data(buf: &mut BytesMut, key: &CancelKey) {
     let secret = SecretKey::Bytes(key.secret.clone());

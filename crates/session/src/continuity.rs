@@ -44,15 +44,6 @@ pub fn tracker_limits() -> TrackerLimits {
     }
 }
 
-/// The parameters a client was told at startup, as the tracker keeps them.
-pub fn parameter_values(parameters: &[(String, String)]) -> ParameterValues {
-    let mut values = ParameterValues::new();
-    for (name, value) in parameters {
-        values.set(name.as_bytes(), value.as_bytes());
-    }
-    values
-}
-
 /// `lifetime` with ±10% jitter, so a pool's connections made together do
 /// not all move together; under Aurora DSQL's limit for `kind = "dsql"`.
 pub fn jittered_lifetime(lifetime: Duration, kind: BackendKind) -> Duration {

@@ -605,7 +605,7 @@ async fn swap_in(
         connect::terminate_stream(stream).await;
         return Err(MoveFailure::Client);
     };
-    let parameters = continuity::parameter_values(&backend.parameters);
+    let parameters = backend.parameters;
     let restored = continuity::restore(
         &mut stream,
         &mover.state,

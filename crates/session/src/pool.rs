@@ -18,11 +18,12 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use dsql_proxy_config::{BackendKind, PoolConfig};
 use dsql_proxy_connector::{BackendConnection, BackendStream};
 use dsql_proxy_metrics::Metrics;
 use dsql_proxy_protocol::startup::StartupParam;
+use dsql_proxy_protocol::tracking::ParameterValues;
 use dsql_proxy_routing::{Endpoint, EndpointId, Router};
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 use tokio::time::Instant;
@@ -127,9 +128,11 @@ impl Discard {
     }
 }
 
-/// Endpoint and the startup parameters as sent to the backend, in name
-/// order, except `application_name` (set at checkout instead).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Endpoint and the startup parameters as sent to the backend, in the
+/// client's order, except `application_name` (set at checkout instead).
+/// Order matters: a driver sends its parameters in one order, and a
+/// lookup compares without building a key (no allocation per checkout).
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct PoolKey {
     endpoint: EndpointId,
     params: Vec<(String, Vec<u8>)>,
@@ -137,14 +140,28 @@ struct PoolKey {
 
 impl PoolKey {
     fn new(endpoint: EndpointId, params: &[StartupParam]) -> Self {
-        let mut params: Vec<(String, Vec<u8>)> = params
-            .iter()
-            .filter(|p| p.name != APPLICATION_NAME)
-            .map(|p| (p.name.clone(), p.value.clone()))
+        let params = keyed(params)
+            .map(|(name, value)| (name.to_owned(), value.to_owned()))
             .collect();
-        params.sort();
         Self { endpoint, params }
     }
+
+    fn is_for(&self, endpoint: EndpointId, params: &[StartupParam]) -> bool {
+        self.endpoint == endpoint
+            && self
+                .params
+                .iter()
+                .map(|(name, value)| (name.as_str(), value.as_slice()))
+                .eq(keyed(params))
+    }
+}
+
+/// The startup parameters that key the pool.
+fn keyed(params: &[StartupParam]) -> impl Iterator<Item = (&str, &[u8])> {
+    params
+        .iter()
+        .filter(|p| p.name != APPLICATION_NAME)
+        .map(|p| (p.name.as_str(), p.value.as_slice()))
 }
 
 const APPLICATION_NAME: &str = "application_name";
@@ -157,7 +174,9 @@ struct Parked {
 
 #[derive(Default)]
 struct Idle {
-    by_key: HashMap<PoolKey, Vec<Parked>>,
+    /// Few keys (users x databases x endpoints): a list, searched without
+    /// building a key.
+    by_key: Vec<(PoolKey, Vec<Parked>)>,
     total: usize,
     /// Idle connections per endpoint, for the gauge.
     per_endpoint: HashMap<EndpointId, (Arc<Endpoint>, usize)>,
@@ -167,6 +186,19 @@ struct Idle {
 }
 
 impl Idle {
+    fn uncount(&mut self, endpoint: EndpointId, n: usize) {
+        if let Some(entry) = self.per_endpoint.get_mut(&endpoint) {
+            entry.1 = entry.1.saturating_sub(n);
+        }
+    }
+
+    fn list(&mut self, endpoint: EndpointId, params: &[StartupParam]) -> Option<&mut Vec<Parked>> {
+        self.by_key
+            .iter_mut()
+            .find(|(key, _)| key.is_for(endpoint, params))
+            .map(|(_, list)| list)
+    }
+
     fn counted(&mut self, endpoint: &Arc<Endpoint>, delta: isize) {
         let entry = self
             .per_endpoint
@@ -272,27 +304,32 @@ impl Pool {
         if self.settings.too_old(backend.connected_at) {
             return Err((backend, Discard::Lifetime));
         }
-        let key = PoolKey::new(endpoint.id, params);
         let start_reaper = {
             let mut idle = self.lock();
             if idle.closed {
                 return Err((backend, Discard::Shutdown));
             }
+            let max_idle = self.settings.max_idle;
             let full = idle.total >= self.settings.max_idle_total
                 || idle
-                    .by_key
-                    .get(&key)
-                    .is_some_and(|list| list.len() >= self.settings.max_idle);
+                    .list(endpoint.id, params)
+                    .is_some_and(|list| list.len() >= max_idle);
             if full {
                 return Err((backend, Discard::Full));
             }
             idle.counted(&endpoint, 1);
             self.publish(&mut idle);
-            idle.by_key.entry(key).or_default().push(Parked {
+            let parked = Parked {
                 backend,
-                endpoint,
+                endpoint: Arc::clone(&endpoint),
                 parked_at: Instant::now(),
-            });
+            };
+            match idle.list(endpoint.id, params) {
+                Some(list) => list.push(parked),
+                None => idle
+                    .by_key
+                    .push((PoolKey::new(endpoint.id, params), vec![parked])),
+            }
             idle.total += 1;
             !std::mem::replace(&mut idle.reaper_started, true)
         };
@@ -345,7 +382,7 @@ impl Pool {
         {
             let mut idle = self.lock();
             let mut removed = 0;
-            for list in idle.by_key.values_mut() {
+            for (_, list) in idle.by_key.iter_mut() {
                 let mut i = 0;
                 while i < list.len() {
                     match verdict(&list[i]) {
@@ -358,7 +395,7 @@ impl Pool {
                     }
                 }
             }
-            idle.by_key.retain(|_, list| !list.is_empty());
+            idle.by_key.retain(|(_, list)| !list.is_empty());
             idle.total -= removed;
             for (endpoint, _, _) in &gone {
                 idle.counted(endpoint, -1);
@@ -375,7 +412,7 @@ impl Pool {
             let mut idle = self.lock();
             idle.closed = true;
             idle.total = 0;
-            let parked: Vec<Parked> = idle.by_key.drain().flat_map(|(_, list)| list).collect();
+            let parked: Vec<Parked> = idle.by_key.drain(..).flat_map(|(_, list)| list).collect();
             for entry in idle.per_endpoint.values_mut() {
                 entry.1 = 0;
             }
@@ -441,8 +478,9 @@ impl Pool {
 
     /// Idle connections on `endpoint` for `params`.
     fn idle_count(&self, endpoint: EndpointId, params: &[StartupParam]) -> usize {
-        let key = PoolKey::new(endpoint, params);
-        self.lock().by_key.get(&key).map_or(0, Vec::len)
+        self.lock()
+            .list(endpoint, params)
+            .map_or(0, |list| list.len())
     }
 
     fn is_closed(&self) -> bool {
@@ -521,18 +559,22 @@ impl IdleConnections for Pool {
             self.count_checkout(false);
             return None;
         }
-        let key = PoolKey::new(endpoint.id, &login.params);
         let now = Instant::now();
         let mut gone = Vec::new();
-        let mut taken = Vec::new();
         let found = {
             let mut idle = self.lock();
             let mut found = None;
-            if let Some(list) = idle.by_key.get_mut(&key) {
+            let mut taken = 0;
+            let slot = idle
+                .by_key
+                .iter()
+                .position(|(key, _)| key.is_for(endpoint.id, &login.params));
+            if let Some(slot) = slot {
+                let list = &mut idle.by_key[slot].1;
                 // Newest first: the warmest connection, and the oldest
                 // ones age out.
                 while let Some(mut parked) = list.pop() {
-                    taken.push(Arc::clone(&parked.endpoint));
+                    taken += 1;
                     if let Some(reason) = self.stale(&parked, now) {
                         gone.push((parked.backend, reason));
                     } else if !still_open(&mut parked.backend.stream) {
@@ -546,14 +588,13 @@ impl IdleConnections for Pool {
                     }
                 }
                 if list.is_empty() {
-                    idle.by_key.remove(&key);
+                    idle.by_key.swap_remove(slot);
                 }
             }
-            idle.total -= taken.len();
-            for endpoint in &taken {
-                idle.counted(endpoint, -1);
-            }
-            if !taken.is_empty() {
+            if taken > 0 {
+                // One key, one endpoint: `endpoint` is theirs.
+                idle.total -= taken;
+                idle.uncount(endpoint.id, taken);
                 self.publish(&mut idle);
             }
             found
@@ -651,7 +692,7 @@ pub async fn reset(
     stream: &mut BackendStream,
     kind: BackendKind,
     login_user: &str,
-    parameters: &mut Vec<(String, String)>,
+    parameters: &mut ParameterValues,
 ) -> Result<(), ResetError> {
     let mut out = BytesMut::new();
     let statements = reset_statements(kind);
@@ -724,13 +765,11 @@ pub async fn checkout(
         .params
         .iter()
         .find(|p| p.name == APPLICATION_NAME)
-        .map(|p| String::from_utf8_lossy(&p.value).into_owned())
-        .unwrap_or_default();
+        .map_or(&[][..], |p| p.value.as_slice());
     let current = backend
         .parameters
-        .iter()
-        .find(|(name, _)| name == APPLICATION_NAME)
-        .map_or("", |(_, value)| value.as_str());
+        .get(APPLICATION_NAME.as_bytes())
+        .unwrap_or_default();
     if wanted == current && quiet_for < CHECK_AFTER {
         return Ok(());
     }
@@ -740,7 +779,10 @@ pub async fn checkout(
     } else {
         query_message(
             &mut out,
-            &format!("SET application_name = {}", quote_literal(&wanted)),
+            &format!(
+                "SET application_name = {}",
+                quote_literal(&String::from_utf8_lossy(wanted))
+            ),
         );
     }
     let exchange = async {
@@ -768,7 +810,7 @@ fn quote_literal(s: &str) -> String {
 async fn read_answers(
     stream: &mut BackendStream,
     answers: usize,
-    parameters: &mut Vec<(String, String)>,
+    parameters: &mut ParameterValues,
 ) -> Result<Option<String>, ResetError> {
     let mut buf = BytesMut::with_capacity(1024);
     let mut ready = 0;
@@ -782,25 +824,14 @@ async fn read_answers(
             if buf.len() < 1 + len {
                 break;
             }
-            let tag = buf[0];
-            let body = buf[5..1 + len].to_vec();
-            buf.advance(1 + len);
+            let message = buf.split_to(1 + len);
+            let (tag, body) = (message[0], &message[5..]);
             match tag {
-                b'E' => return Err(ResetError::Refused(error_message(&body))),
+                b'E' => return Err(ResetError::Refused(error_message(body))),
                 b'S' => {
-                    let mut parts = body.split(|&b| b == 0);
-                    if let (Some(name), Some(v)) = (parts.next(), parts.next()) {
-                        let (name, v) = (
-                            String::from_utf8_lossy(name).into_owned(),
-                            String::from_utf8_lossy(v).into_owned(),
-                        );
-                        match parameters.iter_mut().find(|(n, _)| *n == name) {
-                            Some(slot) => slot.1 = v,
-                            None => parameters.push((name, v)),
-                        }
-                    }
+                    parameters.apply_message_body(body);
                 }
-                b'D' => value = first_column(&body),
+                b'D' => value = first_column(body),
                 b'Z' => {
                     if body.first() != Some(&b'I') {
                         return Err(ResetError::Broken("not idle after the reset".into()));

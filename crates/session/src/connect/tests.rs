@@ -169,9 +169,11 @@ async fn an_idle_connection_is_taken_before_any_credential_token_or_dial() {
         let mut rest = Vec::new();
         let _ = server.read_to_end(&mut rest).await;
     });
+    let mut parameters = dsql_proxy_protocol::tracking::ParameterValues::new();
+    parameters.set(b"server_version", b"pooled");
     let pooled = BackendConnection {
         stream: BackendStream::Plain(stream),
-        parameters: vec![("server_version".into(), "pooled".into())],
+        parameters,
         notices: Vec::new(),
         key: None,
         ready_status: b'I',
@@ -181,7 +183,10 @@ async fn an_idle_connection_is_taken_before_any_credential_token_or_dial() {
 
     let connected = connect(&ctx, &login(), Intent::ReadWrite).await.unwrap();
     assert_eq!(connected.endpoint.name, "a");
-    assert_eq!(connected.backend.parameters[0].1, "pooled");
+    assert_eq!(
+        connected.backend.parameters.get(b"server_version"),
+        Some(&b"pooled"[..])
+    );
     assert_eq!(credentials.asked.load(Ordering::SeqCst), 0);
     let limiter = ctx.connect_limiter.as_ref().unwrap();
     assert!(
