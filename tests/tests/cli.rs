@@ -3,8 +3,12 @@
 
 use std::time::Duration;
 
+use dsql_proxy_tests::fixture::client_config;
 use dsql_proxy_tests::process::{SIGHUP, SIGTERM};
-use dsql_proxy_tests::{free_addr, run_proxy_cmd, ProxyProcess, Stack, APP_DB, APP_USER};
+use dsql_proxy_tests::{
+    connect_with, free_addr, proxy_toml, run_proxy_cmd, AuthMethod, PgOptions, PgServer,
+    ProxyOptions, ProxyProcess, Stack, APP_DB, APP_USER,
+};
 
 fn write_config(text: &str) -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
@@ -203,6 +207,34 @@ async fn sessions_are_logged_once_at_close_and_sigterm_exits_zero() {
         .wait_exit(Duration::from_secs(10))
         .expect("exits on SIGTERM");
     assert!(status.success(), "{status:?}");
+}
+
+/// Like PgBouncer's `log_disconnections = 0`: the per-session line has a
+/// target of its own, so a filter drops it and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_filter_drops_the_session_lines_alone() {
+    let pg = PgServer::start(PgOptions {
+        tls: true,
+        auth: AuthMethod::ScramSha256,
+        ..PgOptions::default()
+    });
+    let listen = free_addr();
+    let toml = proxy_toml(&pg, listen, &ProxyOptions::default());
+    let mut proxy =
+        ProxyProcess::spawn_with_args(&toml, &["--log-level", "info,dsql_proxy::sessions=off"]);
+    proxy.wait_ready(listen, Duration::from_secs(20));
+    for _ in 0..2 {
+        let client = connect_with(&client_config(listen, APP_USER, APP_DB), None)
+            .await
+            .unwrap_or_else(|e| panic!("connect: {e:?}\n{}", proxy.logs()));
+        client.simple_query("select 1").await.unwrap();
+    }
+    proxy.send_signal(SIGTERM);
+    let status = proxy.wait_exit(Duration::from_secs(10)).expect("exits");
+    assert!(status.success(), "{status:?}");
+    let logs = proxy.logs();
+    assert!(logs.contains("dsql-proxy listening"), "{logs}");
+    assert!(!logs.contains("session closed"), "{logs}");
 }
 
 #[test]
