@@ -7,6 +7,8 @@
 #      QUICK=1 (smoke run: DURATION=2 ROUNDS=1 IDLE_SESSIONS=100 WARMUP=1),
 #      NICE (-10 as root, else 0: priority of server, proxy and pgbench),
 #      PG_BIN (/usr/lib/postgresql/15/bin), KEEP_TMP=1 (keep the temp dir),
+#      PROXY_BIN (a proxy binary built otherwise, e.g. with debug info
+#      for perf; nothing is built then),
 #      PROXY_ARGS (extra proxy arguments, e.g. "--worker-threads 2"),
 #      CLIENT_LEG=unix (pgbench reaches the proxy and the reference through a
 #      Unix socket instead of loopback TCP; the direct leg stays TLS over TCP),
@@ -15,6 +17,10 @@
 #      CONNECT=1 (pgbench -C: a new connection per transaction, as a CGI
 #      script or a serverless function makes them; what backend connection
 #      reuse is for. Use with CLIENTS="4 8" REFERENCE=pgbouncer),
+#      SESSION_LOGS=1 (per-connection log lines on both sides: the proxy's
+#      default line per ended session, and PgBouncer's log_connections and
+#      log_disconnections; by default both are off, which matters with
+#      CONNECT=1),
 #      CONTENTION=1 (then also: 8 clients incrementing one row at REPEATABLE
 #      READ through the proxy; reports committed TPS and failed (conflicted)
 #      transactions. Run once with DSQL_PROXY__RETRY__MAX_ATTEMPTS=10 in the
@@ -55,7 +61,10 @@ esac
 PASSWORD=bench-secret
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-PROXY_BIN="$ROOT/target/release/dsql-proxy"
+# PROXY_BIN: a binary built otherwise (e.g. with debug info for perf);
+# the script then builds nothing.
+PROXY_BIN_GIVEN="${PROXY_BIN:-}"
+: "${PROXY_BIN:=$ROOT/target/release/dsql-proxy}"
 
 log() { printf '%s\n' "$*"; }
 die() {
@@ -66,8 +75,10 @@ die() {
 # Each idle session holds a client socket and a backend socket in the proxy.
 ulimit -n 8192 || die "cannot raise the open-file limit to 8192"
 
-log "== building dsql-proxy (release)"
-(cd "$ROOT" && cargo build --release -p dsql-proxy --quiet) || die "build failed"
+if [[ -z "$PROXY_BIN_GIVEN" ]]; then
+    log "== building dsql-proxy (release)"
+    (cd "$ROOT" && cargo build --release -p dsql-proxy --quiet) || die "build failed"
+fi
 [[ -x "$PROXY_BIN" ]] || die "no binary at $PROXY_BIN"
 log "   commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)$(
     [[ -n "$(git -C "$ROOT" status --porcelain -- crates 2>/dev/null)" ]] && echo ' (crates/ modified)'
@@ -241,8 +252,13 @@ host = "localhost"
 port = $PG_PORT
 connect_address = "127.0.0.1:$PG_PORT"
 EOF
+# Per-connection log lines: both sides alike (PgBouncer's below follow
+# SESSION_LOGS too).
+SESSION_LOGS="${SESSION_LOGS:-0}"
+proxy_log_args=()
+[[ $SESSION_LOGS == 1 ]] || proxy_log_args=(--log-level "info,dsql_proxy::sessions=off")
 # shellcheck disable=SC2086 # PROXY_ARGS is a list of words
-nice -n "$NICE" "$PROXY_BIN" --config "$TMP/proxy.toml" ${PROXY_ARGS:-} 2>"$TMP/proxy.log" &
+nice -n "$NICE" "$PROXY_BIN" --config "$TMP/proxy.toml" "${proxy_log_args[@]}" ${PROXY_ARGS:-} 2>"$TMP/proxy.log" &
 PROXY_PID=$!
 
 proxy_alive() { kill -0 "$PROXY_PID" 2>/dev/null; }
@@ -278,8 +294,8 @@ default_pool_size = 20
 server_tls_sslmode = verify-full
 server_tls_ca_file = $TMP/tls/ca.pem
 logfile = $TMP/pgbouncer/pgbouncer.log
-log_connections = 0
-log_disconnections = 0
+log_connections = $SESSION_LOGS
+log_disconnections = $SESSION_LOGS
 EOF
     chown -R "$PG_USER" "$TMP/pgbouncer"
     chmod 0600 "$TMP/pgbouncer/userlist.txt"
@@ -372,7 +388,7 @@ run_pgbench() {
     printf '  %-8s %-6s c=%-2s tps=%-10.1f other host load=%s%%\n' "$tag" "$leg" "$clients" "$tps" "$other"
 }
 
-log "== select-only$([[ ${#connect_args[@]} -gt 0 ]] && echo ", -C (a new connection per transaction)"), -M $MODE, ${ROUNDS} round(s) x ${DURATION} s per leg, nice $NICE"
+log "== select-only$([[ ${#connect_args[@]} -gt 0 ]] && echo ", -C (a new connection per transaction)"), -M $MODE, ${ROUNDS} round(s) x ${DURATION} s per leg, nice $NICE, per-connection log lines $([[ $SESSION_LOGS == 1 ]] && echo on || echo off)"
 # One unlogged pass per leg first: fills caches and faults in the proxy.
 DURATION=$WARMUP run_pgbench direct 8 warmup | sed 's/^/  (warm-up) /'
 DURATION=$WARMUP run_pgbench proxy 8 warmup | sed 's/^/  (warm-up) /'
@@ -491,16 +507,19 @@ if [[ "${CONTENTION:-0}" == 1 ]]; then
 fi
 
 # ------------------------------------------------------- idle-session RSS
-# When idle clients leave, the proxy must close their backends too.
+# When idle clients leave, the proxy must close their backends too, except
+# those it keeps in its pool ([pool] max_idle per login).
 wait_backends_released() {
-    local left=""
+    local left="" pooled=""
     for _ in $(seq 100); do
         left="$(env "${direct_env[@]}" psql -X -qtA -c \
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'idle-bench'")"
-        [[ "$left" == 0 ]] && return 0
+        pooled="$(curl -fsS "http://127.0.0.1:$ADMIN_PORT/metrics" 2>/dev/null |
+            awk '/^dsql_proxy_pool_idle[{ ]/ { s += $NF } END { print s + 0 }')"
+        [[ -n "$left" && "$left" -le "${pooled:-0}" ]] && return 0
         sleep 0.2
     done
-    log "WARNING: $left backend connections of closed idle sessions were not released"
+    log "WARNING: $left backend connections of closed idle sessions were not released ($pooled idle in the pool)"
     return 1
 }
 
