@@ -355,8 +355,8 @@ fn two_regions() -> RegionsStack {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pooled_connections_follow_routing_drain_and_down() {
+/// Two regions, and one connection on "fast" parked in the pool.
+async fn one_parked_on_fast() -> (RegionsStack, SocketAddr) {
     let stack = two_regions();
     assert!(stack
         .wait_for_landing("fast", Duration::from_secs(10))
@@ -367,6 +367,12 @@ async fn pooled_connections_follow_routing_drain_and_down() {
     assert_eq!(stack.region_of(&client).await, "fast");
     drop(client);
     wait_for(admin, "dsql_proxy_pool_idle", &[("endpoint", "fast")], 1.0).await;
+    (stack, admin)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_connections_follow_routing_drain_and_down() {
+    let (stack, admin) = one_parked_on_fast().await;
     // Drained: its pooled connections go, new sessions land elsewhere.
     let (code, body) = http(admin, "POST", "/endpoints/fast/drain");
     assert_eq!(code, 200, "{body}");
@@ -585,16 +591,7 @@ async fn warm_spares_are_made_ahead_of_clients_through_the_rate_limit() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pooled_connections_on_an_endpoint_a_reload_removes_are_closed() {
-    let stack = two_regions();
-    assert!(stack
-        .wait_for_landing("fast", Duration::from_secs(10))
-        .await
-        .is_some());
-    let admin = stack.admin_addr();
-    let client = stack.connect().await;
-    assert_eq!(stack.region_of(&client).await, "fast");
-    drop(client);
-    wait_for(admin, "dsql_proxy_pool_idle", &[("endpoint", "fast")], 1.0).await;
+    let (stack, admin) = one_parked_on_fast().await;
     // The same file without fast's [[endpoints]] table, then SIGHUP.
     let toml = std::fs::read_to_string(stack.proxy.config_path()).expect("read config");
     let mut parts = toml.split("[[endpoints]]");

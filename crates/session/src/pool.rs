@@ -186,25 +186,27 @@ struct Idle {
 }
 
 impl Idle {
-    fn uncount(&mut self, endpoint: EndpointId, n: usize) {
-        if let Some(entry) = self.per_endpoint.get_mut(&endpoint) {
-            entry.1 = entry.1.saturating_sub(n);
-        }
-    }
-
-    fn list(&mut self, endpoint: EndpointId, params: &[StartupParam]) -> Option<&mut Vec<Parked>> {
+    /// Where the list for `endpoint` and `params` sits in `by_key`.
+    fn slot(&self, endpoint: EndpointId, params: &[StartupParam]) -> Option<usize> {
         self.by_key
-            .iter_mut()
-            .find(|(key, _)| key.is_for(endpoint, params))
-            .map(|(_, list)| list)
+            .iter()
+            .position(|(key, _)| key.is_for(endpoint, params))
     }
 
-    fn counted(&mut self, endpoint: &Arc<Endpoint>, delta: isize) {
+    fn count_in(&mut self, endpoint: &Arc<Endpoint>) -> usize {
         let entry = self
             .per_endpoint
             .entry(endpoint.id)
             .or_insert_with(|| (Arc::clone(endpoint), 0));
-        entry.1 = entry.1.saturating_add_signed(delta);
+        entry.1 += 1;
+        entry.1
+    }
+
+    fn count_out(&mut self, endpoint: EndpointId, n: usize) -> usize {
+        self.per_endpoint.get_mut(&endpoint).map_or(0, |entry| {
+            entry.1 = entry.1.saturating_sub(n);
+            entry.1
+        })
     }
 }
 
@@ -309,23 +311,21 @@ impl Pool {
             if idle.closed {
                 return Err((backend, Discard::Shutdown));
             }
-            let max_idle = self.settings.max_idle;
+            let slot = idle.slot(endpoint.id, params);
             let full = idle.total >= self.settings.max_idle_total
-                || idle
-                    .list(endpoint.id, params)
-                    .is_some_and(|list| list.len() >= max_idle);
+                || slot.is_some_and(|i| idle.by_key[i].1.len() >= self.settings.max_idle);
             if full {
                 return Err((backend, Discard::Full));
             }
-            idle.counted(&endpoint, 1);
-            self.publish(&mut idle);
+            let n = idle.count_in(&endpoint);
+            self.set_idle_gauge(&endpoint, n);
             let parked = Parked {
                 backend,
                 endpoint: Arc::clone(&endpoint),
                 parked_at: Instant::now(),
             };
-            match idle.list(endpoint.id, params) {
-                Some(list) => list.push(parked),
+            match slot {
+                Some(i) => idle.by_key[i].1.push(parked),
                 None => idle
                     .by_key
                     .push((PoolKey::new(endpoint.id, params), vec![parked])),
@@ -339,8 +339,21 @@ impl Pool {
         Ok(())
     }
 
-    /// Sets `pool_idle` from the counts; an endpoint a reload removed has
-    /// no series.
+    /// `pool_idle` of one endpoint that routing still knows (one that
+    /// takes or gives a connection now).
+    fn set_idle_gauge(&self, endpoint: &Endpoint, n: usize) {
+        let labels = [
+            endpoint.name.as_str(),
+            endpoint.region.as_deref().unwrap_or(""),
+        ];
+        self.metrics
+            .pool_idle
+            .with_label_values(&labels)
+            .set(n as i64);
+    }
+
+    /// Sets `pool_idle` from the counts of every endpoint (the reaper, and
+    /// shutdown); an endpoint a reload removed has no series.
     fn publish(&self, idle: &mut Idle) {
         let router = &self.router;
         let gauge = &self.metrics.pool_idle;
@@ -398,7 +411,7 @@ impl Pool {
             idle.by_key.retain(|(_, list)| !list.is_empty());
             idle.total -= removed;
             for (endpoint, _, _) in &gone {
-                idle.counted(endpoint, -1);
+                idle.count_out(endpoint.id, 1);
             }
             self.publish(&mut idle);
         }
@@ -478,9 +491,9 @@ impl Pool {
 
     /// Idle connections on `endpoint` for `params`.
     fn idle_count(&self, endpoint: EndpointId, params: &[StartupParam]) -> usize {
-        self.lock()
-            .list(endpoint, params)
-            .map_or(0, |list| list.len())
+        let idle = self.lock();
+        idle.slot(endpoint, params)
+            .map_or(0, |i| idle.by_key[i].1.len())
     }
 
     fn is_closed(&self) -> bool {
@@ -565,11 +578,7 @@ impl IdleConnections for Pool {
             let mut idle = self.lock();
             let mut found = None;
             let mut taken = 0;
-            let slot = idle
-                .by_key
-                .iter()
-                .position(|(key, _)| key.is_for(endpoint.id, &login.params));
-            if let Some(slot) = slot {
+            if let Some(slot) = idle.slot(endpoint.id, &login.params) {
                 let list = &mut idle.by_key[slot].1;
                 // Newest first: the warmest connection, and the oldest
                 // ones age out.
@@ -594,8 +603,8 @@ impl IdleConnections for Pool {
             if taken > 0 {
                 // One key, one endpoint: `endpoint` is theirs.
                 idle.total -= taken;
-                idle.uncount(endpoint.id, taken);
-                self.publish(&mut idle);
+                let n = idle.count_out(endpoint.id, taken);
+                self.set_idle_gauge(endpoint, n);
             }
             found
         };
